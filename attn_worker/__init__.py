@@ -1,0 +1,1 @@
+"""Attention rank: embeddings, attention layers, paged KV cache, router, sampler, pipeline."""

@@ -1,0 +1,1 @@
+"""Attention-side Triton kernels; each has a plain-torch reference path."""

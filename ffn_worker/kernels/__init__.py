@@ -1,0 +1,1 @@
+"""MoE Triton kernels; each has a plain-torch reference path."""

@@ -1,0 +1,1 @@
+"""Activation transport between attention and FFN ranks (interface + backends)."""
