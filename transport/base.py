@@ -1,0 +1,98 @@
+"""The activation-transport interface both workers use, plus the backend registry and factory."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+
+Key = tuple[int, int, int]  # (step, layer, micro_batch)
+
+
+class TransportTimeout(TimeoutError):
+    """A wait() ran out of time; the message names the peer and the key it waited for."""
+
+    def __init__(self, peer: str, key: Key, timeout: float | None, what: str = "recv") -> None:
+        self.peer = peer
+        self.key = key
+        super().__init__(
+            f"{what} from/to peer {peer!r} for key (step, layer, micro_batch)={key} "
+            f"did not complete within {timeout}s"
+        )
+
+
+class Handle(ABC):
+    """A pending send or recv. Send handles return [] from wait()."""
+
+    @abstractmethod
+    def wait(self, timeout: float | None = None) -> list[torch.Tensor]:
+        """Block until complete (None: forever); raise TransportTimeout after `timeout` s."""
+
+    @abstractmethod
+    def done(self) -> bool:
+        """True once wait() would return without blocking."""
+
+
+class Transport(ABC):
+    """Point-to-point, keyed, non-blocking exchange of tensor lists between named ranks."""
+
+    name: str  # this rank's name, e.g. "a0", "f1"
+
+    @abstractmethod
+    def address(self) -> str:
+        """The endpoint peers connect to (goes into the peer table)."""
+
+    @abstractmethod
+    def connect(self, peers: dict[str, str]) -> None:
+        """Connect to peers (name -> address); may be called again with more peers."""
+
+    @abstractmethod
+    def send(self, peer: str, key: Key, tensors: list[torch.Tensor]) -> Handle:
+        """Start sending; do not modify `tensors` until the handle is done."""
+
+    @abstractmethod
+    def recv(self, peer: str, key: Key) -> Handle:
+        """Start receiving the message `peer` sent under `key`; wait() returns its tensors."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release sockets and files; the transport is unusable afterwards."""
+
+
+TransportFactory = Callable[..., Transport]
+
+_REGISTRY: dict[str, TransportFactory] = {}
+# Built-in backends are imported on first use so that e.g. `import transport` never pulls
+# in backend-specific dependencies. A new backend adds a line here or calls register_transport.
+_BUILTIN_MODULES: dict[str, str] = {"zmq": "transport.zmq_backend"}
+
+
+def register_transport(kind: str) -> Callable[[TransportFactory], TransportFactory]:
+    """Class/function decorator: make `create_transport(kind, ...)` build this backend."""
+
+    def wrap(factory: TransportFactory) -> TransportFactory:
+        existing = _REGISTRY.get(kind)
+        if existing is not None and existing.__qualname__ != factory.__qualname__:
+            raise ValueError(f"transport kind {kind!r} is already registered by {existing}")
+        _REGISTRY[kind] = factory
+        return factory
+
+    return wrap
+
+
+def known_kinds() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
+
+
+def create_transport(kind: str, name: str, **options: object) -> Transport:
+    """Build the transport backend `kind` for the rank called `name`."""
+    if kind not in _REGISTRY and kind in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[kind])
+    factory = _REGISTRY.get(kind)
+    if factory is None:
+        raise ValueError(
+            f"unknown transport kind {kind!r}; known kinds: {', '.join(known_kinds())}"
+        )
+    return factory(name, **options)

@@ -1,0 +1,249 @@
+"""zmq transport: each rank binds one PULL socket and holds one PUSH socket per peer.
+
+Wire format, one zmq multipart message per send:
+  part 0: msgpack [source_name, step, layer, micro_batch, [[dtype_name, shape], ...]]
+  part i: the raw bytes of tensor i-1 (C order), zero-copy for large tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+import uuid
+
+import msgpack
+import numpy as np
+import torch
+import zmq
+
+from transport.base import Handle, Key, Transport, TransportTimeout, register_transport
+
+DTYPES: dict[str, torch.dtype] = {
+    str(dt).removeprefix("torch."): dt
+    for dt in (
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
+_DTYPE_NAMES: dict[torch.dtype, str] = {dt: name for name, dt in DTYPES.items()}
+
+# Below this many bytes a frame is copied: zero-copy costs a tracker and a free callback
+# (several µs) and small received frames point into libzmq's shared receive buffer.
+ZERO_COPY_MIN = 64 * 1024
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a contiguous CPU tensor's memory; bf16 (no numpy dtype) as int16."""
+    return (t.view(torch.int16) if t.dtype is torch.bfloat16 else t).numpy()
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a C-contiguous buffer that zmq can send."""
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_cpu:
+        t = t.cpu()  # zmq carries host memory; this is a synchronous device->host copy
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return _numpy(t)
+
+
+def _check_size(got: int, expected: int, dtype_name: str, shape: list[int]) -> None:
+    if got != expected:
+        raise RuntimeError(f"zmq frame of {got} bytes for a {dtype_name}{shape} tensor")
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    name = _DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        raise ValueError(f"zmq transport cannot send {t.dtype}; supported: {', '.join(DTYPES)}")
+    return name
+
+
+class _SendHandle(Handle):
+    __slots__ = ("_tracker", "_peer", "_key")
+
+    def __init__(self, tracker: zmq.MessageTracker | None, peer: str, key: Key) -> None:
+        self._tracker = tracker
+        self._peer = peer
+        self._key = key
+
+    def done(self) -> bool:
+        return self._tracker is None or self._tracker.done
+
+    def wait(self, timeout: float | None = None) -> list[torch.Tensor]:
+        if self._tracker is not None:
+            try:
+                self._tracker.wait(-1 if timeout is None else timeout)
+            except zmq.NotDone:
+                raise TransportTimeout(self._peer, self._key, timeout, "send") from None
+        return []
+
+
+class _RecvHandle(Handle):
+    __slots__ = ("_transport", "_peer", "_key", "_result")
+
+    def __init__(self, transport: ZmqTransport, peer: str, key: Key) -> None:
+        self._transport = transport
+        self._peer = peer
+        self._key = key
+        self._result: list[torch.Tensor] | None = None
+
+    def done(self) -> bool:
+        if self._result is None:
+            self._result = self._transport._take(self._peer, self._key, 0.0)
+        return self._result is not None
+
+    def wait(self, timeout: float | None = None) -> list[torch.Tensor]:
+        if self._result is None:
+            self._result = self._transport._take(self._peer, self._key, timeout)
+            if self._result is None:
+                raise TransportTimeout(self._peer, self._key, timeout)
+        return self._result
+
+
+@register_transport("zmq")
+class ZmqTransport(Transport):
+    """Options: protocol "tcp" (default) or "ipc"; host to bind/advertise for tcp; ipc_dir;
+    linger_ms, how long close() lets unsent messages drain."""
+
+    def __init__(
+        self,
+        name: str,
+        protocol: str = "tcp",
+        host: str = "127.0.0.1",
+        ipc_dir: str | None = None,
+        linger_ms: int = 1000,
+    ) -> None:
+        if protocol not in ("tcp", "ipc"):
+            raise ValueError(f"zmq transport protocol must be 'tcp' or 'ipc', got {protocol!r}")
+        self.name = name
+        self._linger_ms = linger_ms
+        self._ctx = zmq.Context(io_threads=1)
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.RCVHWM, 0)  # unbounded: a full queue must never stall a layer
+        self._push: dict[str, zmq.Socket] = {}
+        # (source, key) -> tensors that arrived before anyone asked for them
+        self._arrived: dict[tuple[str, Key], list[torch.Tensor]] = {}
+        self._ipc_path: str | None = None
+        self._address = self._bind(protocol, host, ipc_dir)
+
+    def _bind(self, protocol: str, host: str, ipc_dir: str | None) -> str:
+        if protocol == "tcp":
+            port = self._pull.bind_to_random_port(f"tcp://{host}")
+            return f"tcp://{host}:{port}"
+        # Unix socket paths are limited to ~107 bytes, so keep the name short.
+        directory = ipc_dir or tempfile.gettempdir()
+        self._ipc_path = os.path.join(directory, f"afd-{self.name}-{uuid.uuid4().hex[:12]}.ipc")
+        address = f"ipc://{self._ipc_path}"
+        self._pull.bind(address)
+        return address
+
+    def address(self) -> str:
+        return self._address
+
+    def connect(self, peers: dict[str, str]) -> None:
+        for peer, address in peers.items():
+            if peer in self._push:
+                continue
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.SNDHWM, 0)  # send() must not block on a slow peer
+            sock.setsockopt(zmq.LINGER, self._linger_ms)
+            sock.connect(address)
+            self._push[peer] = sock
+
+    def send(self, peer: str, key: Key, tensors: list[torch.Tensor]) -> Handle:
+        sock = self._push.get(peer)
+        if sock is None:
+            raise ValueError(f"{self.name}: no connection to peer {peer!r}; call connect() first")
+        specs = [[_dtype_name(t), list(t.shape)] for t in tensors]
+        header = msgpack.packb([self.name, key[0], key[1], key[2], specs])
+        if not tensors:
+            sock.send(header)
+            return _SendHandle(None, peer, key)
+        sock.send(header, zmq.SNDMORE)
+        trackers = []
+        last = len(tensors) - 1
+        for i, t in enumerate(tensors):
+            raw = _raw(t)
+            flags = zmq.SNDMORE if i < last else 0
+            if raw.nbytes >= ZERO_COPY_MIN:
+                trackers.append(sock.send(raw, flags, copy=False, track=True))
+            else:
+                sock.send(raw, flags)
+        if not trackers:
+            return _SendHandle(None, peer, key)
+        tracker = trackers[0] if len(trackers) == 1 else zmq.MessageTracker(*trackers)
+        return _SendHandle(tracker, peer, key)
+
+    def recv(self, peer: str, key: Key) -> Handle:
+        return _RecvHandle(self, peer, key)
+
+    def _take(self, peer: str, key: Key, timeout: float | None) -> list[torch.Tensor] | None:
+        """The tensors `peer` sent under `key`, reading the socket until they arrive;
+        None if `timeout` seconds pass first."""
+        wanted = (peer, key)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            got = self._arrived.pop(wanted, None)
+            if got is not None:
+                return got
+            if deadline is None:
+                wait_ms = None
+            else:
+                wait_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            if not self._pull.poll(wait_ms):
+                if wait_ms == 0:
+                    return None
+                continue
+            self._read_one()
+
+    def _read_one(self) -> None:
+        """Read one message from the PULL socket into the arrival buffer."""
+        pull = self._pull
+        source, step, layer, micro_batch, specs = msgpack.unpackb(pull.recv())
+        tensors = [self._read_tensor(dtype_name, shape) for dtype_name, shape in specs]
+        slot = (source, (step, layer, micro_batch))
+        if slot in self._arrived:
+            raise RuntimeError(f"{self.name}: peer {source!r} sent key {slot[1]} twice")
+        self._arrived[slot] = tensors
+
+    def _read_tensor(self, dtype_name: str, shape: list[int]) -> torch.Tensor:
+        """Read the next frame of the current message as a tensor the caller owns."""
+        dtype = DTYPES[dtype_name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes >= ZERO_COPY_MIN:
+            # Zero-copy: the tensor keeps the zmq frame (a private allocation) alive.
+            frame = self._pull.recv(copy=False)
+            _check_size(len(frame), nbytes, dtype_name, shape)
+            t = torch.frombuffer(frame.buffer, dtype=dtype)
+            if t.data_ptr() % dtype.itemsize == 0:
+                return t.view(shape)
+            return t.clone().view(shape)
+        out = torch.empty(shape, dtype=dtype)
+        if nbytes == 0:
+            _check_size(len(self._pull.recv()), 0, dtype_name, shape)
+        else:
+            got = self._pull.recv_into(_numpy(out))
+            _check_size(got, nbytes, dtype_name, shape)
+        return out
+
+    def close(self) -> None:
+        for sock in self._push.values():
+            sock.close()
+        self._push.clear()
+        self._pull.close(linger=0)
+        self._ctx.term()
+        if self._ipc_path is not None and os.path.exists(self._ipc_path):
+            os.unlink(self._ipc_path)
+        self._ipc_path = None
