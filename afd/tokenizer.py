@@ -11,7 +11,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from afd.server.chat_template import load_chat_template, render_chat
+from afd.server.chat_template import STEP3_CHAT_TEMPLATE, load_chat_template, render_chat
 
 
 class Tokenizer:
@@ -34,7 +34,8 @@ class Tokenizer:
         self.special_token_ids: set[int] = {
             i for i, tok in hf.get_added_tokens_decoder().items() if tok.special
         }
-        self.chat_template = load_chat_template(None, chat_template)
+        # Already-resolved template source; from_pretrained finds it in the folder.
+        self.chat_template = chat_template or STEP3_CHAT_TEMPLATE
 
     @classmethod
     def from_pretrained(cls, path: str | Path, chat_template: str | None = None) -> Tokenizer:

@@ -186,6 +186,8 @@ def test_load_chat_template_sources(tmp_path: Path) -> None:
     assert load_chat_template(tmp_path) == "d"
     assert load_chat_template(tmp_path, override="{{ 1 }}") == "{{ 1 }}"
     assert load_chat_template(tmp_path, override=str(tmp_path / "chat_template.jinja")) == "jinja"
+    with pytest.raises(ChatTemplateError, match="no_such.jinja not found"):
+        load_chat_template(tmp_path, override=str(tmp_path / "no_such.jinja"))
 
 
 def test_unreadable_template_config(tmp_path: Path) -> None:

@@ -75,9 +75,12 @@ def load_chat_template(model_dir: Path | None, override: str | None = None) -> s
     """Return the template source: override (a file path or the template itself), else the
     checkpoint's (tokenizer_config.json, chat_template.json, chat_template.jinja), else Step3's."""
     if override is not None:
+        if "{" in override:  # Jinja source; a template without any tag would be pointless
+            return override
         path = Path(override)
-        is_file = len(override) < 4096 and "{" not in override and path.is_file()
-        return path.read_text(encoding="utf-8") if is_file else override
+        if not path.is_file():
+            raise ChatTemplateError(f"chat template file {path} not found")
+        return path.read_text(encoding="utf-8")
     if model_dir is not None:
         found = _template_from_dir(Path(model_dir))
         if found is not None:
