@@ -1,0 +1,114 @@
+"""Builds an engine from user-facing settings: model config, tokenizer, executor, scheduler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from afd.config import ConfigError, ModelConfig, RoleShape
+from afd.engine.engine_core import EngineCore
+from afd.engine.executor import ColocatedExecutor, Executor
+from afd.engine.scheduler import Scheduler, SchedulerConfig
+from afd.models.build import load_attention_side, load_ffn_side, resolve_dtype
+from afd.models.step3 import FFNShard
+from attn_worker.ffn_client import LocalFFN
+from attn_worker.kv_cache import KVCache
+from attn_worker.model_runner import AttnRunner
+
+CPU_KV_BYTES = 2 << 30  # default KV pool on CPU when num_kv_blocks is not given
+GPU_MEMORY_UTILIZATION = 0.9
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    colocated: bool = True
+    attn: str = "1x1"
+    ffn: str = "1x1"
+    micro_batches: int | None = None
+    transport: str = "zmq"
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    max_model_len: int | None = None
+    tpot_slo_ms: float | None = None
+
+    def num_micro_batches(self) -> int:
+        if self.micro_batches is not None:
+            if self.micro_batches < 1:
+                raise ConfigError(f"--micro-batches must be at least 1, got {self.micro_batches}")
+            return self.micro_batches
+        return 1 if self.colocated else 3
+
+
+def model_len(settings: EngineSettings, cfg: ModelConfig) -> int:
+    if settings.max_model_len is None:
+        return cfg.max_position_embeddings
+    if not 0 < settings.max_model_len <= cfg.max_position_embeddings:
+        raise ConfigError(
+            f"--max-model-len {settings.max_model_len} must be in "
+            f"1..{cfg.max_position_embeddings} (the model's max_position_embedding)"
+        )
+    return settings.max_model_len
+
+
+def default_num_blocks(
+    settings: EngineSettings, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> int:
+    if settings.num_kv_blocks is not None:
+        if settings.num_kv_blocks < 1:
+            raise ConfigError(f"num_kv_blocks must be positive, got {settings.num_kv_blocks}")
+        return settings.num_kv_blocks
+    per_block = 2 * cfg.num_hidden_layers * settings.block_size * cfg.head_dim * dtype.itemsize
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * GPU_MEMORY_UTILIZATION)
+    else:
+        budget = CPU_KV_BYTES
+    full = settings.max_num_seqs * -(-model_len(settings, cfg) // settings.block_size)
+    return max(1, min(budget // per_block, full))
+
+
+def build_colocated(settings: EngineSettings, cfg: ModelConfig) -> tuple[Executor, int]:
+    """Loads both halves into this process; returns the executor and KV blocks per rank."""
+    device = torch.device(settings.device)
+    dtype = resolve_dtype(settings.dtype, cfg)
+    attn = load_attention_side(settings.model, cfg, dtype, device)
+    ffn = load_ffn_side(settings.model, cfg, FFNShard(), dtype, device)
+    num_blocks = default_num_blocks(settings, cfg, dtype, device)
+    cache = KVCache(
+        cfg.num_hidden_layers, num_blocks, settings.block_size, cfg.head_dim, dtype, device
+    )
+    return ColocatedExecutor(AttnRunner(attn, cache, LocalFFN(ffn))), num_blocks
+
+
+def build_engine(settings: EngineSettings) -> EngineCore:
+    if not Path(settings.model).exists():
+        raise ConfigError(f"--model: {settings.model} does not exist")
+    cfg = ModelConfig.from_pretrained(settings.model)
+    max_len = model_len(settings, cfg)
+    if settings.colocated:
+        executor, num_blocks = build_colocated(settings, cfg)
+    else:
+        from afd.launch.local import build_disaggregated
+
+        executor, num_blocks = build_disaggregated(settings, cfg)
+    sched = SchedulerConfig(
+        num_ranks=executor.num_ranks,
+        num_kv_blocks=num_blocks,
+        block_size=settings.block_size,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_num_seqs=settings.max_num_seqs,
+        num_micro_batches=settings.num_micro_batches(),
+        max_model_len=max_len,
+    )
+    return EngineCore(Scheduler(sched), executor, cfg.eos_token_ids, max_len)
+
+
+def parse_roles(settings: EngineSettings) -> tuple[RoleShape, RoleShape]:
+    return RoleShape.parse(settings.attn, "--attn"), RoleShape.parse(settings.ffn, "--ffn")

@@ -1,0 +1,91 @@
+"""The coordinator's step loop: step() = schedule -> execute -> update. The only owner of
+request state; works in token ids (text, stop strings and detokenizing live in the
+OutputProcessor on the client side)."""
+
+from __future__ import annotations
+
+import time
+
+from afd.engine.executor import Executor
+from afd.engine.messages import SampledToken, StepResult
+from afd.engine.scheduler import Scheduler, SchedulerOutput
+from afd.engine.sequence import SeqStatus, Sequence
+
+
+class EngineCore:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        executor: Executor,
+        eos_token_ids: tuple[int, ...],
+        max_model_len: int,
+    ) -> None:
+        self.scheduler, self.executor = scheduler, executor
+        self.eos_token_ids, self.max_model_len = set(eos_token_ids), max_model_len
+        self.seqs: dict[int, Sequence] = {}
+        self.last_output: SchedulerOutput | None = None
+
+    def add(self, seq: Sequence) -> None:
+        self.seqs[seq.seq_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, seq_ids: list[int], reason: str = "abort") -> list[Sequence]:
+        aborted = []
+        for seq_id in seq_ids:
+            seq = self.seqs.pop(seq_id, None)
+            if seq is not None and not seq.finished:
+                self.scheduler.finish(seq, reason)
+                aborted.append(seq)
+        return aborted
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[Sequence]:
+        """Runs one step; returns the sequences that got a token or finished."""
+        out = self.scheduler.schedule()
+        self.last_output = out
+        if not out.scheduled:
+            return []
+        results = self.executor.execute(out.plans)
+        return self.update(out, results)
+
+    def update(self, out: SchedulerOutput, results: list[StepResult]) -> list[Sequence]:
+        for seq_id, n in out.scheduled.items():
+            self.seqs[seq_id].num_computed_tokens += n
+        now = time.monotonic()
+        changed = []
+        for result in results:
+            for token in result.sampled:
+                seq = self.seqs.get(token.seq_id)
+                if seq is None or seq.status is not SeqStatus.RUNNING:
+                    continue
+                self._append(seq, token, now)
+                changed.append(seq)
+        for seq in changed:
+            if seq.finished:
+                self.seqs.pop(seq.seq_id, None)
+        return changed
+
+    def _append(self, seq: Sequence, token: SampledToken, now: float) -> None:
+        seq.output_token_ids.append(token.token_id)
+        if seq.params.logprobs is not None:
+            lp = dict(zip(token.top_ids, token.top_logprobs, strict=True))
+            lp[token.token_id] = token.logprob
+            seq.output_logprobs.append(lp)
+        seq.first_token_time = seq.first_token_time or now
+        seq.last_token_time = now
+        reason = self._stop_reason(seq, token.token_id)
+        if reason is not None:
+            self.scheduler.finish(seq, *reason)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> tuple[str, int | None] | None:
+        p = seq.params
+        if token in p.stop_token_ids:
+            return "stop", token
+        if token in self.eos_token_ids and not p.ignore_eos:
+            return "stop", None
+        max_out = p.max_tokens if p.max_tokens is not None else self.max_model_len
+        if len(seq.output_token_ids) >= max_out or seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None

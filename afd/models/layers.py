@@ -1,0 +1,50 @@
+"""Small building blocks shared by the Step3 pieces: RMSNorm, RoPE, SwiGLU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, as every Step3 implementation does, then back to the input dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+class Rope:
+    """Rotate-half RoPE over the full head dim; cos/sin are computed in fp32 per call."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        # built on the CPU explicitly: modules may be constructed under a meta-device context
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim
+        self.inv_freq = (1.0 / theta**exponent).float()  # [D/2]
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * inv[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        return emb.cos(), emb.sin()
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D]; cos/sin: [T, D]."""
+        xf = x.float()
+        half = xf.shape[-1] // 2
+        rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+        return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+
+
+def swiglu(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)); weights in [out, in] layout as in the checkpoint."""
+    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)

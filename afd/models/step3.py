@@ -1,0 +1,263 @@
+"""Step3 text model split by role: the attention side (embedding, MFA attention, norms, router,
+head) and the FFN side (dense SwiGLU, shared expert, routed experts) as a shardable partial sum.
+
+Parameter names equal the checkpoint keys (STEP3.md), so loading is a name lookup. Neither side
+knows about processes or transports: the runners in attn_worker/ and ffn_worker/ drive them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from afd.config import ModelConfig
+from afd.models.layers import RMSNorm, Rope, swiglu
+
+# (q [T, Hq, D], k [T, 1, D], v [T, 1, D]) -> o [T, Hq, D]; owns the KV cache and batch layout
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Where a parameter comes from: checkpoint key, full shape there, and the slice we own."""
+
+    key: str
+    full_shape: tuple[int, ...]
+    index: tuple[slice, ...] = ()
+
+
+@dataclass(frozen=True)
+class FFNShard:
+    """The part of every FFN layer one FFN rank owns: a contiguous run of routed experts (EP) and a
+    contiguous slice of the dense / shared-expert intermediate dimension (TP)."""
+
+    rank: int = 0
+    num_ranks: int = 1
+
+    def _split(self, size: int) -> tuple[int, int]:
+        return self.rank * size // self.num_ranks, (self.rank + 1) * size // self.num_ranks
+
+    def experts(self, num_experts: int) -> tuple[int, int]:
+        return self._split(num_experts)
+
+    def columns(self, intermediate: int) -> tuple[int, int]:
+        return self._split(intermediate)
+
+
+class Step3Attention(nn.Module):
+    """Multi-matrix factorisation attention: low-rank shared query, one K/V head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.head_dim = cfg.num_attention_heads, d
+        self.q_proj = nn.Linear(h, cfg.share_q_dim, bias=False)
+        self.k_proj = nn.Linear(h, d, bias=False)
+        self.v_proj = nn.Linear(h, d, bias=False)
+        self.inter_norm = RMSNorm(cfg.share_q_dim, cfg.rms_norm_eps)
+        self.wq = nn.Linear(cfg.share_q_dim, cfg.num_attention_heads * d, bias=False)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.wq(self.inter_norm(self.q_proj(x))).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, 1, self.head_dim)  # [T, 1, D]
+        v = self.v_proj(x).view(t, 1, self.head_dim)
+        o = attn(Rope.apply(q, cos, sin), Rope.apply(k, cos, sin), v)  # [T, Hq, D]
+        return self.o_proj(o.reshape(t, -1))
+
+
+class Router(nn.Module):
+    """Top-k over softmax probabilities (fp32); weights not renormalised unless configured."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.moe_num_experts, bias=False)
+        self.top_k, self.renormalise = cfg.moe_top_k, cfg.norm_expert_weight
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(self.gate(x).float(), dim=-1)  # [T, E]
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        if self.renormalise:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return ids.to(torch.int32), weights.to(x.dtype)
+
+
+class AttnLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Step3Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.moe = Router(cfg) if cfg.is_moe_layer(layer) else None
+
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Returns the residual stream after attention, the FFN input, and the routing."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn)
+        x = self.post_attention_layernorm(h)
+        return h, x, (self.moe(x) if self.moe is not None else None)
+
+
+class _Body(nn.Module):
+    pass
+
+
+class AttentionSide(nn.Module):
+    """Everything an attention rank holds: embedding, all attention layers, routers, head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = _Body()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(AttnLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> input embeddings; kept separate so image embeddings can replace some."""
+        return self.model.embed_tokens(token_ids)
+
+    def layer(self, i: int) -> AttnLayer:
+        return self.model.layers[i]  # type: ignore[return-value]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(h)).float()  # [S, V]
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        return {name: ParamSpec(name, tuple(p.shape)) for name, p in self.named_parameters()}
+
+
+class FFNLayer(nn.Module):
+    """One layer's FFN share: a dense SwiGLU slice, or a shared-expert slice + owned experts."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, shard: FFNShard) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.is_moe = cfg.is_moe_layer(layer)
+        if not self.is_moe:
+            lo, hi = shard.columns(cfg.intermediate_size)
+            self.mlp = _swiglu_params(h, hi - lo)
+            return
+        lo, hi = shard.columns(cfg.share_expert_dim)
+        self.share_expert = _swiglu_params(h, hi - lo)
+        self.expert_start, expert_end = shard.experts(cfg.moe_num_experts)
+        n, inter = expert_end - self.expert_start, cfg.moe_intermediate_size
+        self.moe = nn.Module()
+        self.moe.gate_proj = nn.Parameter(torch.empty(n, inter, h))
+        self.moe.up_proj = nn.Parameter(torch.empty(n, inter, h))
+        self.moe.down_proj = nn.Parameter(torch.empty(n, h, inter))
+
+    def forward(
+        self, x: torch.Tensor, ids: torch.Tensor | None, weights: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Partial FFN output for x [T, H]; summing every rank's partial gives the layer's."""
+        if not self.is_moe:
+            return swiglu(
+                x, self.mlp.gate_proj.weight, self.mlp.up_proj.weight, self.mlp.down_proj.weight
+            )
+        assert ids is not None and weights is not None
+        out = swiglu(
+            x,
+            self.share_expert.gate_proj.weight,
+            self.share_expert.up_proj.weight,
+            self.share_expert.down_proj.weight,
+        )
+        return out + routed_experts(
+            x,
+            self.moe.gate_proj,
+            self.moe.up_proj,
+            self.moe.down_proj,
+            ids,
+            weights,
+            self.expert_start,
+        )
+
+
+def _swiglu_params(hidden: int, inter: int) -> nn.Module:
+    m = nn.Module()
+    m.gate_proj = nn.Linear(hidden, inter, bias=False)
+    m.up_proj = nn.Linear(hidden, inter, bias=False)
+    m.down_proj = nn.Linear(inter, hidden, bias=False)
+    return m
+
+
+def routed_experts(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    expert_start: int,
+) -> torch.Tensor:
+    """Σ over the owned experts of router weight × expert(x): the per-expert reference loop."""
+    out = torch.zeros_like(x)  # [T, H]
+    local = ids.long() - expert_start  # [T, k]
+    for e in range(w_gate.shape[0]):
+        rows, slots = torch.nonzero(local == e, as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        y = swiglu(x[rows], w_gate[e], w_up[e], w_down[e])  # [n, H]
+        out.index_add_(0, rows, y * weights[rows, slots, None])
+    return out
+
+
+class FFNSide(nn.Module):
+    """Everything an FFN rank holds: its share of every layer's FFN."""
+
+    def __init__(self, cfg: ModelConfig, shard: FFNShard = FFNShard()) -> None:
+        super().__init__()
+        self.cfg, self.shard = cfg, shard
+        self.model = _Body()
+        self.model.layers = nn.ModuleList(
+            FFNLayer(cfg, i, shard) for i in range(cfg.num_hidden_layers)
+        )
+
+    def forward(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor | None, weights: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self.model.layers[layer](x, ids, weights)
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        cfg = self.cfg
+        specs: dict[str, ParamSpec] = {}
+        for i in range(cfg.num_hidden_layers):
+            specs.update(_ffn_layer_specs(cfg, self.shard, i))
+        return specs
+
+
+def _ffn_layer_specs(cfg: ModelConfig, shard: FFNShard, i: int) -> dict[str, ParamSpec]:
+    h, p = cfg.hidden_size, f"model.layers.{i}"
+    if not cfg.is_moe_layer(i):
+        return _swiglu_specs(f"{p}.mlp", h, cfg.intermediate_size, shard)
+    specs = _swiglu_specs(f"{p}.share_expert", h, cfg.share_expert_dim, shard)
+    e0, e1 = shard.experts(cfg.moe_num_experts)
+    e, inter, rows = cfg.moe_num_experts, cfg.moe_intermediate_size, (slice(e0, e1),)
+    specs[f"{p}.moe.gate_proj"] = ParamSpec(f"{p}.moe.gate_proj.weight", (e, inter, h), rows)
+    specs[f"{p}.moe.up_proj"] = ParamSpec(f"{p}.moe.up_proj.weight", (e, inter, h), rows)
+    specs[f"{p}.moe.down_proj"] = ParamSpec(f"{p}.moe.down_proj.weight", (e, h, inter), rows)
+    return specs
+
+
+def _swiglu_specs(prefix: str, hidden: int, inter: int, shard: FFNShard) -> dict[str, ParamSpec]:
+    lo, hi = shard.columns(inter)
+    cols = slice(lo, hi)
+    return {
+        f"{prefix}.gate_proj.weight": ParamSpec(
+            f"{prefix}.gate_proj.weight", (inter, hidden), (cols,)
+        ),
+        f"{prefix}.up_proj.weight": ParamSpec(f"{prefix}.up_proj.weight", (inter, hidden), (cols,)),
+        f"{prefix}.down_proj.weight": ParamSpec(
+            f"{prefix}.down_proj.weight", (hidden, inter), (slice(None), cols)
+        ),
+    }

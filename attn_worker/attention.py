@@ -1,0 +1,63 @@
+"""Attention over the paged KV cache for one micro-batch: sequences of different lengths, each
+a prefill chunk or one decode token. Plain torch (CPU reference); GPU kernels plug in here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from attn_worker.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class SeqView:
+    q_start: int  # first row of this sequence in the micro-batch
+    q_len: int  # tokens computed this step
+    ctx_len: int  # tokens in the cache once this step's are written
+    block_table: torch.Tensor  # [num_blocks] int64
+
+
+class BatchAttention:
+    """The attention function of one micro-batch; call `at(layer)` to get the per-layer fn."""
+
+    def __init__(
+        self, cache: KVCache, seqs: list[SeqView], slots: torch.Tensor, scale: float
+    ) -> None:
+        self.cache, self.seqs, self.slots, self.scale = cache, seqs, slots, scale
+
+    def at(self, layer: int):
+        return lambda q, k, v: self.forward(layer, q, k, v)
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, 1, D] -> [T, Hq, D]; writes k/v into the cache first."""
+        self.cache.write(layer, self.slots, k[:, 0], v[:, 0])
+        out = torch.empty_like(q)
+        for s in self.seqs:
+            keys, values = self.cache.gather(layer, s.block_table, s.ctx_len)  # [L, D]
+            rows = slice(s.q_start, s.q_start + s.q_len)
+            out[rows] = attend(q[rows], keys, values, s.ctx_len - s.q_len, self.scale)
+        return out
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float
+) -> torch.Tensor:
+    """Causal attention of n queries at positions offset.. over L keys; one shared KV head."""
+    n, heads, _ = q.shape
+    length = k.shape[0]
+    mask = None
+    if n > 1:
+        pos_q = torch.arange(n, device=q.device)[:, None] + offset
+        mask = torch.arange(length, device=q.device)[None, :] <= pos_q  # [n, L]
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1),  # [Hq, n, D]
+        k.unsqueeze(0).expand(heads, -1, -1),
+        v.unsqueeze(0).expand(heads, -1, -1),
+        attn_mask=mask,
+        scale=scale,
+    )
+    return o.transpose(0, 1)  # [n, Hq, D]

@@ -1,0 +1,46 @@
+"""How an attention rank reaches the FFN side: submit one (layer, micro-batch) and wait for the
+summed partial outputs later. Colocated mode computes in place; disaggregated mode sends."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from afd.models.step3 import FFNSide
+
+Routing = tuple[torch.Tensor, torch.Tensor] | None  # (expert ids [T, k], weights [T, k])
+
+
+class PendingFFN(ABC):
+    @abstractmethod
+    def wait(self) -> torch.Tensor:
+        """The FFN output [T, H] of the submitted rows, summed over FFN ranks."""
+
+
+class FFNClient(ABC):
+    @abstractmethod
+    def submit(
+        self, step: int, layer: int, micro_batch: int, x: torch.Tensor, routing: Routing
+    ) -> PendingFFN: ...
+
+
+class _Ready(PendingFFN):
+    def __init__(self, out: torch.Tensor) -> None:
+        self.out = out
+
+    def wait(self) -> torch.Tensor:
+        return self.out
+
+
+class LocalFFN(FFNClient):
+    """Colocated: the whole FFN side lives in this process."""
+
+    def __init__(self, side: FFNSide) -> None:
+        self.side = side
+
+    def submit(
+        self, step: int, layer: int, micro_batch: int, x: torch.Tensor, routing: Routing
+    ) -> PendingFFN:
+        ids, weights = routing if routing is not None else (None, None)
+        return _Ready(self.side(layer, x, ids, weights))

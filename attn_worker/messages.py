@@ -1,0 +1,53 @@
+"""Messages to an attention rank: the coordinator's step plan (diffs, not the world)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingSpec:
+    """What the sampler needs of a request's SamplingParams."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    num_logprobs: int | None = None
+
+
+@dataclass
+class NewSequence:
+    """Sent once when a sequence lands on a rank (or comes back after preemption)."""
+
+    seq_id: int
+    sampling: SamplingSpec
+    output_token_ids: list[int] = field(default_factory=list)  # for penalties after recompute
+
+
+@dataclass
+class ScheduledChunk:
+    """Tokens of one sequence to run this step: a prefill chunk, or one decode token."""
+
+    seq_id: int
+    token_ids: list[int]
+    start_pos: int  # tokens of this sequence already in the KV cache
+    new_block_ids: list[int]  # appended to the rank's copy of the block table
+    sample: bool  # the chunk ends at the sequence's last token: sample the next one
+    micro_batch: int = 0
+
+
+@dataclass
+class StepPlan:
+    step: int
+    num_micro_batches: int
+    new_seqs: list[NewSequence] = field(default_factory=list)
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    freed_seq_ids: list[int] = field(default_factory=list)  # finished or preempted: drop state
+
+
+@dataclass
+class Shutdown:
+    reason: str = ""

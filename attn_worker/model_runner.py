@@ -1,0 +1,129 @@
+"""Runs one attention rank's step plan: applies the plan's diffs, builds the micro-batches and
+drives the layer-by-layer pipeline (ARCHITECTURE.md §3), then samples."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from afd.engine.messages import StepResult, StepTimings
+from afd.models.step3 import AttentionSide
+from attn_worker.attention import BatchAttention, SeqView
+from attn_worker.ffn_client import FFNClient, PendingFFN
+from attn_worker.kv_cache import KVCache
+from attn_worker.messages import ScheduledChunk, StepPlan
+from attn_worker.sampler import SeqSamplingState, sample
+
+
+@dataclass
+class _Seq:
+    block_table: list[int]
+    sampling: SeqSamplingState
+
+
+@dataclass
+class MicroBatch:
+    token_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attention: BatchAttention
+    sample_rows: list[int] = field(default_factory=list)  # rows whose next token is sampled
+    sample_seq_ids: list[int] = field(default_factory=list)
+
+
+class AttnRunner:
+    def __init__(self, side: AttentionSide, cache: KVCache, ffn: FFNClient, rank: int = 0) -> None:
+        self.side, self.cache, self.ffn, self.rank = side, cache, ffn, rank
+        self.device = cache.k.device
+        self.seqs: dict[int, _Seq] = {}
+        self.scale = side.cfg.head_dim**-0.5
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        start = time.perf_counter()
+        self._apply_diffs(plan)
+        mbs = [
+            self._micro_batch([c for c in plan.chunks if c.micro_batch == k])
+            for k in range(plan.num_micro_batches)
+        ]
+        timings = StepTimings()
+        hidden = self._pipeline(plan.step, mbs, timings)
+        t0 = time.perf_counter()
+        sampled = []
+        for mb, h in zip(mbs, hidden, strict=True):
+            if mb is not None and mb.sample_rows:
+                logits = self.side.logits(h[mb.sample_rows])
+                states = {i: self.seqs[i].sampling for i in mb.sample_seq_ids}
+                sampled += sample(logits, mb.sample_seq_ids, states)
+        timings.sampling = time.perf_counter() - t0
+        timings.total = time.perf_counter() - start
+        return StepResult(plan.step, self.rank, sampled, timings)
+
+    def _apply_diffs(self, plan: StepPlan) -> None:
+        for seq_id in plan.freed_seq_ids:
+            self.seqs.pop(seq_id, None)
+        for new in plan.new_seqs:
+            state = SeqSamplingState(new.sampling, list(new.output_token_ids))
+            self.seqs[new.seq_id] = _Seq([], state)
+        for chunk in plan.chunks:
+            self.seqs[chunk.seq_id].block_table.extend(chunk.new_block_ids)
+
+    def _micro_batch(self, chunks: list[ScheduledChunk]) -> MicroBatch | None:
+        if not chunks:
+            return None
+        tokens, positions, slots, views = [], [], [], []
+        rows, seq_ids = [], []
+        bs = self.cache.block_size
+        for c in chunks:
+            table = self.seqs[c.seq_id].block_table
+            pos = range(c.start_pos, c.start_pos + len(c.token_ids))
+            views.append(
+                SeqView(
+                    len(tokens),
+                    len(c.token_ids),
+                    pos.stop,
+                    torch.tensor(table[: -(-pos.stop // bs)], device=self.device),
+                )
+            )
+            tokens += c.token_ids
+            positions += pos
+            slots += [table[p // bs] * bs + p % bs for p in pos]
+            if c.sample:
+                rows.append(len(tokens) - 1)
+                seq_ids.append(c.seq_id)
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        attention = BatchAttention(self.cache, views, as_long(slots), self.scale)
+        return MicroBatch(as_long(tokens), as_long(positions), attention, rows, seq_ids)
+
+    def _pipeline(
+        self, step: int, mbs: list[MicroBatch | None], timings: StepTimings
+    ) -> list[torch.Tensor | None]:
+        """Attention of micro-batch k overlaps the FFN work and transfers of the others."""
+        side = self.side
+        hidden = [None if mb is None else side.embed(mb.token_ids) for mb in mbs]
+        rope = [None if mb is None else side.rope.cos_sin(mb.positions) for mb in mbs]
+        pending: list[PendingFFN | None] = [None] * len(mbs)
+        for layer in range(side.cfg.num_hidden_layers):
+            for k, mb in enumerate(mbs):
+                if mb is None:
+                    continue
+                if pending[k] is not None:
+                    hidden[k] = self._add_ffn(hidden[k], pending[k], timings)
+                t0 = time.perf_counter()
+                cos, sin = rope[k]
+                h, x, routing = side.layer(layer)(hidden[k], cos, sin, mb.attention.at(layer))
+                hidden[k] = h
+                timings.attention += time.perf_counter() - t0
+                pending[k] = self.ffn.submit(step, layer, k, x, routing)
+        for k, p in enumerate(pending):
+            if p is not None:
+                hidden[k] = self._add_ffn(hidden[k], p, timings)
+        return hidden
+
+    @staticmethod
+    def _add_ffn(h: torch.Tensor, pending: PendingFFN, timings: StepTimings) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = pending.wait()
+        timings.ffn_wait += time.perf_counter() - t0
+        return h + out
