@@ -1,0 +1,240 @@
+"""`afd-bench kernels`: ceilings, MFA paged decode attention and the MoE layer on one GPU, each
+variant checked against a reference first, then timed beside its baseline in this process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from attn_worker.kernels.decode_attention import (
+    paged_decode_attention_ref,
+    paged_decode_attention_triton,
+)
+from ffn_worker.kernels.fused_moe import fused_moe_grouped_mm, fused_moe_ref, has_grouped_mm
+from ffn_worker.kernels.moe_gemm import MoeConfig, default_config, fused_moe_triton
+
+HQ, HEAD_DIM, PAGE = 64, 256, 64
+NUM_EXPERTS, TOPK, HIDDEN, INTER = 48, 3, 7168, 5120
+ATTN_SWEEP = [(bn, w, s) for bn in (32, 64) for w in (4, 8) for s in (2, 3)]
+MOE_SWEEP: dict[str, list[MoeConfig]] = {
+    "small": [MoeConfig(16, 64, 128, 4, 4), MoeConfig(16, 128, 128, 4, 3),
+              MoeConfig(16, 64, 256, 4, 3), MoeConfig(16, 32, 256, 4, 4)],
+    "mid": [MoeConfig(32, 64, 128, 4, 4), MoeConfig(64, 64, 128, 4, 3),
+            MoeConfig(64, 128, 64, 8, 3)],
+    "large": [MoeConfig(64, 128, 64, 8, 3), MoeConfig(128, 128, 64, 8, 3),
+              MoeConfig(128, 128, 64, 8, 4), MoeConfig(128, 64, 64, 4, 4)],
+}  # fmt: skip
+
+
+def _ms(fn: Callable[[], object]) -> float:
+    return float(do_bench(fn, warmup=25, rep=150, return_mode="median"))
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def ceilings() -> dict[str, float]:
+    src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB, far over L2
+    dst = torch.empty_like(src)
+    copy_ms = _ms(lambda: dst.copy_(src))
+    copy_bw = 2 * src.numel() * src.element_size() / (copy_ms * 1e-3)  # read + write
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    mm_ms = _ms(lambda: a @ b)
+    return {"copy_bytes_per_s": copy_bw, "matmul_flop_per_s": 2 * n**3 / (mm_ms * 1e-3)}
+
+
+def _attn_inputs(batch: int, seq_len: int) -> dict[str, torch.Tensor]:
+    num_blocks = batch * seq_len // PAGE
+    kv = dict(device="cuda", dtype=torch.bfloat16)
+    return {
+        "q": torch.randn(batch, HQ, HEAD_DIM, **kv),
+        "k": torch.randn(num_blocks, PAGE, HEAD_DIM, **kv),
+        "v": torch.randn(num_blocks, PAGE, HEAD_DIM, **kv),
+        # a shuffled block table, as a long-running cache's would be
+        "bt": torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, -1),
+        "lens": torch.full((batch,), seq_len, device="cuda", dtype=torch.int32),
+    }
+
+
+def _attn_triton(t: dict[str, torch.Tensor], seq_len: int, cfg: tuple[int, int, int]) -> Callable:
+    bn, warps, stages = cfg
+    scale = HEAD_DIM**-0.5
+    return lambda out=None: paged_decode_attention_triton(
+        t["q"], t["k"], t["v"], t["bt"], t["lens"], scale, seq_len,
+        block_n=bn, num_warps=warps, num_stages=stages, out=out,
+    )  # fmt: skip
+
+
+def _attn_check(t: dict[str, torch.Tensor], run: Callable) -> float:
+    out = torch.full_like(t["q"], float("nan"))  # poisoned: unwritten elements show
+    run(out)
+    n = 4  # the fp32 reference loops over sequences: a few are enough
+    ref = paged_decode_attention_ref(
+        t["q"][:n], t["k"], t["v"], t["bt"][:n], t["lens"][:n], HEAD_DIM**-0.5
+    )
+    return _rel_err(out[:n], ref) if not out.isnan().any() else float("nan")
+
+
+def attention(copy_bw: float, results: dict) -> None:
+    sweep = []
+    t = _attn_inputs(32, 8192)
+    for cfg in ATTN_SWEEP:
+        try:
+            run = _attn_triton(t, 8192, cfg)
+            err = _attn_check(t, run)
+            sweep.append({"cfg": cfg, "ms": _ms(run), "err": err})
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result
+            sweep.append({"cfg": cfg, "error": repr(exc)[:200]})
+        print("attn sweep", sweep[-1], flush=True)
+    ok = [s for s in sweep if "ms" in s and s["err"] < 1e-2]
+    best = min(ok, key=lambda s: s["ms"])["cfg"] if ok else (64, 4, 2)
+    results["attention_sweep"], results["attention_config"] = sweep, best
+    rows = results.setdefault("attention", [])
+    for batch in (32, 64, 128):
+        for seq_len in (4096, 8192, 32768):
+            del t
+            torch.cuda.empty_cache()
+            t = _attn_inputs(batch, seq_len)
+            kv_bytes = 2 * batch * seq_len * HEAD_DIM * 2
+            run = _attn_triton(t, seq_len, best)
+            row = {"B": batch, "L": seq_len, "kv_bytes": kv_bytes, "err": _attn_check(t, run)}
+            k = t["k"][t["bt"].long()].view(batch, 1, seq_len, HEAD_DIM)  # contiguous copy
+            v = t["v"][t["bt"].long()].view(batch, 1, seq_len, HEAD_DIM)
+            q4 = t["q"].view(batch, HQ, 1, HEAD_DIM)
+
+            def sdpa(q4=q4, k=k, v=v) -> torch.Tensor:
+                return F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+
+            row["sdpa_err"] = _rel_err(sdpa().view_as(t["q"]).float(), run().float())
+            for name, fn in (("sdpa", sdpa), ("triton", run)):
+                row[f"{name}_ms"] = _ms(fn)
+                row[f"{name}_frac_copy"] = kv_bytes / (row[f"{name}_ms"] * 1e-3) / copy_bw
+            del k, v
+            rows.append(row)
+            print("attn", row, flush=True)
+
+
+def _moe_inputs(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    probs = torch.softmax(torch.randn(tokens, NUM_EXPERTS, device="cuda"), dim=-1)
+    weights, ids = probs.topk(TOPK, dim=-1)  # Step3: not renormalised
+    return x, ids.to(torch.int32), weights.to(torch.bfloat16)
+
+
+def moe(peaks: dict[str, float], results: dict, token_counts: list[int]) -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape_gu, shape_d = (NUM_EXPERTS, INTER, HIDDEN), (NUM_EXPERTS, HIDDEN, INTER)
+    w = [torch.randn(s, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+         for s in (shape_gu, shape_gu, shape_d)]  # fmt: skip
+    w32 = [t.float() for t in w]  # fp32 weights for the reference: 21 GB, fits in 80
+    rows = results.setdefault("moe", [])
+    for tokens in token_counts:
+        x, ids, weights = _moe_inputs(tokens)
+        args = (x, *w, ids, weights, 0)
+        ref = fused_moe_ref(x.float(), *w32, ids, weights.float(), 0)  # [T, H] fp32 math
+        touched = int(torch.unique(ids).numel())
+        nbytes = touched * 3 * INTER * HIDDEN * 2
+        flops = 2 * tokens * TOPK * 3 * INTER * HIDDEN
+        row: dict = {"T": tokens, "touched_experts": touched, "weight_bytes": nbytes,
+                     "flops": flops, "configs": []}  # fmt: skip
+        variants: list[tuple[str, Callable]] = [("loop", lambda a=args: fused_moe_ref(*a))]
+        if has_grouped_mm():
+            variants.append(("grouped_mm", lambda a=args: fused_moe_grouped_mm(*a)))
+        rows_per_expert = tokens * TOPK / NUM_EXPERTS
+        group = "small" if rows_per_expert <= 16 else "mid" if rows_per_expert <= 64 else "large"
+        for cfg in MOE_SWEEP[group]:
+            variants.append(
+                (f"triton{cfg.__dict__}", lambda a=args, c=cfg: fused_moe_triton(*a, c))
+            )
+        for name, fn in variants:
+            try:
+                err = _rel_err(fn(), ref)
+                ms = _ms(fn)
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result
+                row["configs"].append({"name": name, "error": repr(exc)[:200]})
+                continue
+            entry = {"name": name, "ms": ms, "err": err,
+                     "frac_copy": nbytes / (ms * 1e-3) / peaks["copy_bytes_per_s"],
+                     "frac_matmul": flops / (ms * 1e-3) / peaks["matmul_flop_per_s"]}  # fmt: skip
+            row["configs"].append(entry)
+            print("moe", tokens, entry, flush=True)
+        good = [c for c in row["configs"] if "ms" in c and c["err"] < 1e-2]
+        for kind in ("loop", "grouped_mm", "triton"):
+            cands = [c for c in good if c["name"].startswith(kind)]
+            if cands:
+                row[kind] = min(cands, key=lambda c: c["ms"])
+        row["default_config"] = default_config(tokens * TOPK, NUM_EXPERTS).__dict__
+        rows.append(row)
+
+
+def _table(results: dict) -> str:
+    lines = [
+        "MFA decode (Hq=64, D=256, bf16, page 64): fraction of copy bandwidth",
+        f"{'B':>4} {'L':>6} {'sdpa ms':>8} {'frac':>5} {'triton ms':>9} {'frac':>5} err",
+    ]
+    for r in results.get("attention", []):
+        lines.append(
+            f"{r['B']:>4} {r['L']:>6} {r['sdpa_ms']:8.3f} {r['sdpa_frac_copy']:5.2f} "
+            f"{r['triton_ms']:9.3f} {r['triton_frac_copy']:5.2f} {r['err']:.1e}"
+        )
+    lines.append("MoE (48 experts top-3, 7168->5120, bf16): ms / frac copy / frac matmul")
+    for r in results.get("moe", []):
+        cells = [f"T={r['T']:>5}"]
+        for kind in ("loop", "grouped_mm", "triton"):
+            c = r.get(kind)
+            cells.append(
+                f"{kind} "
+                + (f"{c['ms']:.3f} {c['frac_copy']:.2f} {c['frac_matmul']:.2f}" if c else "n/a")
+            )
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def _gpu_tag() -> str:
+    name = torch.cuda.get_device_name().lower()
+    return next((g for g in ("h100", "h200", "a100", "b200") if g in name), "gpu")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="afd-bench kernels", description=__doc__)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 1024, 4096])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["attention", "moe"])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("afd-bench kernels needs a CUDA GPU", file=sys.stderr)
+        return 2
+    out_path = args.out or Path(f"bench/results/kernels_{_gpu_tag()}.json")
+    results: dict = {
+        "command": "afd-bench kernels " + " ".join(argv),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    torch.manual_seed(0)
+    results["ceilings"] = peaks = ceilings()
+    print("ceilings", peaks, flush=True)
+    if "attention" not in args.skip:
+        attention(peaks["copy_bytes_per_s"], results)
+    if "moe" not in args.skip:
+        moe(peaks, results, args.tokens)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=1, default=str))
+    copy_tb, mm_tf = peaks["copy_bytes_per_s"] / 1e12, peaks["matmul_flop_per_s"] / 1e12
+    print(f"copy {copy_tb:.2f} TB/s, matmul {mm_tf:.0f} TFLOP/s on {results['device']}")
+    print(_table(results))
+    return 0 if math.isfinite(peaks["copy_bytes_per_s"]) else 1
