@@ -132,6 +132,8 @@ class ZmqTransport(Transport):
         self._ctx = zmq.Context(io_threads=1)
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.RCVHWM, 0)  # unbounded: a full queue must never stall a layer
+        self._poller = zmq.Poller()
+        self._poller.register(self._pull, zmq.POLLIN)
         self._push: dict[str, zmq.Socket] = {}
         # (source, key) -> tensors that arrived before anyone asked for them
         self._arrived: dict[tuple[str, Key], list[torch.Tensor]] = {}
@@ -193,30 +195,33 @@ class ZmqTransport(Transport):
         """The tensors `peer` sent under `key`, reading the socket until they arrive;
         None if `timeout` seconds pass first."""
         wanted = (peer, key)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None
         while True:
             got = self._arrived.pop(wanted, None)
             if got is not None:
                 return got
-            if deadline is None:
-                wait_ms = None
-            else:
-                wait_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
-            if not self._pull.poll(wait_ms):
-                if wait_ms == 0:
-                    return None
+            if self._read_one():
                 continue
-            self._read_one()
+            if timeout is not None and deadline is None:
+                deadline = time.monotonic() + timeout
+            wait_ms = None if deadline is None else math.ceil((deadline - time.monotonic()) * 1e3)
+            if wait_ms is not None and wait_ms <= 0:
+                return None
+            self._poller.poll(wait_ms)
 
-    def _read_one(self) -> None:
-        """Read one message from the PULL socket into the arrival buffer."""
-        pull = self._pull
-        source, step, layer, micro_batch, specs = msgpack.unpackb(pull.recv())
+    def _read_one(self) -> bool:
+        """Move one queued message into the arrival buffer; False if none is queued."""
+        try:
+            header = self._pull.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        source, step, layer, micro_batch, specs = msgpack.unpackb(header)
         tensors = [self._read_tensor(dtype_name, shape) for dtype_name, shape in specs]
         slot = (source, (step, layer, micro_batch))
         if slot in self._arrived:
             raise RuntimeError(f"{self.name}: peer {source!r} sent key {slot[1]} twice")
         self._arrived[slot] = tensors
+        return True
 
     def _read_tensor(self, dtype_name: str, shape: list[int]) -> torch.Tensor:
         """Read the next frame of the current message as a tensor the caller owns."""
