@@ -44,6 +44,7 @@ class Scheduler:
         self.running: list[list[Sequence]] = [[] for _ in range(config.num_ranks)]
         self.to_free: list[list[int]] = [[] for _ in range(config.num_ranks)]
         self.step_id = 0
+        self.num_preemptions = 0  # since start, for metrics
 
     # -- queue -------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -145,6 +146,7 @@ class Scheduler:
         self.running[seq.rank].remove(seq)
         seq.status, seq.rank, seq.num_computed_tokens = SeqStatus.WAITING, None, 0
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random Step3 checkpoints in HF layout, made once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from afd.models.tiny import make_tiny_model
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """5 layers (0 and 4 dense, 1-3 MoE), 6 experts top-3, nested text_config, 2 shards."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_step3"), seed=1)
+
+
+# prompts of different lengths, as token ids (the model is random: text would not help)
+PROMPTS: list[list[int]] = [
+    [5, 17, 300, 42],
+    [11, 250, 37, 99, 123, 7, 64, 900, 3, 45, 77, 12, 8, 501],
+    [600],
+    list(range(100, 140)),
+]
