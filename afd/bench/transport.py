@@ -22,19 +22,23 @@ from transport import Transport, create_transport
 TIMEOUT_S = 60.0
 
 
-def echo_peer(protocol: str, conn: Connection, num_messages: int) -> None:
-    """F side: receive keys (0..n-1, 0, 0) from "a0" in order and send each message back."""
-    t = create_transport("zmq", "f0", protocol=protocol)
+def echo_peer(protocols: list[str], conn: Connection, num_messages: int) -> None:
+    """F side, one "f0" transport per protocol: send {protocol: address}, get {protocol: peer
+    table}, then per protocol in turn receive keys (0..n-1, 0, 0) from "a0" and echo each."""
+    ranks = {p: create_transport("zmq", "f0", protocol=p) for p in protocols}
     try:
-        conn.send(t.address())
-        t.connect(conn.recv())
-        for i in range(num_messages):
-            key = (i, 0, 0)
-            t.send("a0", key, t.recv("a0", key).wait(TIMEOUT_S))
-        conn.send("done")
+        conn.send({p: t.address() for p, t in ranks.items()})
+        tables = conn.recv()
+        for protocol, t in ranks.items():
+            t.connect(tables[protocol])
+            for i in range(num_messages):
+                key = (i, 0, 0)
+                t.send("a0", key, t.recv("a0", key).wait(TIMEOUT_S))
+            conn.send("done")
         conn.recv()  # keep sockets open until the A side has read everything
     finally:
-        t.close()
+        for t in ranks.values():
+            t.close()
 
 
 class EchoPair:
@@ -43,11 +47,12 @@ class EchoPair:
     def __init__(self, protocol: str, num_messages: int) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
-        self._proc = ctx.Process(target=echo_peer, args=(protocol, child_conn, num_messages))
+        args = ([protocol], child_conn, num_messages)
+        self._proc = ctx.Process(target=echo_peer, args=args)
         self._proc.start()
         self.transport: Transport = create_transport("zmq", "a0", protocol=protocol)
-        peer_address = self._conn.recv()
-        self._conn.send({"a0": self.transport.address()})
+        peer_address = self._conn.recv()[protocol]
+        self._conn.send({protocol: {"a0": self.transport.address()}})
         self.transport.connect({"f0": peer_address})
         self._next = 0
 
