@@ -77,9 +77,7 @@ def encode(msg: object) -> bytes:
         raise CodecError(f"encode() takes a @message dataclass instance, got {type(msg).__name__}")
     try:
         return _pack(msg)
-    except CodecError:
-        raise
-    except (TypeError, ValueError, OverflowError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # CodecError is a ValueError
         raise CodecError(f"cannot encode {type(msg).__name__}: {e}") from e
 
 
@@ -130,8 +128,8 @@ def _default(obj: Any) -> list[Any]:
     if dataclasses.is_dataclass(obj):
         raise CodecError(f"dataclass {cls.__qualname__} is not registered; add @message")
     raise CodecError(
-        f"cannot encode a {cls.__qualname__}; use dataclasses, enums, lists, tuples, dicts, "
-        "None, bool, int, float, str or bytes"
+        f"no wire form for {cls.__qualname__} {obj!r:.40}; use dataclasses, enums, lists, "
+        "tuples, dicts, None, bool, int (64-bit), float, str or bytes"
     )
 
 
