@@ -1,0 +1,79 @@
+"""Turn request inputs into prompt token ids: chat messages through the chat template,
+completion prompts (text or token ids) through the tokenizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from afd.server.chat_template import load_chat_template, render_chat
+from afd.server.errors import BadRequestError
+from afd.server.protocol import ChatMessage, ToolParam
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer: Any, template_override: str | None) -> None:
+        self.tokenizer = tokenizer
+        self.template = load_chat_template(None, template_override) if template_override else None
+        self.vocab_size: int | None = getattr(tokenizer, "vocab_size", None)
+
+    def render_chat(
+        self,
+        messages: list[ChatMessage],
+        tools: list[ToolParam] | None,
+        add_generation_prompt: bool,
+        template_kwargs: dict[str, Any],
+        template: str | None = None,
+    ) -> str:
+        """Prompt text for a conversation; template errors are ValueErrors (-> 400)."""
+        if not messages:
+            raise BadRequestError("messages must not be empty", param="messages")
+        dicts = [_message_dict(m) for m in messages]
+        tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
+        source = load_chat_template(None, template) if template else self.template
+        if source is None:
+            return self.tokenizer.apply_chat_template(
+                dicts,
+                tools=tool_dicts,
+                add_generation_prompt=add_generation_prompt,
+                **template_kwargs,
+            )
+        kwargs = {"bos_token": getattr(self.tokenizer, "bos_token", None) or "", **template_kwargs}
+        return render_chat(source, dicts, tool_dicts, add_generation_prompt, **kwargs)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        if not ids:
+            raise BadRequestError("the prompt is empty", param="prompt")
+        return ids
+
+    def completion_prompts(self, prompt: Any, add_special_tokens: bool) -> list[list[int]]:
+        """Accept a string, a list of strings, a token-id list or a list of token-id lists."""
+        if prompt is None or prompt == [] or prompt == "":
+            raise BadRequestError("prompt must be a non-empty string or token list", "prompt")
+        if isinstance(prompt, str):
+            return [self.encode(prompt, add_special_tokens)]
+        if all(isinstance(p, int) for p in prompt):
+            return [self.check_ids(prompt)]
+        if all(isinstance(p, str) for p in prompt):
+            return [self.encode(p, add_special_tokens) for p in prompt]
+        return [self.check_ids(p) for p in prompt]
+
+    def check_ids(self, ids: list[int]) -> list[int]:
+        if not ids:
+            raise BadRequestError("a token-id prompt must not be empty", param="prompt")
+        bad = [i for i in ids if i < 0 or (self.vocab_size is not None and i >= self.vocab_size)]
+        if bad:
+            raise BadRequestError(
+                f"token id {bad[0]} is out of range [0, {self.vocab_size})", param="prompt"
+            )
+        return list(ids)
+
+
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
+    out = message.model_dump(exclude_none=True)
+    # Both names are accepted on input; templates read `reasoning_content` (HF convention).
+    reasoning = out.pop("reasoning", None) or out.get("reasoning_content")
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning
+    out.setdefault("content", None)
+    return out

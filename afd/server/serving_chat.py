@@ -1,0 +1,307 @@
+"""POST /v1/chat/completions: template -> engine -> reasoning/tool parsing -> JSON or SSE."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from afd.outputs import CompletionOutput, RequestOutput
+from afd.sampling_params import SamplingParams
+from afd.server.engine_client import EngineClient
+from afd.server.errors import BadRequestError
+from afd.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprob,
+    ChatLogprobs,
+    ChatStreamChoice,
+    DeltaMessage,
+    TopLogprob,
+    UsageInfo,
+)
+from afd.server.reasoning_parser import ReasoningStream, create_reasoning_parser, extract_reasoning
+from afd.server.serving_common import DONE, Serving, sse, sse_error, until_disconnect
+from afd.server.settings import ServerSettings
+from afd.server.sse_response import SSEResponse
+from afd.server.tool_parser import ToolParser, ToolStream, create_tool_parser
+
+MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+@dataclass
+class ChatContext:
+    """Per-request facts that every chunk and choice needs."""
+
+    request: ChatCompletionRequest
+    request_id: str
+    model: str
+    prompt_ids: list[int]
+    in_reasoning: bool
+    tool_parser: ToolParser | None
+    top_logprobs: int | None  # None: no logprobs
+    echo: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class ChoiceState:
+    reasoning: ReasoningStream | None
+    tools: ToolStream | None
+    num_chars: int = 0
+    num_tokens: int = 0
+    content: str = ""  # content so far, the tool parser's input
+    done: bool = False
+
+
+class ChatServing(Serving):
+    def __init__(self, engine: EngineClient, settings: ServerSettings) -> None:
+        super().__init__(engine, settings)
+        name = self.settings.reasoning_parser
+        self.reasoning = create_reasoning_parser(name) if name else None
+        if self.settings.tool_call_parser:
+            create_tool_parser(self.settings.tool_call_parser, [])  # fail fast on a bad name
+
+    async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        ctx, params = self._prepare(req)
+        if req.stream:
+            return SSEResponse(self._stream(ctx, params))
+        final = await until_disconnect(raw, self._last_output(ctx, params))
+        if final is None:
+            return Response(status_code=499)  # client closed the request; nobody reads this
+        return JSONResponse(self._response(ctx, final).model_dump())
+
+    def _prepare(self, req: ChatCompletionRequest) -> tuple[ChatContext, SamplingParams]:
+        model = self.resolve_model(req.model)
+        self.check_common(req)
+        top_logprobs = self._check_logprobs(req)
+        tool_parser = self._tool_parser(req)
+        prompt = self._render(req)
+        prompt_ids = self.prompts.encode(prompt, add_special_tokens=False)
+        requested = req.max_completion_tokens
+        requested = req.max_tokens if requested is None else requested
+        max_tokens = self.max_tokens(requested, None, len(prompt_ids))
+        # Tool markers may be special tokens; the parser must see them (vLLM does the same).
+        skip_special = req.skip_special_tokens and tool_parser is None
+        params = self.sampling_params(
+            req, max_tokens, logprobs=top_logprobs, skip_special_tokens=skip_special
+        )
+        in_reasoning = self.reasoning is not None and self.reasoning.starts_in_reasoning(prompt)
+        ctx = ChatContext(
+            req, f"chatcmpl-{uuid.uuid4().hex}", model, prompt_ids, in_reasoning,
+            tool_parser, top_logprobs, self._echo_text(req),
+        )  # fmt: skip
+        return ctx, params
+
+    def _check_logprobs(self, req: ChatCompletionRequest) -> int | None:
+        top = req.top_logprobs
+        if top is not None and top > 0 and not req.logprobs:
+            raise BadRequestError("top_logprobs requires logprobs=true", param="top_logprobs")
+        if top is not None and not 0 <= top <= self.settings.max_logprobs:
+            limit = self.settings.max_logprobs
+            raise BadRequestError(
+                f"top_logprobs must be in [0, {limit}], got {top}", "top_logprobs"
+            )
+        return (top or 0) if req.logprobs else None
+
+    def _tool_parser(self, req: ChatCompletionRequest) -> ToolParser | None:
+        choice, tools, name = req.tool_choice, req.tools, self.settings.tool_call_parser
+        if choice is not None and choice != "none" and not tools:
+            raise BadRequestError("When using `tool_choice`, `tools` must be set.", "tool_choice")
+        if tools is not None and not tools:
+            raise BadRequestError("`tools` must not be an empty list", param="tools")
+        if not tools or choice == "none":
+            return None
+        if not isinstance(choice, str):
+            known = {t.function.name for t in tools}
+            if choice.function.name not in known:
+                raise BadRequestError(
+                    f"tool_choice names `{choice.function.name}`, which is not in `tools`",
+                    param="tool_choice",
+                )
+        if (choice or "auto") == "auto" and not self.settings.enable_auto_tool_choice:
+            raise BadRequestError(
+                '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
+                "to be set",
+                param="tool_choice",
+            )
+        if not name:
+            raise BadRequestError(
+                "tool_choice needs --tool-call-parser (afd has no guided decoding)", "tool_choice"
+            )
+        return create_tool_parser(name, tools)
+
+    def _render(self, req: ChatCompletionRequest) -> str:
+        if req.continue_final_message and req.add_generation_prompt:
+            raise BadRequestError(
+                "continue_final_message and add_generation_prompt cannot both be true",
+                param="continue_final_message",
+            )
+        kwargs = dict(req.chat_template_kwargs or {})
+        if req.continue_final_message:
+            kwargs["continue_final_message"] = True
+        template = (req.model_extra or {}).get("chat_template")
+        if template is not None and not self.settings.allow_request_chat_template:
+            raise BadRequestError("per-request chat_template is disabled", "chat_template")
+        return self.prompts.render_chat(
+            req.messages, req.tools, req.add_generation_prompt, kwargs, template
+        )
+
+    @staticmethod
+    def _echo_text(req: ChatCompletionRequest) -> str:
+        last = req.messages[-1] if req.messages else None
+        if not req.echo or last is None or last.role != "assistant" or not last.content:
+            return ""
+        if isinstance(last.content, str):
+            return last.content
+        return "\n".join(p.text or "" for p in last.content if p.type == "text")
+
+    async def _last_output(self, ctx: ChatContext, params: SamplingParams) -> RequestOutput:
+        last = None
+        async for out in self.generate(ctx.request_id, ctx.prompt_ids, params):
+            last = out
+        if last is None:
+            raise RuntimeError("engine returned no output")
+        return last
+
+    # ------------------------------------------------------------------ JSON response
+
+    def _response(self, ctx: ChatContext, out: RequestOutput) -> ChatCompletionResponse:
+        choices = [self._choice(ctx, c) for c in sorted(out.outputs, key=lambda c: c.index)]
+        return ChatCompletionResponse(
+            id=ctx.request_id, created=ctx.created, model=ctx.model, choices=choices,
+            usage=self._usage(ctx, out),
+        )  # fmt: skip
+
+    def _choice(self, ctx: ChatContext, c: CompletionOutput) -> ChatChoice:
+        reasoning, content = None, c.text
+        if self.reasoning is not None:
+            reasoning, content = extract_reasoning(self.reasoning, c.text, ctx.in_reasoning)
+        calls = []
+        if ctx.tool_parser is not None and content:
+            content, calls = ctx.tool_parser.extract(content)
+        if ctx.echo:
+            content = ctx.echo + (content or "")
+        if not ctx.request.include_reasoning:
+            reasoning = None
+        message = AssistantMessage(content=content, tool_calls=calls, reasoning=reasoning)
+        if self.settings.emit_reasoning_content:
+            message.reasoning_content = reasoning
+        finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+        return ChatChoice(
+            index=c.index, message=message, finish_reason=finish, stop_reason=c.stop_reason,
+            logprobs=self._logprobs(ctx, c.token_ids, c.logprobs),
+        )  # fmt: skip
+
+    @staticmethod
+    def _usage(ctx: ChatContext, out: RequestOutput) -> UsageInfo:
+        num_out = sum(len(c.token_ids) for c in out.outputs)
+        num_in = len(ctx.prompt_ids)
+        return UsageInfo.of(num_in, num_out)
+
+    def _logprobs(
+        self, ctx: ChatContext, ids: list[int], lps: list[dict[int, float]] | None
+    ) -> ChatLogprobs | None:
+        if ctx.top_logprobs is None or lps is None:
+            return None
+        entries = []
+        for tid, table in zip(ids, lps, strict=False):
+            tops = sorted(table.items(), key=lambda kv: -kv[1])[: ctx.top_logprobs]
+            entry = self._top(tid, table.get(tid, MIN_LOGPROB))
+            top = [self._top(i, lp) for i, lp in tops]
+            entries.append(ChatLogprob(**entry.model_dump(), top_logprobs=top))
+        return ChatLogprobs(content=entries)
+
+    def _top(self, token_id: int, logprob: float) -> TopLogprob:
+        token = self.token_str(token_id)
+        return TopLogprob(
+            token=token, logprob=max(logprob, MIN_LOGPROB), bytes=list(token.encode())
+        )
+
+    # ------------------------------------------------------------------ SSE stream
+
+    async def _stream(self, ctx: ChatContext, params: SamplingParams) -> AsyncIterator[str]:
+        states = [self._new_state(ctx) for _ in range(params.n)]
+        last: RequestOutput | None = None
+        try:
+            async for out in self.generate(ctx.request_id, ctx.prompt_ids, params):
+                if last is None:
+                    for i in range(params.n):
+                        yield sse(self._chunk(ctx, i, DeltaMessage(role="assistant", content="")))
+                        if ctx.echo:
+                            yield sse(self._chunk(ctx, i, DeltaMessage(content=ctx.echo)))
+                last = out
+                for c in out.outputs:
+                    chunk = self._delta_chunk(ctx, states[c.index], c)
+                    if chunk is not None:
+                        yield sse(chunk)
+            if last is not None and self.include_usage(ctx.request):
+                yield sse(self._usage_chunk(ctx, last))
+        except Exception as e:  # the 200 is already sent: report in-band, as vLLM does
+            yield sse_error(e)
+        yield DONE
+
+    def _new_state(self, ctx: ChatContext) -> ChoiceState:
+        reasoning = ReasoningStream(self.reasoning, ctx.in_reasoning) if self.reasoning else None
+        tools = ToolStream(ctx.tool_parser) if ctx.tool_parser else None
+        return ChoiceState(reasoning, tools)
+
+    def _chunk(self, ctx: ChatContext, index: int, delta: DeltaMessage) -> ChatCompletionChunk:
+        choice = ChatStreamChoice(index=index, delta=delta, logprobs=None, finish_reason=None)
+        return ChatCompletionChunk(
+            id=ctx.request_id, created=ctx.created, model=ctx.model, choices=[choice]
+        )
+
+    def _usage_chunk(self, ctx: ChatContext, out: RequestOutput) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=ctx.request_id, created=ctx.created, model=ctx.model, choices=[],
+            usage=self._usage(ctx, out),
+        )  # fmt: skip
+
+    def _delta_chunk(
+        self, ctx: ChatContext, st: ChoiceState, c: CompletionOutput
+    ) -> ChatCompletionChunk | None:
+        if st.done:
+            return None
+        final = c.finish_reason is not None
+        lps = self._logprobs(ctx, c.token_ids[st.num_tokens :], (c.logprobs or [])[st.num_tokens :])
+        st.num_tokens = len(c.token_ids)
+        delta = self._delta(ctx, st, c.text, final)
+        if not final and not delta.model_fields_set and not (lps and lps.content):
+            return None  # a parser is holding text back: vLLM sends no chunk at all
+        chunk = self._chunk(ctx, c.index, delta)
+        chunk.choices[0].logprobs = lps
+        if final:
+            st.done = True
+            called = st.tools is not None and st.tools.called
+            reason = "tool_calls" if called and c.finish_reason == "stop" else c.finish_reason
+            chunk.choices[0].finish_reason = reason
+            chunk.choices[0].stop_reason = c.stop_reason
+        return chunk
+
+    def _delta(self, ctx: ChatContext, st: ChoiceState, text: str, final: bool) -> DeltaMessage:
+        if st.reasoning is not None:
+            reasoning, content = st.reasoning.update(text, final)
+        else:
+            reasoning, content = "", text[st.num_chars :]
+            st.num_chars = len(text)
+        delta = DeltaMessage()
+        if st.tools is not None:
+            st.content += content
+            content, calls = st.tools.update(st.content, final)
+            if calls:
+                delta.tool_calls = calls
+        if reasoning and ctx.request.include_reasoning:
+            delta.reasoning = reasoning
+            if self.settings.emit_reasoning_content:
+                delta.reasoning_content = reasoning
+        if content:
+            delta.content = content
+        return delta

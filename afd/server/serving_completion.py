@@ -1,0 +1,248 @@
+"""POST /v1/completions: one engine request per prompt, choices merged, JSON or SSE."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from afd.outputs import CompletionOutput, RequestOutput
+from afd.sampling_params import SamplingParams
+from afd.server.errors import BadRequestError
+from afd.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
+from afd.server.serving_common import (
+    DONE,
+    Serving,
+    merge_streams,
+    sse,
+    sse_error,
+    until_disconnect,
+)
+from afd.server.sse_response import SSEResponse
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+MIN_LOGPROB = -9999.0
+
+
+@dataclass
+class CompletionContext:
+    request: CompletionRequest
+    request_id: str
+    model: str
+    prompts: list[list[int]]
+    echo_texts: list[str]  # per prompt; empty strings without echo
+    logprobs: int | None
+    n: int
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class ChoiceCursor:
+    num_chars: int = 0
+    num_tokens: int = 0
+    text_offset: int = 0
+    started: bool = False  # the echo (if any) went out with the first chunk
+    done: bool = False
+
+
+class CompletionServing(Serving):
+    async def create(self, req: CompletionRequest, raw: Request) -> Response:
+        ctx, params = self._prepare(req)
+        if req.stream:
+            return SSEResponse(self._stream(ctx, params))
+        outs = await until_disconnect(raw, self._collect(ctx, params))
+        if outs is None:
+            return Response(status_code=499)  # client closed the request; nobody reads this
+        return JSONResponse(self._response(ctx, outs).model_dump())
+
+    def _prepare(self, req: CompletionRequest) -> tuple[CompletionContext, list[SamplingParams]]:
+        model = self.resolve_model(req.model)
+        self.check_common(req)
+        n = 1 if req.n is None else req.n
+        self._check_unsupported(req, n)
+        prompts = self.prompts.completion_prompts(req.prompt, req.add_special_tokens)
+        params = [self._params(req, len(p)) for p in prompts]
+        echo = [self._echo_text(req, i, p) for i, p in enumerate(prompts)]
+        ctx = CompletionContext(
+            req, f"cmpl-{uuid.uuid4().hex}", model, prompts, echo, req.logprobs, n
+        )
+        return ctx, params
+
+    def _check_unsupported(self, req: CompletionRequest, n: int) -> None:
+        if req.suffix is not None:
+            raise BadRequestError("suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of not in (1, n):
+            raise BadRequestError("best_of is not supported (use n)", param="best_of")
+        limit = self.settings.max_logprobs
+        if req.logprobs is not None and not 0 <= req.logprobs <= limit:
+            raise BadRequestError(
+                f"logprobs must be in [0, {limit}], got {req.logprobs}", "logprobs"
+            )
+        if req.echo and req.logprobs is not None:
+            raise BadRequestError(
+                "echo with logprobs needs prompt logprobs, which afd does not compute", "echo"
+            )
+
+    def _params(self, req: CompletionRequest, prompt_len: int) -> SamplingParams | None:
+        if req.echo and req.max_tokens == 0:
+            self.max_tokens(None, 1, prompt_len)  # still reject prompts that do not fit
+            return None  # echo only: nothing to generate
+        max_tokens = self.max_tokens(req.max_tokens, DEFAULT_MAX_TOKENS, prompt_len)
+        return self.sampling_params(
+            req, max_tokens, logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens
+        )
+
+    def _echo_text(self, req: CompletionRequest, i: int, ids: list[int]) -> str:
+        if not req.echo:
+            return ""
+        if isinstance(req.prompt, str):
+            return req.prompt
+        if isinstance(req.prompt, list) and isinstance(req.prompt[i], str):
+            return req.prompt[i]
+        return self.engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _streams(
+        self, ctx: CompletionContext, params: list[SamplingParams | None]
+    ) -> list[AsyncIterator[RequestOutput]]:
+        many = len(ctx.prompts) > 1
+        return [
+            self.generate(f"{ctx.request_id}-{i}" if many else ctx.request_id, ids, p)
+            if p is not None
+            else _echo_only(ctx.n, ids)
+            for i, (ids, p) in enumerate(zip(ctx.prompts, params, strict=True))
+        ]
+
+    async def _collect(
+        self, ctx: CompletionContext, params: list[SamplingParams | None]
+    ) -> list[RequestOutput]:
+        last: dict[int, RequestOutput] = {}
+        async for i, out in merge_streams(self._streams(ctx, params)):
+            last[i] = out
+        return [last[i] for i in range(len(ctx.prompts))]
+
+    # ------------------------------------------------------------------ JSON response
+
+    def _response(self, ctx: CompletionContext, outs: list[RequestOutput]) -> CompletionResponse:
+        choices = []
+        for i, out in enumerate(outs):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                logprobs = self._logprobs(ctx, c.token_ids, c.logprobs, len(ctx.echo_texts[i]))
+                choices.append(
+                    CompletionChoice(
+                        index=i * ctx.n + c.index,
+                        text=ctx.echo_texts[i] + c.text,
+                        logprobs=logprobs[0],
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                    )  # fmt: skip
+                )
+        return CompletionResponse(
+            id=ctx.request_id, created=ctx.created, model=ctx.model, choices=choices,
+            usage=self._usage(ctx, outs),
+        )  # fmt: skip
+
+    @staticmethod
+    def _usage(ctx: CompletionContext, outs: list[RequestOutput]) -> UsageInfo:
+        num_in = sum(len(p) for p in ctx.prompts)
+        num_out = sum(len(c.token_ids) for out in outs for c in out.outputs)
+        return UsageInfo.of(num_in, num_out)
+
+    def _logprobs(
+        self,
+        ctx: CompletionContext,
+        ids: list[int],
+        lps: list[dict[int, float]] | None,
+        offset: int,
+    ) -> tuple[CompletionLogprobs | None, int]:
+        """OpenAI's legacy logprobs for `ids`; returns them and the next text offset."""
+        if ctx.logprobs is None or lps is None:
+            return None, offset
+        out = CompletionLogprobs()
+        for tid, table in zip(ids, lps, strict=False):
+            token = self.token_str(tid)
+            tops = sorted(table.items(), key=lambda kv: -kv[1])[: ctx.logprobs]
+            top = {self.token_str(i): max(lp, MIN_LOGPROB) for i, lp in tops}
+            top.setdefault(token, max(table.get(tid, MIN_LOGPROB), MIN_LOGPROB))
+            out.tokens.append(token)
+            out.token_logprobs.append(max(table.get(tid, MIN_LOGPROB), MIN_LOGPROB))
+            out.top_logprobs.append(top)
+            out.text_offset.append(offset)
+            offset += len(token)
+        return out, offset
+
+    # ------------------------------------------------------------------ SSE stream
+
+    async def _stream(
+        self, ctx: CompletionContext, params: list[SamplingParams | None]
+    ) -> AsyncIterator[str]:
+        cursors: dict[tuple[int, int], ChoiceCursor] = {}
+        last: dict[int, RequestOutput] = {}
+        try:
+            async for i, out in merge_streams(self._streams(ctx, params)):
+                last[i] = out
+                for c in out.outputs:
+                    cursor = cursors.setdefault((i, c.index), ChoiceCursor())
+                    chunk = self._delta_chunk(ctx, i, cursor, c)
+                    if chunk is not None:
+                        yield sse(chunk)
+            if self.include_usage(ctx.request) and len(last) == len(ctx.prompts):
+                outs = [last[i] for i in range(len(ctx.prompts))]
+                usage = self._usage(ctx, outs)
+                yield sse(self._chunk(ctx, [], usage=usage))
+        except Exception as e:  # the 200 is already sent: report in-band, as vLLM does
+            yield sse_error(e)
+        yield DONE
+
+    def _chunk(
+        self,
+        ctx: CompletionContext,
+        choices: list[CompletionChoice],
+        usage: UsageInfo | None = None,
+    ) -> CompletionResponse:
+        chunk = CompletionResponse(
+            id=ctx.request_id, created=ctx.created, model=ctx.model, choices=choices
+        )
+        if usage is not None:
+            chunk.usage = usage
+        return chunk
+
+    def _delta_chunk(
+        self, ctx: CompletionContext, i: int, cur: ChoiceCursor, c: CompletionOutput
+    ) -> CompletionResponse | None:
+        if cur.done:
+            return None
+        echo = "" if cur.started else ctx.echo_texts[i]
+        text = echo + c.text[cur.num_chars :]
+        final = c.finish_reason is not None
+        if not text and not final and len(c.token_ids) == cur.num_tokens:
+            return None
+        cur.started = True
+        new_lps = (c.logprobs or [])[cur.num_tokens :]
+        lps, cur.text_offset = self._logprobs(
+            ctx, c.token_ids[cur.num_tokens :], new_lps, cur.text_offset
+        )
+        cur.num_chars, cur.num_tokens = len(c.text), len(c.token_ids)
+        choice = CompletionChoice(
+            index=i * ctx.n + c.index, text=text, logprobs=lps, finish_reason=None
+        )
+        if final:
+            cur.done = True
+            choice.finish_reason = c.finish_reason
+            choice.stop_reason = c.stop_reason
+        return self._chunk(ctx, [choice])
+
+
+async def _echo_only(n: int, prompt_ids: list[int]) -> AsyncIterator[RequestOutput]:
+    """`echo` with `max_tokens=0`: the prompt is the whole answer; the engine is not asked."""
+    outputs = [CompletionOutput(index=j, finish_reason="length") for j in range(n)]
+    yield RequestOutput("echo", None, prompt_ids, outputs, finished=True)

@@ -1,0 +1,177 @@
+"""A deterministic EngineClient for server tests, and a uvicorn server running in a thread.
+
+FakeEngine "generates" a scripted reply per choice token by token, honouring n, max_tokens,
+stop strings, stop_token_ids, ignore_eos and logprobs the way the real engine must, and counts
+requests in flight and aborted so tests can check that the server frees what it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+
+import uvicorn
+
+from afd.detokenizer import IncrementalDetokenizer, find_stop, safe_emit_length
+from afd.models.tiny_tokenizer import write_tiny_tokenizer
+from afd.outputs import CompletionOutput, RequestOutput
+from afd.sampling_params import SamplingParams
+from afd.tokenizer import Tokenizer
+
+DEFAULT_REPLY = "Hello! This is choice {i}. The quick brown fox jumps over the lazy dog."
+FILLER = " and more"  # generated after the reply when ignore_eos is set
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer() -> Tokenizer:
+    folder = tempfile.mkdtemp(prefix="afd-tiny-tok-")
+    write_tiny_tokenizer(folder)
+    return Tokenizer.from_pretrained(folder)
+
+
+class _Choice:
+    def __init__(self, index: int, script: list[int], tok: Tokenizer, params: SamplingParams):
+        self.out = CompletionOutput(
+            index=index, logprobs=[] if params.logprobs is not None else None
+        )
+        self.script = script
+        self.detok = IncrementalDetokenizer(tok, skip_special_tokens=params.skip_special_tokens)
+        self.full_text = ""
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        tokenizer: Tokenizer | None = None,
+        reply: Callable[[list[int], int], str] | None = None,
+        token_delay: float = 0.0,
+        max_model_len: int = 512,
+    ) -> None:
+        self.tokenizer = tokenizer or tiny_tokenizer()
+        self.model_name = "tiny-step3"
+        self.model_root = "/models/tiny-step3"
+        self.max_model_len = max_model_len
+        self.reply = reply or (lambda prompt_ids, i: DEFAULT_REPLY.format(i=i))
+        self.token_delay = token_delay
+        self.healthy = True
+        self.fail_with: str | None = None  # make every request end with this engine error
+        self.in_flight: set[str] = set()
+        self.aborted: list[str] = []
+        self.finished: list[str] = []
+        self.started: list[str] = []
+        self.last_params: SamplingParams | None = None
+        self.last_prompt: list[int] = []
+
+    def is_healthy(self) -> bool:
+        return self.healthy
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self.in_flight:
+            self.aborted.append(request_id)
+            self.in_flight.discard(request_id)
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        assert request_id not in self.in_flight, f"duplicate request id {request_id}"
+        self.in_flight.add(request_id)
+        self.started.append(request_id)
+        self.last_params, self.last_prompt = params, list(prompt_token_ids)
+        return self._run(request_id, list(prompt_token_ids), params)
+
+    async def _run(
+        self, request_id: str, prompt: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        tok = self.tokenizer
+        choices = [
+            _Choice(i, tok.encode(self.reply(prompt, i)), tok, params) for i in range(params.n)
+        ]
+        step = 0
+        while request_id in self.in_flight:
+            await asyncio.sleep(self.token_delay)
+            if request_id not in self.in_flight:
+                return  # aborted while "computing"
+            for c in choices:
+                if c.out.finish_reason is None:
+                    self._step(c, step, params)
+            step += 1
+            done = all(c.out.finish_reason is not None for c in choices)
+            if done and self.fail_with:
+                self.in_flight.discard(request_id)
+                yield RequestOutput(request_id, None, prompt, [], True, error=self.fail_with)
+                return
+            if done:
+                self.in_flight.discard(request_id)
+                self.finished.append(request_id)
+            yield RequestOutput(request_id, None, prompt, [_copy(c.out) for c in choices], done)
+
+    def _step(self, c: _Choice, step: int, params: SamplingParams) -> None:
+        eos = self.tokenizer.eos_token_id
+        if step < len(c.script):
+            token = c.script[step]
+        elif params.ignore_eos:
+            filler = self.tokenizer.encode(FILLER)
+            token = filler[(step - len(c.script)) % len(filler)]
+        else:
+            token = eos
+        c.out.token_ids.append(token)
+        if c.out.logprobs is not None:
+            c.out.logprobs.append(self._logprobs(token, params.logprobs or 0))
+        if (token == eos and not params.ignore_eos) or token in params.stop_token_ids:
+            c.out.text = c.full_text + c.detok.flush()
+            c.out.finish_reason = "stop"
+            c.out.stop_reason = None if token == eos else token
+            return
+        c.full_text += c.detok.add(token)
+        self._apply_stops(c, params)
+
+    def _apply_stops(self, c: _Choice, params: SamplingParams) -> None:
+        cut, hit = find_stop(c.full_text, params.stop, params.include_stop_str_in_output)
+        if hit is not None:
+            c.out.text, c.out.finish_reason, c.out.stop_reason = cut, "stop", hit
+        elif params.max_tokens is not None and len(c.out.token_ids) >= params.max_tokens:
+            c.out.text, c.out.finish_reason = c.full_text + c.detok.flush(), "length"
+        else:
+            c.out.text = c.full_text[: safe_emit_length(c.full_text, params.stop)]
+
+    def _logprobs(self, token: int, k: int) -> dict[int, float]:
+        vocab = self.tokenizer.vocab_size
+        table = {(token + j) % vocab: -1.0 - j for j in range(1, k + 1)}
+        table[token] = -0.25  # the sampled token is always the most likely here
+        return table
+
+
+def _copy(out: CompletionOutput) -> CompletionOutput:
+    logprobs = list(out.logprobs) if out.logprobs is not None else None
+    return CompletionOutput(
+        out.index, out.text, list(out.token_ids), logprobs, out.finish_reason, out.stop_reason
+    )
+
+
+@contextmanager
+def running_server(app: object) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread; yield its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
