@@ -143,6 +143,9 @@ def test_errors_name_the_problem() -> None:
         with pytest.raises(ValueError, match="'f7'"):
             t.send("f7", (0, 0, 0), [torch.ones(1)])
         t.connect({"a0": t.address()})
+        t.connect({"a0": t.address()})  # the same table again is a no-op
+        with pytest.raises(ValueError, match="already at"):
+            t.connect({"a0": "tcp://127.0.0.1:1"})
         with pytest.raises(ValueError, match="complex64"):
             t.send("a0", (0, 0, 0), [torch.ones(1, dtype=torch.complex64)])
     finally:
@@ -162,6 +165,7 @@ def test_close_removes_ipc_file() -> None:
     assert other.address() != t.address()  # unique per rank even with the same name
     t.close()
     other.close()
+    t.close()  # closing twice is harmless
     assert not os.path.exists(path)
     assert not os.path.exists(other.address().removeprefix("ipc://"))
 

@@ -135,6 +135,7 @@ class ZmqTransport(Transport):
         self._poller = zmq.Poller()
         self._poller.register(self._pull, zmq.POLLIN)
         self._push: dict[str, zmq.Socket] = {}
+        self._peer_addresses: dict[str, str] = {}
         # (source, key) -> tensors that arrived before anyone asked for them
         self._arrived: dict[tuple[str, Key], list[torch.Tensor]] = {}
         self._ipc_path: str | None = None
@@ -156,13 +157,17 @@ class ZmqTransport(Transport):
 
     def connect(self, peers: dict[str, str]) -> None:
         for peer, address in peers.items():
-            if peer in self._push:
+            known = self._peer_addresses.get(peer)
+            if known == address:
                 continue
+            if known is not None:
+                raise ValueError(f"{self.name}: peer {peer!r} is already at {known}, not {address}")
             sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, 0)  # send() must not block on a slow peer
             sock.setsockopt(zmq.LINGER, self._linger_ms)
             sock.connect(address)
             self._push[peer] = sock
+            self._peer_addresses[peer] = address
 
     def send(self, peer: str, key: Key, tensors: list[torch.Tensor]) -> Handle:
         sock = self._push.get(peer)
@@ -244,6 +249,8 @@ class ZmqTransport(Transport):
         return out
 
     def close(self) -> None:
+        if self._ctx.closed:
+            return
         for sock in self._push.values():
             sock.close()
         self._push.clear()
