@@ -142,6 +142,11 @@ def _parse_entry(name: str, entry: Any, path: Path) -> Hardware:
 
 
 def _positive(value: Any, where: str) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads 1.3e15 (no exponent sign) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"{where} must be a positive number, got {value!r}")
     return float(value)
