@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from transport.codec import message
 
+
+@message
 @dataclass
 class SamplingSpec:
     """What the sampler needs of a request's SamplingParams."""
@@ -18,6 +21,7 @@ class SamplingSpec:
     num_logprobs: int | None = None
 
 
+@message
 @dataclass
 class NewSequence:
     """Sent once when a sequence lands on a rank (or comes back after preemption)."""
@@ -27,6 +31,7 @@ class NewSequence:
     output_token_ids: list[int] = field(default_factory=list)  # for penalties after recompute
 
 
+@message
 @dataclass
 class ScheduledChunk:
     """Tokens of one sequence to run this step: a prefill chunk, or one decode token."""
@@ -39,6 +44,7 @@ class ScheduledChunk:
     micro_batch: int = 0
 
 
+@message
 @dataclass
 class StepPlan:
     step: int
@@ -46,8 +52,3 @@ class StepPlan:
     new_seqs: list[NewSequence] = field(default_factory=list)
     chunks: list[ScheduledChunk] = field(default_factory=list)
     freed_seq_ids: list[int] = field(default_factory=list)  # finished or preempted: drop state
-
-
-@dataclass
-class Shutdown:
-    reason: str = ""

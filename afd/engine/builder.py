@@ -64,14 +64,19 @@ def default_num_blocks(
         if settings.num_kv_blocks < 1:
             raise ConfigError(f"num_kv_blocks must be positive, got {settings.num_kv_blocks}")
         return settings.num_kv_blocks
-    per_block = 2 * cfg.num_hidden_layers * settings.block_size * cfg.head_dim * dtype.itemsize
+    full = settings.max_num_seqs * -(-model_len(settings, cfg) // settings.block_size)
+    return min(blocks_in_memory(cfg, settings.block_size, dtype, device), full)
+
+
+def blocks_in_memory(
+    cfg: ModelConfig, block_size: int, dtype: torch.dtype, device: torch.device
+) -> int:
+    """KV blocks that fit: 90% of free GPU memory (after weights), or a fixed CPU pool."""
+    per_block = 2 * cfg.num_hidden_layers * block_size * cfg.head_dim * dtype.itemsize
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * GPU_MEMORY_UTILIZATION)
-    else:
-        budget = CPU_KV_BYTES
-    full = settings.max_num_seqs * -(-model_len(settings, cfg) // settings.block_size)
-    return max(1, min(budget // per_block, full))
+        return max(1, int(free * GPU_MEMORY_UTILIZATION) // per_block)
+    return max(1, CPU_KV_BYTES // per_block)
 
 
 def build_colocated(settings: EngineSettings, cfg: ModelConfig) -> tuple[Executor, int]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from transport.codec import message
 
+
+@message
 @dataclass
 class SampledToken:
     seq_id: int
@@ -14,6 +17,7 @@ class SampledToken:
     top_logprobs: list[float] = field(default_factory=list)
 
 
+@message
 @dataclass
 class StepTimings:
     """Seconds spent by one attention rank in each phase of a step."""
@@ -24,6 +28,7 @@ class StepTimings:
     total: float = 0.0
 
 
+@message
 @dataclass
 class StepResult:
     step: int
@@ -32,6 +37,7 @@ class StepResult:
     timings: StepTimings = field(default_factory=StepTimings)
 
 
+@message
 @dataclass
 class WorkerError:
     """A rank hit an error it cannot recover from; the coordinator fails in-flight requests."""
@@ -40,7 +46,18 @@ class WorkerError:
     message: str
 
 
+@message
 @dataclass
 class Heartbeat:
     rank_name: str
     time: float
+
+
+@message
+@dataclass
+class WorkerReady:
+    """A rank loaded its weights; tells the coordinator where its transport listens."""
+
+    rank_name: str
+    transport_address: str
+    num_kv_blocks: int = 0  # attention ranks: blocks its memory holds

@@ -1,0 +1,190 @@
+"""Local launcher: starts the attention and FFN ranks as OS processes on this machine, wires
+their transports together, and drives them in lockstep steps (the disaggregated executor)."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import zmq
+
+from afd import envs
+from afd.config import ConfigError, ModelConfig, RoleShape
+from afd.engine.builder import EngineSettings, default_num_blocks, parse_roles
+from afd.engine.executor import Executor, ExecutorError
+from afd.engine.messages import StepResult, WorkerError, WorkerReady
+from afd.launch.worker_spec import WorkerSpec
+from afd.models.build import resolve_dtype
+from attn_worker.messages import StepPlan
+from ffn_worker.messages import StepShape
+from transport.codec import decode, encode
+from transport.control import PeerTable, Shutdown
+
+
+class DisaggregatedExecutor(Executor):
+    def __init__(self, attn: list[str], ffn: list[str]) -> None:
+        self.attn, self.ffn, self.num_ranks = attn, ffn, len(attn)
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        port = self.router.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.last_beat: dict[str, float] = {}
+        self.failed: str | None = None
+        atexit.register(self.shutdown)
+
+    # -- start -------------------------------------------------------------------------------
+    def start(self, specs: list[WorkerSpec], gpus: dict[str, int]) -> list[WorkerReady]:
+        for spec in specs:
+            env = dict(os.environ)
+            if spec.name in gpus:
+                env["CUDA_VISIBLE_DEVICES"] = str(gpus[spec.name])
+            module = "attn_worker.worker" if spec.name.startswith("a") else "ffn_worker.worker"
+            self.procs[spec.name] = subprocess.Popen(
+                [sys.executable, "-m", module, spec.to_json()], env=env
+            )
+            self.last_beat[spec.name] = time.monotonic()
+        ready: dict[str, WorkerReady] = {}
+        self._collect(ready, WorkerReady, len(specs), envs.STARTUP_TIMEOUT_S, "start")
+        peers = {name: r.transport_address for name, r in ready.items()}
+        for name in self.procs:
+            self._send(name, PeerTable(peers))
+        return list(ready.values())
+
+    # -- steps -------------------------------------------------------------------------------
+    def execute(self, plans: list[StepPlan]) -> list[StepResult]:
+        if self.failed:
+            raise ExecutorError(self.failed)
+        tokens = [[0] * p.num_micro_batches for p in plans]
+        for a, plan in enumerate(plans):
+            for chunk in plan.chunks:
+                tokens[a][chunk.micro_batch] += len(chunk.token_ids)
+        if any(map(any, tokens)):
+            for name in self.ffn:
+                self._send(name, StepShape(plans[0].step, tokens))
+        for name, plan in zip(self.attn, plans, strict=True):
+            self._send(name, plan)
+        results: dict[str, StepResult] = {}
+        self._collect(
+            results, StepResult, len(self.attn), envs.STEP_TIMEOUT_S, f"step {plans[0].step}"
+        )
+        return [results[name] for name in self.attn]
+
+    def _send(self, name: str, msg: object) -> None:
+        self.router.send_multipart([name.encode(), encode(msg)])
+
+    def _collect(self, into: dict, kind: type, count: int, timeout_s: float, what: str) -> None:
+        """Gathers `count` messages of `kind`; fails fast on a dead, silent or failing rank."""
+        deadline = time.monotonic() + timeout_s
+        while len(into) < count:
+            if self.router.poll(100):
+                ident, data = self.router.recv_multipart()
+                name = ident.decode().removesuffix(".hb")
+                self.last_beat[name] = time.monotonic()
+                msg = decode(data)
+                if isinstance(msg, WorkerError):
+                    self._fail(msg.message)
+                if isinstance(msg, kind):
+                    into[name] = msg
+                continue
+            self._check_alive(what)
+            if time.monotonic() > deadline:
+                missing = sorted(set(self.procs) - set(into))
+                self._fail(f"{what}: ranks {missing} did not answer within {timeout_s:.0f}s")
+
+    def _check_alive(self, what: str) -> None:
+        now = time.monotonic()
+        for name, proc in self.procs.items():
+            code = proc.poll()
+            if code is not None:
+                self._fail(f"{what}: rank {name} (pid {proc.pid}) exited with code {code}")
+            if now - self.last_beat[name] > envs.HEARTBEAT_TIMEOUT_S:
+                self._fail(
+                    f"{what}: rank {name} (pid {proc.pid}) stopped answering: no "
+                    f"heartbeat for {envs.HEARTBEAT_TIMEOUT_S:.0f}s"
+                )
+
+    def _fail(self, message: str) -> None:
+        self.failed = message
+        self.shutdown()
+        raise ExecutorError(message)
+
+    # -- stop --------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Asks every rank to stop, then kills what is left; idempotent."""
+        if not self.procs:
+            return
+        for name, proc in self.procs.items():
+            if proc.poll() is None:
+                self._send(name, Shutdown("coordinator shutting down"))
+        deadline = time.monotonic() + 5
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        self.router.close(0)
+        self.ctx.term()
+        atexit.unregister(self.shutdown)
+
+
+def build_disaggregated(
+    settings: EngineSettings, cfg: ModelConfig
+) -> tuple[DisaggregatedExecutor, int]:
+    attn_shape, ffn_shape = parse_roles(settings)
+    attn = [f"a{i}" for i in range(attn_shape.num_ranks)]
+    ffn = [f"f{i}" for i in range(ffn_shape.num_ranks)]
+    gpus = _assign_gpus(settings.device, attn + ffn, attn_shape, ffn_shape)
+    dtype = resolve_dtype(settings.dtype, cfg)
+    blocks = (
+        0
+        if settings.device == "cuda"
+        else default_num_blocks(settings, cfg, dtype, torch.device("cpu"))
+    )
+    executor = DisaggregatedExecutor(attn, ffn)
+    threads = max(1, (os.cpu_count() or 1) // (len(attn) + len(ffn)))
+    specs = [
+        WorkerSpec(
+            name=name,
+            index=i,
+            model=settings.model,
+            dtype=settings.dtype,
+            device=settings.device,
+            attn_ranks=attn,
+            ffn_ranks=ffn,
+            coordinator=executor.address,
+            transport=settings.transport,
+            num_kv_blocks=blocks,
+            block_size=settings.block_size,
+            recv_timeout_s=envs.RECV_TIMEOUT_S,
+            heartbeat_s=envs.HEARTBEAT_INTERVAL_S,
+            parent_pid=os.getpid(),
+            num_threads=threads,
+        )
+        for names in (attn, ffn)
+        for i, name in enumerate(names)
+    ]
+    try:
+        ready = executor.start(specs, gpus)
+    except BaseException:
+        executor.shutdown()
+        raise
+    return executor, min(r.num_kv_blocks for r in ready if r.rank_name in attn)
+
+
+def _assign_gpus(device: str, names: list[str], attn: RoleShape, ffn: RoleShape) -> dict[str, int]:
+    if device != "cuda":
+        return {}
+    have = torch.cuda.device_count()
+    if have < len(names):
+        raise ConfigError(
+            f"--attn {attn} --ffn {ffn} needs {len(names)} GPUs; this machine has {have}"
+        )
+    return {name: i for i, name in enumerate(names)}

@@ -1,0 +1,89 @@
+"""What a worker process is told at start (a JSON argument, never pickle), its session (control
+channel + transport) and its message loop, shared by attention and FFN ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+
+from afd.engine.messages import WorkerError
+from transport.base import Transport, create_transport
+from transport.control import PeerTable, Shutdown, WorkerChannel
+
+IDLE_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    name: str  # "a0".. or "f0"..
+    index: int  # rank index within its role
+    model: str
+    dtype: str
+    device: str  # "cpu" or "cuda" (the launcher narrows CUDA_VISIBLE_DEVICES)
+    attn_ranks: list[str]
+    ffn_ranks: list[str]
+    coordinator: str
+    transport: str = "zmq"
+    num_kv_blocks: int = 0
+    block_size: int = 16
+    recv_timeout_s: float = 20.0
+    heartbeat_s: float = 0.5
+    parent_pid: int = 0
+    num_threads: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        return cls(**json.loads(text))
+
+    def torch_device(self) -> torch.device:
+        return torch.device("cuda:0" if self.device == "cuda" else self.device)
+
+    @contextmanager
+    def session(self) -> Iterator[tuple[WorkerChannel, Transport]]:
+        torch.set_num_threads(self.num_threads)
+        channel = WorkerChannel(self.coordinator, self.name, self.heartbeat_s)
+        transport = create_transport(self.transport, self.name)
+        try:
+            yield channel, transport
+        except Exception:
+            channel.send(
+                WorkerError(self.name, f"rank {self.name} failed:\n{traceback.format_exc(limit=8)}")
+            )
+            raise
+        finally:
+            transport.close()
+            channel.close()
+
+
+Handler = Callable[[object], object | None]
+
+
+def worker_loop(
+    spec: WorkerSpec, channel: WorkerChannel, transport: Transport, handlers: dict[type, Handler]
+) -> None:
+    """Serves control messages until Shutdown, or until the coordinator process is gone."""
+    while True:
+        msg = channel.recv(IDLE_POLL_S)
+        if msg is None:
+            if spec.parent_pid and os.getppid() != spec.parent_pid:
+                return  # orphaned: the coordinator died without saying goodbye
+            continue
+        if isinstance(msg, Shutdown):
+            return
+        if isinstance(msg, PeerTable):
+            transport.connect({k: v for k, v in msg.peers.items() if k != spec.name})
+            continue
+        reply = handlers[type(msg)](msg)
+        if reply is not None:
+            channel.send(reply)
+            if isinstance(reply, WorkerError):
+                return
