@@ -1,0 +1,153 @@
+"""Calibrated planning: the profile reader, its interpolation and its use by `deploy`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from afd.config import ConfigError
+from afd.planner.cli import main
+from afd.planner.profile import interpolate, load_profile
+
+
+def attn_us(batch: float, context: float) -> float:
+    return 20.0 + 5e-4 * batch * context  # bilinear, so interpolation must reproduce it
+
+
+def ffn_us(tokens: float) -> float:
+    return 150.0 + 0.05 * tokens
+
+
+def transfer_us(tokens: float) -> float:
+    return 30.0 + 0.2 * tokens
+
+
+def profile_dict(**overrides: Any) -> dict[str, Any]:
+    raw = {
+        "device": "NVIDIA H100 80GB HBM3",
+        "model": "step3",
+        "hidden_size": 7168,
+        "dtype": "bfloat16",
+        "attention": [
+            {"batch": b, "context": c, "us_per_layer": attn_us(b, c)}
+            for c in (2048, 8192)
+            for b in (32, 128, 512)
+        ],
+        "ffn": [{"tokens": t, "us_per_layer": ffn_us(t)} for t in (64, 512, 4096, 16384)],
+        "transfer": [{"tokens": t, "us_round_trip": transfer_us(t)} for t in (32, 512, 2048)],
+    }
+    return {**raw, **overrides}
+
+
+def write(tmp_path: Path, raw: Any, name: str = "profile.json") -> str:
+    path = tmp_path / name
+    path.write_text(raw if isinstance(raw, str) else json.dumps(raw))
+    return str(path)
+
+
+def test_interpolation_rules() -> None:
+    points = ((10.0, 100.0), (20.0, 200.0), (40.0, 260.0))
+    assert interpolate(points, 15) == pytest.approx(150.0)
+    assert interpolate(points, 30) == pytest.approx(230.0)
+    assert interpolate(points, 5) == 100.0  # below: the smallest measurement
+    assert interpolate(points, 60) == pytest.approx(320.0)  # above: last slope 3/token
+    assert interpolate(((10.0, 100.0),), 30) == pytest.approx(300.0)  # one point: proportional
+    falling = ((10.0, 100.0), (20.0, 90.0))
+    assert interpolate(falling, 50) == 90.0  # never extrapolate a speed-up
+
+
+def test_profile_reproduces_measurements(tmp_path: Path) -> None:
+    prof = load_profile(write(tmp_path, profile_dict()))
+    for b, c in [(64, 4096), (200, 5000), (512, 2048), (1024, 8192), (700, 16384)]:
+        assert prof.attention_us(b, c) == pytest.approx(attn_us(b, c))
+    assert prof.attention_us(8, 4096) == pytest.approx(attn_us(32, 4096))  # clamped batch
+    for t in (100, 3000, 20000):
+        assert prof.ffn_us(t) == pytest.approx(ffn_us(t))
+    assert prof.transfer_us(1000) == pytest.approx(transfer_us(1000))
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"ffn": None}, "'ffn' must be a non-empty list"),
+        ({"ffn": []}, "'ffn' must be a non-empty list"),
+        ({"device": 3}, "'device' must be a non-empty string"),
+        ({"hidden_size": "7168"}, "'hidden_size' must be a positive number"),
+        ({"attention": [{"batch": 1, "context": 2}]}, "'attention[0].us_per_layer'"),
+        ({"transfer": [{"tokens": -1, "us_round_trip": 3}]}, "'transfer[0].tokens'"),
+        ({"transfer": [7]}, "'transfer[0]' must be an object"),
+        ({"ffn": [{"tokens": 8, "us_per_layer": 1}, {"tokens": 8, "us_per_layer": 2}]},
+         "two measurements at tokens=8"),
+    ],
+)  # fmt: skip
+def test_invalid_profiles_name_file_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture, change: dict, key: str
+) -> None:
+    raw = {k: v for k, v in profile_dict(**change).items() if v is not None}
+    path = write(tmp_path, raw)
+    with pytest.raises(ConfigError, match="profile.json") as info:
+        load_profile(path)
+    assert key in str(info.value)
+    argv = ["deploy", "--model", "step3", "--context", "4096", "--tpot-ms", "50"]
+    assert main([*argv, "--profile", path]) == 2
+    err = capsys.readouterr().err
+    assert key in err and path in err and "Traceback" not in err
+
+
+def test_profile_must_fit_the_model_and_a_known_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["deploy", "--context", "4096", "--tpot-ms", "50", "--profile"]
+    path = write(tmp_path, profile_dict())
+    assert main([*argv, path, "--model", "qwen3-235b-a22b"]) == 2
+    assert "'hidden_size' is 7168" in capsys.readouterr().err
+    odd = write(tmp_path, profile_dict(device="Mystery Accelerator"), "odd.json")
+    assert main([*argv, odd, "--model", "step3"]) == 2
+    err = capsys.readouterr().err
+    assert "odd.json: key 'device'" in err and "--profile-hw" in err
+    assert main([*argv, odd, "--model", "step3", "--profile-hw", "H100", "--json"]) == 0
+    assert main([*argv, write(tmp_path, "{oops", "bad.json"), "--model", "step3"]) == 2
+    assert "bad.json: profile is not valid JSON" in capsys.readouterr().err
+    assert main([*argv, str(tmp_path / "none.json"), "--model", "step3"]) == 2
+
+
+def test_deploy_uses_measured_times(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write(tmp_path, profile_dict())
+    argv = ["deploy", "--model", "step3", "--context", "4096", "--tpot-ms", "50",
+            "--attn", "2x8", "--ffn", "2x8", "--micro-batches", "3", "--json"]  # fmt: skip
+    assert main([*argv, "--profile", path]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (p,) = out["plans"]
+    assert (p["attention_hw"], p["ffn_hw"], p["calibrated"]) == ("H100", "H100", True)
+    b = p["batch_per_micro_batch"]
+    st = p["stage_us"]
+    assert st["attention"] == pytest.approx(attn_us(b, 4096))
+    # the profile's FFN is a whole layer on one device; 16 FFN ranks share 16 b tokens' work
+    assert st["ffn_moe"] == pytest.approx(ffn_us(16 * b) / 16)
+    assert st["ffn_dense"] == pytest.approx(ffn_us(16 * b) / 16)
+    # the busier NIC carries 2 b tokens; FP8 out (1 byte) and BF16 back (2) share the trip
+    assert st["a2f"] + st["f2a"] == pytest.approx(transfer_us(2 * b))
+    assert st["a2f"] == pytest.approx(transfer_us(2 * b) / 3)
+
+    def layer(ffn: float) -> float:
+        return max(3 * st["attention"], 3 * ffn, 3 * st["a2f"], 3 * st["f2a"],
+                   st["attention"] + st["a2f"] + ffn + st["f2a"])  # fmt: skip
+
+    assert p["tpot_ms"] == pytest.approx(61 * layer(st["ffn_moe"]) * 1e-3)
+    assert p["tpot_ms"] <= 50
+
+
+def test_slower_profile_means_fewer_tokens(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    fast, slow = profile_dict(), profile_dict()
+    for row in slow["attention"]:
+        row["us_per_layer"] *= 3
+    argv = ["deploy", "--model", "step3", "--context", "8192", "--tpot-ms", "50", "--json",
+            "--rank-by", "throughput", "--profile"]  # fmt: skip
+    rates = []
+    for raw, name in ((fast, "fast.json"), (slow, "slow.json")):
+        assert main([*argv, write(tmp_path, raw, name)]) == 0
+        rates.append(json.loads(capsys.readouterr().out)["plans"][0]["tokens_per_s_per_gpu"])
+    assert rates[1] < rates[0]
