@@ -9,6 +9,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,23 +22,39 @@ from attn_worker.kernels.decode_attention import (
     paged_decode_attention_triton,
 )
 from ffn_worker.kernels.fused_moe import fused_moe_grouped_mm, fused_moe_ref, has_grouped_mm
-from ffn_worker.kernels.moe_gemm import MoeConfig, default_config, fused_moe_triton
+from ffn_worker.kernels.moe_gemm import (
+    GemmConfig,
+    MoeConfig,
+    align_by_expert,
+    fused_moe_triton,
+    moe_down,
+    moe_gate_up,
+)
 
 HQ, HEAD_DIM, PAGE = 64, 256, 64
 NUM_EXPERTS, TOPK, HIDDEN, INTER = 48, 3, 7168, 5120
-ATTN_SWEEP = [(bn, w, s) for bn in (32, 64) for w in (4, 8) for s in (2, 3)]
-MOE_SWEEP: dict[str, list[MoeConfig]] = {
-    "small": [MoeConfig(16, 64, 128, 4, 4), MoeConfig(16, 128, 128, 4, 3),
-              MoeConfig(16, 64, 256, 4, 3), MoeConfig(16, 32, 256, 4, 4)],
-    "mid": [MoeConfig(32, 64, 128, 4, 4), MoeConfig(64, 64, 128, 4, 3),
-            MoeConfig(64, 128, 64, 8, 3)],
-    "large": [MoeConfig(64, 128, 64, 8, 3), MoeConfig(128, 128, 64, 8, 3),
-              MoeConfig(128, 128, 64, 8, 4), MoeConfig(128, 64, 64, 4, 4)],
-}  # fmt: skip
+# (block_n, num_warps, num_stages, programs the split heuristic assumes per SM)
+ATTN_SWEEP = [
+    (64, 4, 2, 1),
+    (64, 4, 3, 1),
+    (64, 8, 2, 1),
+    (32, 4, 2, 1),
+    (32, 4, 2, 2),
+    (32, 4, 3, 2),
+    (32, 8, 2, 2),
+    (64, 4, 2, 2),
+    (16, 4, 3, 2),
+    (16, 4, 4, 3),
+]
+ATTN_SWEEP_SHAPES = [(32, 4096), (64, 32768)]
+GEMM_SWEEP = [GemmConfig(*c) for c in (
+    (64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 5), (128, 128, 8, 4),
+    (256, 64, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4), (256, 64, 8, 4),
+)]  # fmt: skip
 
 
-def _ms(fn: Callable[[], object]) -> float:
-    return float(do_bench(fn, warmup=25, rep=150, return_mode="median"))
+def _ms(fn: Callable[[], object], rep: int = 150) -> float:
+    return float(do_bench(fn, warmup=25, rep=rep, return_mode="median"))
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -49,11 +66,16 @@ def ceilings() -> dict[str, float]:
     dst = torch.empty_like(src)
     copy_ms = _ms(lambda: dst.copy_(src))
     copy_bw = 2 * src.numel() * src.element_size() / (copy_ms * 1e-3)  # read + write
+    read_ms = _ms(lambda: src.sum(dtype=torch.float32))  # read-only, for reference
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     mm_ms = _ms(lambda: a @ b)
-    return {"copy_bytes_per_s": copy_bw, "matmul_flop_per_s": 2 * n**3 / (mm_ms * 1e-3)}
+    return {
+        "copy_bytes_per_s": copy_bw,
+        "read_bytes_per_s": src.numel() * src.element_size() / (read_ms * 1e-3),
+        "matmul_flop_per_s": 2 * n**3 / (mm_ms * 1e-3),
+    }
 
 
 def _attn_inputs(batch: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -69,12 +91,12 @@ def _attn_inputs(batch: int, seq_len: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _attn_triton(t: dict[str, torch.Tensor], seq_len: int, cfg: tuple[int, int, int]) -> Callable:
-    bn, warps, stages = cfg
+def _attn_triton(t: dict[str, torch.Tensor], seq_len: int, cfg: tuple) -> Callable:
+    bn, warps, stages, per_sm = cfg
     scale = HEAD_DIM**-0.5
     return lambda out=None: paged_decode_attention_triton(
         t["q"], t["k"], t["v"], t["bt"], t["lens"], scale, seq_len,
-        block_n=bn, num_warps=warps, num_stages=stages, out=out,
+        block_n=bn, num_warps=warps, num_stages=stages, programs_per_sm=per_sm, out=out,
     )  # fmt: skip
 
 
@@ -89,18 +111,29 @@ def _attn_check(t: dict[str, torch.Tensor], run: Callable) -> float:
 
 
 def attention(copy_bw: float, results: dict) -> None:
-    sweep = []
-    t = _attn_inputs(32, 8192)
-    for cfg in ATTN_SWEEP:
-        try:
-            run = _attn_triton(t, 8192, cfg)
-            err = _attn_check(t, run)
-            sweep.append({"cfg": cfg, "ms": _ms(run), "err": err})
-        except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result
-            sweep.append({"cfg": cfg, "error": repr(exc)[:200]})
-        print("attn sweep", sweep[-1], flush=True)
-    ok = [s for s in sweep if "ms" in s and s["err"] < 1e-2]
-    best = min(ok, key=lambda s: s["ms"])["cfg"] if ok else (64, 4, 2)
+    sweep: list[dict] = []
+    for batch, seq_len in ATTN_SWEEP_SHAPES:
+        t = _attn_inputs(batch, seq_len)
+        for cfg in ATTN_SWEEP:
+            entry: dict = {"B": batch, "L": seq_len, "cfg": cfg}
+            try:
+                run = _attn_triton(t, seq_len, cfg)
+                entry["err"] = _attn_check(t, run)
+                entry["ms"] = _ms(run) if entry["err"] < 1e-2 else float("inf")
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result
+                entry.update(error=repr(exc)[:200], ms=float("inf"))
+            sweep.append(entry)
+            print("attn sweep", entry, flush=True)
+    # one config for all shapes: the smallest sum of time over the best time at each shape
+    best_ms = {
+        (e["B"], e["L"]): min(x["ms"] for x in sweep if x["B"] == e["B"] and x["L"] == e["L"])
+        for e in sweep
+    }
+    score = {
+        cfg: sum(e["ms"] / best_ms[(e["B"], e["L"])] for e in sweep if e["cfg"] == cfg)
+        for cfg in ATTN_SWEEP
+    }
+    best = min(ATTN_SWEEP, key=lambda c: score[c])
     results["attention_sweep"], results["attention_config"] = sweep, best
     rows = results.setdefault("attention", [])
     for batch in (32, 64, 128):
@@ -134,6 +167,39 @@ def _moe_inputs(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, ids.to(torch.int32), weights.to(torch.bfloat16)
 
 
+def _best_gemm(run: Callable[[GemmConfig], object], log: list, tag: str) -> GemmConfig | None:
+    best, best_ms = None, float("inf")
+    for cfg in GEMM_SWEEP:
+        try:
+            ms = _ms(lambda c=cfg: run(c), rep=40)
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result
+            log.append({"kernel": tag, "cfg": cfg.__dict__, "error": repr(exc)[:120]})
+            continue
+        log.append({"kernel": tag, "cfg": cfg.__dict__, "ms": ms})
+        print("moe sweep", log[-1], flush=True)
+        best, best_ms = (cfg, ms) if ms < best_ms else (best, best_ms)
+    return best
+
+
+def _tune_moe(x: torch.Tensor, w: list, ids: torch.Tensor, weights: torch.Tensor, log: list):
+    """Per BLOCK_M, the fastest gate-up and the fastest down tile, each timed on its own."""
+    rows = x.shape[0] * TOPK / NUM_EXPERTS
+    block_ms = (
+        [16] if rows <= 8 else [16, 32] if rows <= 24 else [32, 64] if rows <= 96 else [64, 128]
+    )
+    found: list[MoeConfig] = []
+    for bm in block_ms:
+        sids, bexp = align_by_expert(ids, 0, NUM_EXPERTS, bm)
+        gu = _best_gemm(partial(moe_gate_up, x, w[0], w[1], sids, bexp, TOPK, bm), log, f"gu{bm}")
+        if gu is None:
+            continue
+        act = moe_gate_up(x, w[0], w[1], sids, bexp, TOPK, bm, gu)  # [P, I]
+        dn = _best_gemm(partial(moe_down, act, w[2], sids, bexp, weights, bm), log, f"down{bm}")
+        if dn is not None:
+            found.append(MoeConfig(bm, gu, dn))
+    return found
+
+
 def moe(peaks: dict[str, float], results: dict, token_counts: list[int]) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     shape_gu, shape_d = (NUM_EXPERTS, INTER, HIDDEN), (NUM_EXPERTS, HIDDEN, INTER)
@@ -149,16 +215,13 @@ def moe(peaks: dict[str, float], results: dict, token_counts: list[int]) -> None
         nbytes = touched * 3 * INTER * HIDDEN * 2
         flops = 2 * tokens * TOPK * 3 * INTER * HIDDEN
         row: dict = {"T": tokens, "touched_experts": touched, "weight_bytes": nbytes,
-                     "flops": flops, "configs": []}  # fmt: skip
+                     "flops": flops, "configs": [], "sweep": []}  # fmt: skip
         variants: list[tuple[str, Callable]] = [("loop", lambda a=args: fused_moe_ref(*a))]
         if has_grouped_mm():
             variants.append(("grouped_mm", lambda a=args: fused_moe_grouped_mm(*a)))
-        rows_per_expert = tokens * TOPK / NUM_EXPERTS
-        group = "small" if rows_per_expert <= 16 else "mid" if rows_per_expert <= 64 else "large"
-        for cfg in MOE_SWEEP[group]:
-            variants.append(
-                (f"triton{cfg.__dict__}", lambda a=args, c=cfg: fused_moe_triton(*a, c))
-            )
+        variants.append(("triton_default", lambda a=args: fused_moe_triton(*a)))
+        for cfg in _tune_moe(x, w, ids, weights, row["sweep"]):
+            variants.append((f"triton {cfg}", lambda a=args, c=cfg: fused_moe_triton(*a, c)))
         for name, fn in variants:
             try:
                 err = _rel_err(fn(), ref)
@@ -176,7 +239,6 @@ def moe(peaks: dict[str, float], results: dict, token_counts: list[int]) -> None
             cands = [c for c in good if c["name"].startswith(kind)]
             if cands:
                 row[kind] = min(cands, key=lambda c: c["ms"])
-        row["default_config"] = default_config(tokens * TOPK, NUM_EXPERTS).__dict__
         rows.append(row)
 
 

@@ -17,9 +17,10 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, po_ptr, pm_ptr, pl_ptr,
-    qk_scale, split_tokens, stride_qb, stride_qh, stride_btb, stride_kblk, num_splits,
+    out_ptr, qk_scale, split_tokens, stride_qb, stride_qh, stride_btb, stride_kblk, num_splits,
+    stride_ob, stride_oh,
     HQ: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IS_FP8: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IS_FP8: tl.constexpr, DIRECT: tl.constexpr,
 ):  # fmt: skip
     pid_s = tl.program_id(0)
     b = tl.program_id(1)
@@ -63,6 +64,11 @@ def _split_kernel(
             p = p * v_scale[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # [BH, BD]
         m_i = m_new
+    if DIRECT:  # one split: no partials, no reduce launch
+        out_ptrs = out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :]
+        out = acc / l_i[:, None]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
+        return
     # Unnormalised partials: an empty split (start >= seq_len) leaves m=-inf, l=0, acc=0,
     # which the reduce weights to zero.
     row = (b * num_splits + pid_s) * HQ + offs_h  # [BH]
@@ -106,11 +112,20 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_num_splits(batch: int, max_seq_len: int, block_n: int, num_sms: int) -> int:
-    """Enough (sequence, split) programs to fill the chip about twice; no split shorter than
-    a tile, because each split writes a [Hq, D] fp32 partial that the reduce reads back."""
+@functools.lru_cache(maxsize=4096)
+def choose_num_splits(batch: int, max_seq_len: int, block_n: int, slots: int) -> int:
+    """Splits per sequence minimising waves x (tiles per split + fixed cost), `slots` being
+    the programs the GPU runs at once. Too few programs idle SMs, one program past a full wave
+    costs a whole wave, and each split pays a fixed cost (q load, pipeline fill, a [Hq, D]
+    fp32 partial written and read back) of about two KV tiles."""
     tiles = max(1, triton.cdiv(max_seq_len, block_n))
-    return max(1, min(tiles, triton.cdiv(2 * num_sms, batch)))
+    best_cost, best = float("inf"), 1
+    for splits in range(1, min(tiles, 64) + 1):
+        waves = triton.cdiv(batch * splits, slots)
+        cost = waves * (triton.cdiv(tiles, splits) + (2 if splits > 1 else 1))
+        if cost < best_cost:
+            best_cost, best = cost, splits
+    return best
 
 
 def paged_decode_attention_triton(
@@ -127,6 +142,7 @@ def paged_decode_attention_triton(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    programs_per_sm: int = 1,
     out: Tensor | None = None,
 ) -> Tensor:
     """Triton path; see `paged_decode_attention`. `max_seq_len` avoids a device sync when the
@@ -143,28 +159,33 @@ def paged_decode_attention_triton(
     block_h = max(16, triton.next_power_of_2(num_heads))  # tl.dot needs M >= 16
     block_d = max(16, triton.next_power_of_2(head_dim))
     if num_splits is None:
-        num_splits = choose_num_splits(batch, max_seq_len, block_n, _num_sms(q.device))
+        slots = programs_per_sm * _num_sms(q.device)
+        num_splits = choose_num_splits(batch, max_seq_len, block_n, slots)
     split_tokens = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_seq_len, split_tokens)
+    out = torch.empty_like(q) if out is None else out  # [B, Hq, D]
     f32 = dict(device=q.device, dtype=torch.float32)
-    part_out = torch.empty(batch, num_splits, num_heads, head_dim, **f32)  # [B, S, Hq, D]
-    part_m = torch.empty(batch, num_splits, num_heads, **f32)  # [B, S, Hq]
-    part_l = torch.empty(batch, num_splits, num_heads, **f32)  # [B, S, Hq]
-    dummy = part_m  # scale pointers are unused unless fp8
+    parts = 0 if num_splits == 1 else batch * num_splits * num_heads
+    part_out = torch.empty(parts * head_dim, **f32)  # [B, S, Hq, D]
+    part_m = torch.empty(parts, **f32)  # [B, S, Hq]
+    part_l = torch.empty(parts, **f32)  # [B, S, Hq]
+    dummy = out  # scale pointers are unused unless fp8
     _split_kernel[(num_splits, batch)](
         q, k_cache, v_cache, dummy if k_scale is None else k_scale,
         dummy if v_scale is None else v_scale, block_tables, seq_lens,
-        part_out, part_m, part_l, scale * _LOG2E, split_tokens,
+        part_out, part_m, part_l, out, scale * _LOG2E, split_tokens,
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), num_splits,
+        out.stride(0), out.stride(1),
         HQ=num_heads, D=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
-        PAGE=page, IS_FP8=is_fp8, num_warps=num_warps, num_stages=num_stages,
+        PAGE=page, IS_FP8=is_fp8, DIRECT=num_splits == 1,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    out = torch.empty_like(q) if out is None else out  # [B, Hq, D]
-    block_hr = min(block_h, 16)
-    _reduce_kernel[(batch, triton.cdiv(num_heads, block_hr))](
-        part_out, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
-        HQ=num_heads, D=head_dim, BLOCK_H=block_hr, BLOCK_D=block_d, num_warps=4,
-    )  # fmt: skip
+    if num_splits > 1:
+        block_hr = min(block_h, 16)
+        _reduce_kernel[(batch, triton.cdiv(num_heads, block_hr))](
+            part_out, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
+            HQ=num_heads, D=head_dim, BLOCK_H=block_hr, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
     return out
 
 

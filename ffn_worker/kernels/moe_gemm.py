@@ -12,12 +12,18 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
-class MoeConfig:
-    block_m: int
+class GemmConfig:
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    block_m: int  # rows per tile; each expert's rows are padded to a multiple of it
+    gate_up: GemmConfig
+    down: GemmConfig
     group_m: int = 8
 
 
@@ -26,10 +32,10 @@ def default_config(num_pairs: int, num_experts: int) -> MoeConfig:
     tiles for the tensor cores. Picked from the sweep in `afd-bench kernels`."""
     rows = num_pairs / max(1, num_experts)
     if rows <= 16:
-        return MoeConfig(16, 64, 128, 4, 4)
+        return MoeConfig(16, GemmConfig(128, 128, 4, 3), GemmConfig(128, 128, 4, 3))
     if rows <= 64:
-        return MoeConfig(32, 64, 128, 4, 4)
-    return MoeConfig(64, 128, 64, 8, 3)
+        return MoeConfig(32, GemmConfig(64, 128, 4, 4), GemmConfig(64, 128, 4, 4))
+    return MoeConfig(128, GemmConfig(128, 64, 8, 3), GemmConfig(128, 64, 8, 3))
 
 
 @triton.jit
@@ -160,6 +166,47 @@ def align_by_expert(
     return sorted_ids[:max_len], block_expert.to(torch.int32)
 
 
+def moe_gate_up(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, sorted_ids: Tensor, block_expert: Tensor,
+    topk: int, block_m: int, cfg: GemmConfig, group_m: int = 8,
+) -> Tensor:  # fmt: skip
+    """act[p] = silu(x_t W_gate_eᵀ) * (x_t W_up_eᵀ) for each sorted row p = (t, e); [P, I]."""
+    hidden = x.shape[1]  # [T, H]
+    num_experts, inter, _ = w_gate.shape  # [E, I, H]
+    assert x.stride(1) == 1 and w_gate.is_contiguous() and w_up.is_contiguous()
+    num_pid_m = block_expert.numel()
+    act = torch.empty(sorted_ids.numel(), inter, device=x.device, dtype=x.dtype)  # [P, I]
+    _gate_up_kernel[(num_pid_m * triton.cdiv(inter, cfg.block_n),)](
+        x, w_gate, w_up, act, sorted_ids, block_expert, x.shape[0] * topk, num_experts,
+        num_pid_m, inter, hidden, x.stride(0), w_gate.stride(0), w_gate.stride(1), act.stride(0),
+        TOPK=topk, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=group_m, EVEN_K=hidden % cfg.block_k == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return act
+
+
+def moe_down(
+    act: Tensor, w_down: Tensor, sorted_ids: Tensor, block_expert: Tensor, topk_weights: Tensor,
+    block_m: int, cfg: GemmConfig, group_m: int = 8,
+) -> Tensor:  # fmt: skip
+    """out[t] = Σ_j w[t, j] · act[p(t, j)] W_down_eᵀ over local pairs, fp32 [T, H]."""
+    num_tokens, topk = topk_weights.shape  # [T, k]
+    num_experts, hidden, inter = w_down.shape  # [E, H, I]
+    assert w_down.is_contiguous() and act.stride(1) == 1
+    num_pid_m = block_expert.numel()
+    out = torch.zeros(num_tokens, hidden, device=act.device, dtype=torch.float32)  # [T, H]
+    weights = topk_weights.contiguous().view(-1)  # [T*k], indexed by pair
+    _down_kernel[(num_pid_m * triton.cdiv(hidden, cfg.block_n),)](
+        act, w_down, out, sorted_ids, block_expert, weights, num_tokens * topk, num_experts,
+        num_pid_m, hidden, inter, act.stride(0), w_down.stride(0), w_down.stride(1),
+        out.stride(0), TOPK=topk, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_M=group_m, EVEN_K=inter % cfg.block_k == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
 def fused_moe_triton(
     x: Tensor,
     w_gate: Tensor,
@@ -171,31 +218,14 @@ def fused_moe_triton(
     config: MoeConfig | None = None,
 ) -> Tensor:
     """Triton path of `fused_moe` (same contract)."""
-    num_tokens, hidden = x.shape  # [T, H]
-    num_experts, inter, _ = w_gate.shape  # [E, I, H]
+    num_experts = w_gate.shape[0]
     topk = topk_ids.shape[1]
-    assert x.stride(1) == 1 and w_gate.is_contiguous() and w_up.is_contiguous()
-    assert w_down.is_contiguous() and w_gate.stride() == w_up.stride()
     cfg = config or default_config(topk_ids.numel(), num_experts)
     sorted_ids, block_expert = align_by_expert(topk_ids, expert_start, num_experts, cfg.block_m)
-    num_pid_m = block_expert.numel()
-    act = torch.empty(sorted_ids.numel(), inter, device=x.device, dtype=x.dtype)  # [P, I]
-    grid = (num_pid_m * triton.cdiv(inter, cfg.block_n),)
-    _gate_up_kernel[grid](
-        x, w_gate, w_up, act, sorted_ids, block_expert, topk_ids.numel(), num_experts,
-        num_pid_m, inter, hidden, x.stride(0), w_gate.stride(0), w_gate.stride(1), act.stride(0),
-        TOPK=topk, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, EVEN_K=hidden % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    out = torch.zeros(num_tokens, hidden, device=x.device, dtype=torch.float32)  # [T, H]
-    weights = topk_weights.contiguous().view(-1)  # [T*k], indexed by pair
-    grid = (num_pid_m * triton.cdiv(hidden, cfg.block_n),)
-    _down_kernel[grid](
-        act, w_down, out, sorted_ids, block_expert, weights, topk_ids.numel(), num_experts,
-        num_pid_m, hidden, inter, act.stride(0), w_down.stride(0), w_down.stride(1),
-        out.stride(0), TOPK=topk, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, EVEN_K=inter % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    act = moe_gate_up(
+        x, w_gate, w_up, sorted_ids, block_expert, topk, cfg.block_m, cfg.gate_up, cfg.group_m
+    )  # [P, I]
+    out = moe_down(
+        act, w_down, sorted_ids, block_expert, topk_weights, cfg.block_m, cfg.down, cfg.group_m
+    )  # [T, H] fp32
     return out.to(x.dtype)
