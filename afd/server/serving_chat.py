@@ -119,7 +119,7 @@ class ChatServing(Serving):
             raise BadRequestError("`tools` must not be an empty list", param="tools")
         if not tools or choice == "none":
             return None
-        if not isinstance(choice, str):
+        if choice is not None and not isinstance(choice, str):
             known = {t.function.name for t in tools}
             if choice.function.name not in known:
                 raise BadRequestError(
