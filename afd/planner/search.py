@@ -79,6 +79,11 @@ def layer_time(tf: float, st: Stages, m: int) -> tuple[float, str]:
     return terms[name], name
 
 
+def _layer_seconds(tf: float, st: Stages, m: int) -> float:
+    """layer_time without naming the binding term: the search's hot path."""
+    return max(m * max(st.attention, tf, st.a2f, st.f2a), st.attention + st.a2f + tf + st.f2a)
+
+
 class Planner:
     def __init__(self, model: StageModel, limits: Limits) -> None:
         self.model, self.limits, self.spec = model, limits, model.spec
@@ -113,14 +118,17 @@ class Planner:
         hi = min(b_mem, self.limits.max_batch)
         if hi < 1 or not self.fits_tpot(layout, 1, m, gbps):
             return None
-        lo = 1
+        lo = hi if self.fits_tpot(layout, hi, m, gbps) else 1  # memory often binds first
         while lo < hi:  # largest b meeting the TPOT target; time grows with b
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if self.fits_tpot(layout, mid, m, gbps) else (lo, mid - 1)
         return self.build(layout, lo, m, gbps, b_mem)
 
     def fits_tpot(self, layout: Layout, b: int, m: int, gbps: float) -> bool:
-        return self.tpot(self.model.stages(layout, b, gbps), m)[0] <= self.limits.tpot_s
+        st = self.model.stages(layout, b, gbps)
+        dense, moe = _layer_seconds(st.ffn_dense, st, m), _layer_seconds(st.ffn_moe, st, m)
+        tpot = self.spec.num_dense_layers * dense + self.spec.num_moe_layers * moe
+        return tpot <= self.limits.tpot_s
 
     def build(self, layout: Layout, b: int, m: int, gbps: float, b_mem: int) -> Plan:
         st = self.model.stages(layout, b, gbps)
@@ -152,12 +160,22 @@ def layouts(space: Space) -> Iterable[Layout]:
     by_total: dict[int, Shape] = {}
     for n, g in sorted(space.attn_shapes, key=lambda s: s[1]):
         by_total[n * g] = (n, g)
-    for ahw in space.attn_hw:
-        for fhw in space.ffn_hw:
-            for na, ga in by_total.values():
-                for nf, gf in space.ffn_shapes:
-                    if na * ga + nf * gf <= space.max_gpus:
-                        yield Layout(ahw, na, ga, fhw, nf, gf)
+    for na, ga in by_total.values():
+        for nf, gf in _ffn_shapes(na * ga, space.ffn_shapes):
+            if na * ga + nf * gf > space.max_gpus:
+                continue
+            for ahw in space.attn_hw:
+                for fhw in space.ffn_hw:
+                    yield Layout(ahw, na, ga, fhw, nf, gf)
+
+
+def _ffn_shapes(attn_ranks: int, shapes: tuple[Shape, ...]) -> list[Shape]:
+    """Per FFN device count, the shape with the least traffic on the busier NIC (see
+    Layout.transfer_tokens); the others give the same plan with slower transfers."""
+    best: dict[int, Shape] = {}
+    for n, g in sorted(shapes, key=lambda s: (max(s[0], attn_ranks / s[1]), s[0])):
+        best.setdefault(n * g, (n, g))
+    return list(best.values())
 
 
 def rank(plans: list[Plan], by: str) -> list[Plan]:
