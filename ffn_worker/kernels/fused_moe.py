@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ffn_worker.kernels.moe_gemm import fused_moe_triton
+from ffn_worker.kernels.moe_gemm import count_per_bucket, fused_moe_triton
 
 # From `afd-bench kernels` (bench/results/kernels_h100.json): the path that measured fastest,
 # by token count T (first entry whose bound T fits). None = no bound.
@@ -68,7 +68,7 @@ def fused_moe_grouped_mm(
     topk = topk_ids.shape[1]
     bucket, valid = _local_pairs(topk_ids, expert_start, num_experts)
     order = torch.argsort(bucket, stable=True)  # [T*k]
-    counts = torch.bincount(bucket, minlength=num_experts + 1)[:num_experts]  # [E]
+    counts = count_per_bucket(bucket, num_experts + 1)[:num_experts]  # [E]
     offs = torch.cumsum(counts, 0).to(torch.int32)  # [E] group ends
     tokens = order // topk  # [T*k]
     xs = x[tokens]  # [T*k, H]

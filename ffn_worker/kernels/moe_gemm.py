@@ -136,6 +136,13 @@ def _down_kernel(
     tl.atomic_add(out_ptrs, acc, mask=valid[:, None] & (offs_n[None, :] < N), sem="relaxed")
 
 
+def count_per_bucket(bucket: Tensor, num_buckets: int) -> Tensor:
+    """Like torch.bincount, which syncs with the host on CUDA (sizing its output), so CUDA
+    graph capture fails; scatter_add into a fixed size does not."""
+    counts = torch.zeros(num_buckets, dtype=torch.long, device=bucket.device)
+    return counts.scatter_add_(0, bucket, torch.ones_like(bucket))
+
+
 def align_by_expert(
     topk_ids: Tensor, expert_start: int, num_experts: int, block_m: int
 ) -> tuple[Tensor, Tensor]:
@@ -147,7 +154,7 @@ def align_by_expert(
     local = topk_ids.flatten().long() - expert_start  # [T*k]
     valid = (local >= 0) & (local < num_experts)
     bucket = torch.where(valid, local, num_experts)  # non-local pairs go last
-    counts = torch.bincount(bucket, minlength=num_experts + 1)  # [E+1]
+    counts = count_per_bucket(bucket, num_experts + 1)  # [E+1]
     padded = (counts + block_m - 1) // block_m * block_m
     padded[num_experts] = 0
     pad_end = torch.cumsum(padded, 0)  # [E+1]
