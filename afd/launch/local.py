@@ -48,7 +48,6 @@ class DisaggregatedExecutor(Executor):
             self.procs[spec.name] = subprocess.Popen(
                 [sys.executable, "-m", module, spec.to_json()], env=env
             )
-            self.last_beat[spec.name] = time.monotonic()
         ready: dict[str, WorkerReady] = {}
         self._collect(ready, WorkerReady, len(specs), envs.STARTUP_TIMEOUT_S, "start")
         peers = {name: r.transport_address for name, r in ready.items()}
@@ -103,7 +102,8 @@ class DisaggregatedExecutor(Executor):
             code = proc.poll()
             if code is not None:
                 self._fail(f"{what}: rank {name} (pid {proc.pid}) exited with code {code}")
-            if now - self.last_beat[name] > envs.HEARTBEAT_TIMEOUT_S:
+            # a rank is held to heartbeats once it has sent one (imports may take a while)
+            if now - self.last_beat.get(name, now) > envs.HEARTBEAT_TIMEOUT_S:
                 self._fail(
                     f"{what}: rank {name} (pid {proc.pid}) stopped answering: no "
                     f"heartbeat for {envs.HEARTBEAT_TIMEOUT_S:.0f}s"
