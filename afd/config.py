@@ -165,7 +165,9 @@ class RoleShape:
     def parse(cls, text: str, flag: str = "--attn") -> RoleShape:
         parts = str(text).lower().split("x")
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ConfigError(f"{flag}: expected NxG with positive integers (e.g. 2x8), got {text!r}")
+            raise ConfigError(
+                f"{flag}: expected NxG with positive integers (e.g. 2x8), got {text!r}"
+            )
         return cls(int(parts[0]), int(parts[1]))
 
     def __str__(self) -> str:
