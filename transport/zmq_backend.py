@@ -7,6 +7,7 @@ Wire format, one zmq multipart message per send:
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import tempfile
@@ -40,6 +41,24 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {dt: name for name, dt in DTYPES.items()}
 # Below this many bytes a frame is copied: zero-copy costs a tracker and a free callback
 # (several µs) and small received frames point into libzmq's shared receive buffer.
 ZERO_COPY_MIN = 64 * 1024
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt() parameters
+
+
+def tune_malloc() -> None:
+    """Make glibc keep freed message buffers instead of returning them to the OS.
+
+    By default each received multi-MB message is malloc'ed by libzmq and, with a few messages
+    in flight, freeing them trims the heap, so every message pays ~450 page faults again. On a
+    16-core host this halved the pipelined round trip (3 in flight: 1464 -> 676 µs per 1.8 MB
+    message). Process-wide and glibc-only; a no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -115,7 +134,7 @@ class _RecvHandle(Handle):
 @register_transport("zmq")
 class ZmqTransport(Transport):
     """Options: protocol "tcp" (default) or "ipc"; host to bind/advertise for tcp; ipc_dir;
-    linger_ms, how long close() lets unsent messages drain."""
+    linger_ms, how long close() lets unsent messages drain; malloc_tuning, see tune_malloc."""
 
     def __init__(
         self,
@@ -124,9 +143,12 @@ class ZmqTransport(Transport):
         host: str = "127.0.0.1",
         ipc_dir: str | None = None,
         linger_ms: int = 1000,
+        malloc_tuning: bool = True,
     ) -> None:
         if protocol not in ("tcp", "ipc"):
             raise ValueError(f"zmq transport protocol must be 'tcp' or 'ipc', got {protocol!r}")
+        if malloc_tuning:
+            tune_malloc()
         self.name = name
         self._linger_ms = linger_ms
         self._ctx = zmq.Context(io_threads=1)

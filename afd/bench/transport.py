@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 import shlex
 import statistics
@@ -22,10 +23,13 @@ from transport import Transport, create_transport
 TIMEOUT_S = 60.0
 
 
-def echo_peer(protocols: list[str], conn: Connection, num_messages: int) -> None:
+def echo_peer(
+    protocols: list[str], conn: Connection, num_messages: int, malloc_tuning: bool = True
+) -> None:
     """F side, one "f0" transport per protocol: send {protocol: address}, get {protocol: peer
     table}, then per protocol in turn receive keys (0..n-1, 0, 0) from "a0" and echo each."""
-    ranks = {p: create_transport("zmq", "f0", protocol=p) for p in protocols}
+    opts = {"malloc_tuning": malloc_tuning}
+    ranks = {p: create_transport("zmq", "f0", protocol=p, **opts) for p in protocols}
     try:
         conn.send({p: t.address() for p, t in ranks.items()})
         tables = conn.recv()
@@ -44,13 +48,14 @@ def echo_peer(protocols: list[str], conn: Connection, num_messages: int) -> None
 class EchoPair:
     """This process as "a0" plus a spawned echo process as "f0"; keys are handed out in order."""
 
-    def __init__(self, protocol: str, num_messages: int) -> None:
+    def __init__(self, protocol: str, num_messages: int, malloc_tuning: bool) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
-        args = ([protocol], child_conn, num_messages)
+        args = ([protocol], child_conn, num_messages, malloc_tuning)
         self._proc = ctx.Process(target=echo_peer, args=args)
         self._proc.start()
-        self.transport: Transport = create_transport("zmq", "a0", protocol=protocol)
+        opts = {"protocol": protocol, "malloc_tuning": malloc_tuning}
+        self.transport: Transport = create_transport("zmq", "a0", **opts)
         peer_address = self._conn.recv()[protocol]
         self._conn.send({protocol: {"a0": self.transport.address()}})
         self.transport.connect({"f0": peer_address})
@@ -86,9 +91,11 @@ def round_trips(pair: EchoPair, tensors: list[torch.Tensor], n: int, in_flight: 
     return times
 
 
-def call_overheads(protocol: str, tensors: list[torch.Tensor], n: int) -> tuple[list, list]:
+def call_overheads(
+    protocol: str, tensors: list[torch.Tensor], n: int, malloc_tuning: bool
+) -> tuple[list[float], list[float]]:
     """CPU time of send() and of recv().wait() on an already-arrived message (loopback)."""
-    t = create_transport("zmq", "a0", protocol=protocol)
+    t = create_transport("zmq", "a0", protocol=protocol, malloc_tuning=malloc_tuning)
     t.connect({"a0": t.address()})
     send_s, recv_s = [], []
     for i in range(n):
@@ -115,7 +122,8 @@ def summarize(case: str, protocol: str, nbytes: int, secs: list[float]) -> dict:
     return row
 
 
-def bench_protocol(protocol: str, tokens: int, hidden: int, iters: int, warmup: int) -> list:
+def bench_protocol(protocol: str, args: argparse.Namespace) -> list[dict]:
+    tokens, hidden, iters, warmup = args.tokens, args.hidden, args.iters, args.warmup
     act = [torch.randn(tokens, hidden).to(torch.bfloat16)]  # [T, H]
     tiny = [torch.zeros(1, dtype=torch.bfloat16)]
     n = warmup + iters
@@ -124,7 +132,8 @@ def bench_protocol(protocol: str, tokens: int, hidden: int, iters: int, warmup: 
         ("activation round trip, 3 in flight (per msg)", act, 3),
         ("tiny round trip", tiny, 1),
     ]
-    pair = EchoPair(protocol, num_messages=sum(n * k for _, _, k in cases))
+    malloc_tuning = not args.no_malloc_tuning
+    pair = EchoPair(protocol, sum(n * k for _, _, k in cases), malloc_tuning)
     rows = []
     try:
         for name, tensors, in_flight in cases:
@@ -134,7 +143,7 @@ def bench_protocol(protocol: str, tokens: int, hidden: int, iters: int, warmup: 
         pair.close()
     # Loopback keeps every message queued at once, so bound the activation count.
     for name, tensors, count in (("tiny", tiny, iters), ("activation", act, min(iters, 100))):
-        send_s, recv_s = call_overheads(protocol, tensors, warmup + count)
+        send_s, recv_s = call_overheads(protocol, tensors, warmup + count, malloc_tuning)
         nbytes = tensors[0].nbytes
         rows.append(summarize(f"{name} send() call", protocol, nbytes, send_s[warmup:]))
         rows.append(summarize(f"{name} recv().wait(), arrived", protocol, nbytes, recv_s[warmup:]))
@@ -180,6 +189,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=1000, help="measured iterations per case")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--protocols", default="tcp,ipc", help="comma-separated: tcp, ipc")
+    p.add_argument(
+        "--no-malloc-tuning", action="store_true", help="keep glibc's malloc defaults (A/B)"
+    )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     return p.parse_args(argv)
 
@@ -189,14 +201,19 @@ def main(argv: list[str]) -> int:
     command = "afd-bench transport " + shlex.join(argv)
     rows = []
     for protocol in args.protocols.split(","):
-        rows += bench_protocol(protocol, args.tokens, args.hidden, args.iters, args.warmup)
+        rows += bench_protocol(protocol, args)
     shape = [args.tokens, args.hidden]
-    header = f"# {command}\n# cpu: {cpu_model()}; activation {shape} bfloat16; {versions()}"
+    header = (
+        f"# {command}\n# cpu: {cpu_model()} x{os.cpu_count()}, load {os.getloadavg()[0]:.1f}; "
+        f"activation {shape} bfloat16; {versions()}"
+    )
     print_table(rows, header)
     if args.json:
         result = {"benchmark": "transport", "device": "cpu", "cpu": cpu_model()}
+        result |= {"num_cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()}
         result |= {"command": command, "versions": versions(), "dtype": "bfloat16"}
         result |= {"activation_shape": shape, "iters": args.iters, "warmup": args.warmup}
+        result["malloc_tuning"] = not args.no_malloc_tuning
         result["results"] = rows
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
