@@ -119,16 +119,19 @@ def plot_ratio(plans: list[Plan], path: str | Path, title: str) -> None:
     matplotlib.use("Agg")  # files only; no display on servers
     import matplotlib.pyplot as plt
 
+    # Ratios beyond 8:1 either way waste one role; showing them squashes the useful range.
+    plans = [p for p in plans if 1 / 8 <= p.ratio <= 8] or plans
     x = [float(p.ratio) for p in plans]
     fig, left = plt.subplots(figsize=(8, 4.5), dpi=100)
-    left.plot(x, [p.tokens_per_s_per_gpu for p in plans], "o-", color="tab:blue")
+    left.plot(x, [p.tokens_per_s_per_gpu for p in plans], "o", color="tab:blue", ms=4)
     left.set_xscale("log", base=2)
     left.set_xlabel("attention : FFN devices")
     left.set_ylabel("tokens/s per GPU", color="tab:blue")
     right = left.twinx()
-    right.plot(x, [p.cost_per_mtok for p in plans], "s--", color="tab:red")
+    right.plot(x, [p.cost_per_mtok for p in plans], "s", color="tab:red", ms=3, alpha=0.7)
+    right.set_yscale("log")
     right.set_ylabel("USD per 1M output tokens", color="tab:red")
-    left.set_title(title)
+    left.set_title(title, fontsize=9)
     left.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
