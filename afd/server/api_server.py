@@ -138,7 +138,7 @@ def _add_token_routes(app: FastAPI, serving: ChatServing) -> None:
         else:
             raise BadRequestError("tokenize needs `prompt` or `messages`", param="prompt")
         ids = prompts.tokenizer.encode(text, add_special_tokens=add_special)
-        strs = [serving.token_str(i) for i in ids] if body.return_token_strs else None
+        strs = [serving.logprobs.token_str(i) for i in ids] if body.return_token_strs else None
         limit = serving.engine.max_model_len
         result = TokenizeResponse(count=len(ids), max_model_len=limit, tokens=ids, token_strs=strs)
         return JSONResponse(result.model_dump())

@@ -11,8 +11,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-INT64_MAX = 2**63 - 1
-
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -78,7 +76,7 @@ class SamplingFields(OpenAIModel):
     top_k: int | None = None
     n: int | None = 1
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=INT64_MAX)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     stream: bool | None = False
@@ -137,11 +135,8 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
 
     @classmethod
-    def of(cls, num_prompt: int, num_output: int) -> UsageInfo:
-        return cls(
-            prompt_tokens=num_prompt, completion_tokens=num_output,
-            total_tokens=num_prompt + num_output,
-        )  # fmt: skip
+    def of(cls, num_in: int, num_out: int) -> UsageInfo:
+        return cls(prompt_tokens=num_in, completion_tokens=num_out, total_tokens=num_in + num_out)
 
 
 class FunctionCall(BaseModel):

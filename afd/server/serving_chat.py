@@ -20,11 +20,9 @@ from afd.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatLogprob,
     ChatLogprobs,
     ChatStreamChoice,
     DeltaMessage,
-    TopLogprob,
     UsageInfo,
 )
 from afd.server.reasoning_parser import ReasoningStream, create_reasoning_parser, extract_reasoning
@@ -32,8 +30,6 @@ from afd.server.serving_common import DONE, Serving, sse, sse_error, until_disco
 from afd.server.settings import ServerSettings
 from afd.server.sse_response import SSEResponse
 from afd.server.tool_parser import ToolParser, ToolStream, create_tool_parser
-
-MIN_LOGPROB = -9999.0  # JSON has no -inf
 
 
 @dataclass
@@ -211,19 +207,7 @@ class ChatServing(Serving):
     ) -> ChatLogprobs | None:
         if ctx.top_logprobs is None or lps is None:
             return None
-        entries = []
-        for tid, table in zip(ids, lps, strict=False):
-            tops = sorted(table.items(), key=lambda kv: -kv[1])[: ctx.top_logprobs]
-            entry = self._top(tid, table.get(tid, MIN_LOGPROB))
-            top = [self._top(i, lp) for i, lp in tops]
-            entries.append(ChatLogprob(**entry.model_dump(), top_logprobs=top))
-        return ChatLogprobs(content=entries)
-
-    def _top(self, token_id: int, logprob: float) -> TopLogprob:
-        token = self.token_str(token_id)
-        return TopLogprob(
-            token=token, logprob=max(logprob, MIN_LOGPROB), bytes=list(token.encode())
-        )
+        return self.logprobs.chat(ids, lps, ctx.top_logprobs)
 
     # ------------------------------------------------------------------ SSE stream
 

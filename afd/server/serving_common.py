@@ -9,7 +9,6 @@ import functools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import lru_cache
 from typing import Any, TypeVar
 
 import anyio
@@ -20,6 +19,7 @@ from afd.outputs import RequestOutput
 from afd.sampling_params import SamplingParams
 from afd.server.engine_client import EngineClient, EngineError
 from afd.server.errors import APIError, BadRequestError, NotFoundError, error_body, to_api_error
+from afd.server.logprobs import LogprobFormatter
 from afd.server.metrics import ServerMetrics
 from afd.server.prompts import PromptBuilder
 from afd.server.protocol import SamplingFields
@@ -49,10 +49,7 @@ class Serving:
         self.model_names = settings.served_model_names or (engine.model_name,)
         self.prompts = PromptBuilder(engine.tokenizer, settings.chat_template)
         self.metrics = ServerMetrics(self.model_names[0])
-        self.token_str = lru_cache(maxsize=1 << 16)(self._decode_token)
-
-    def _decode_token(self, token_id: int) -> str:
-        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+        self.logprobs = LogprobFormatter(engine.tokenizer)
 
     def resolve_model(self, name: str | None) -> str:
         if not name:

@@ -31,7 +31,6 @@ from afd.server.serving_common import (
 from afd.server.sse_response import SSEResponse
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
-MIN_LOGPROB = -9999.0
 
 
 @dataclass
@@ -158,27 +157,11 @@ class CompletionServing(Serving):
         return UsageInfo.of(num_in, num_out)
 
     def _logprobs(
-        self,
-        ctx: CompletionContext,
-        ids: list[int],
-        lps: list[dict[int, float]] | None,
-        offset: int,
+        self, ctx: CompletionContext, ids: list[int], lps: list[dict[int, float]] | None, at: int
     ) -> tuple[CompletionLogprobs | None, int]:
-        """OpenAI's legacy logprobs for `ids`; returns them and the next text offset."""
         if ctx.logprobs is None or lps is None:
-            return None, offset
-        out = CompletionLogprobs()
-        for tid, table in zip(ids, lps, strict=False):
-            token = self.token_str(tid)
-            tops = sorted(table.items(), key=lambda kv: -kv[1])[: ctx.logprobs]
-            top = {self.token_str(i): max(lp, MIN_LOGPROB) for i, lp in tops}
-            top.setdefault(token, max(table.get(tid, MIN_LOGPROB), MIN_LOGPROB))
-            out.tokens.append(token)
-            out.token_logprobs.append(max(table.get(tid, MIN_LOGPROB), MIN_LOGPROB))
-            out.top_logprobs.append(top)
-            out.text_offset.append(offset)
-            offset += len(token)
-        return out, offset
+            return None, at
+        return self.logprobs.completion(ids, lps, ctx.logprobs, at)
 
     # ------------------------------------------------------------------ SSE stream
 

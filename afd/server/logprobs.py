@@ -1,0 +1,55 @@
+"""Engine logprobs (token id -> logprob per generated token) in OpenAI's two shapes."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from afd.server.protocol import ChatLogprob, ChatLogprobs, CompletionLogprobs, TopLogprob
+
+MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+class LogprobFormatter:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.token_str = lru_cache(maxsize=1 << 16)(self._decode_token)
+
+    def _decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    @staticmethod
+    def _top(table: dict[int, float], n: int) -> list[tuple[int, float]]:
+        ranked = sorted(table.items(), key=lambda kv: -kv[1])[:n]
+        return [(i, max(lp, MIN_LOGPROB)) for i, lp in ranked]
+
+    def _entry(self, token_id: int, logprob: float) -> TopLogprob:
+        token = self.token_str(token_id)
+        logprob = max(logprob, MIN_LOGPROB)
+        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
+    def chat(self, ids: list[int], lps: list[dict[int, float]], top_n: int) -> ChatLogprobs:
+        """Chat shape: one entry per token with its `top_n` alternatives."""
+        entries = []
+        for tid, table in zip(ids, lps, strict=False):
+            entry = self._entry(tid, table.get(tid, MIN_LOGPROB))
+            top = [self._entry(i, lp) for i, lp in self._top(table, top_n)]
+            entries.append(ChatLogprob(**entry.model_dump(), top_logprobs=top))
+        return ChatLogprobs(content=entries)
+
+    def completion(
+        self, ids: list[int], lps: list[dict[int, float]], top_n: int, offset: int
+    ) -> tuple[CompletionLogprobs, int]:
+        """Legacy completions shape; returns it and the text offset after these tokens."""
+        out = CompletionLogprobs()
+        for tid, table in zip(ids, lps, strict=False):
+            token = self.token_str(tid)
+            logprob = max(table.get(tid, MIN_LOGPROB), MIN_LOGPROB)
+            top = {self.token_str(i): lp for i, lp in self._top(table, top_n)}
+            top.setdefault(token, logprob)  # the sampled token is always listed
+            out.tokens.append(token)
+            out.token_logprobs.append(logprob)
+            out.top_logprobs.append(top)
+            out.text_offset.append(offset)
+            offset += len(token)
+        return out, offset
