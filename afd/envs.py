@@ -33,3 +33,7 @@ def stage_delays_s() -> tuple[float, float]:
         return 0.0, 0.0
     attn, ffn = (float(x) / 1000 for x in STAGE_DELAY_MS.split(","))
     return attn, ffn
+
+
+# Where `afd-serve` with no --model keeps the built-in tiny Step3 checkpoint.
+CACHE_DIR = os.environ.get("AFD_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "afd"))

@@ -24,6 +24,8 @@ class EngineCore:
         self.eos_token_ids, self.max_model_len = set(eos_token_ids), max_model_len
         self.seqs: dict[int, Sequence] = {}
         self.last_output: SchedulerOutput | None = None
+        self.last_results: list[StepResult] = []
+        self.last_schedule_s = 0.0
 
     def add(self, seq: Sequence) -> None:
         self.seqs[seq.seq_id] = seq
@@ -43,12 +45,13 @@ class EngineCore:
 
     def step(self) -> list[Sequence]:
         """Runs one step; returns the sequences that got a token or finished."""
+        start = time.perf_counter()
         out = self.scheduler.schedule()
-        self.last_output = out
+        self.last_output, self.last_schedule_s = out, time.perf_counter() - start
         if not out.scheduled:
             return []
-        results = self.executor.execute(out.plans)
-        return self.update(out, results)
+        self.last_results = self.executor.execute(out.plans)
+        return self.update(out, self.last_results)
 
     def update(self, out: SchedulerOutput, results: list[StepResult]) -> list[Sequence]:
         for seq_id, n in out.scheduled.items():

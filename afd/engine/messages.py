@@ -61,3 +61,31 @@ class WorkerReady:
     rank_name: str
     transport_address: str
     num_kv_blocks: int = 0  # attention ranks: blocks its memory holds
+
+
+@message
+@dataclass
+class AddRequest:
+    """From the API server: a tokenized request (its n choices are sequences here)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    n: int
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    presence_penalty: float
+    frequency_penalty: float
+    stop_token_ids: list[int]
+    ignore_eos: bool
+    logprobs: int | None
+    arrival_time: float = 0.0
+
+
+@message
+@dataclass
+class AbortRequest:
+    request_id: str
+    indices: list[int] | None = None  # choices to stop (a stop string hit); None: all

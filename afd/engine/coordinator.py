@@ -1,0 +1,173 @@
+"""The coordinator process: `python -m afd.engine.coordinator SETTINGS_JSON IN OUT`. Owns the
+engine core, takes requests from the API server over zmq and streams token updates back."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import zmq
+
+from afd.engine.builder import EngineSettings, build_engine
+from afd.engine.engine_core import EngineCore
+from afd.engine.executor import ExecutorError
+from afd.engine.messages import AbortRequest, AddRequest
+from afd.engine.sequence import Sequence
+from afd.engine.stats import engine_stats
+from afd.sampling_params import SamplingParams
+from afd.server.messages import EngineReady, SeqUpdate, StepOutputs
+from transport.codec import decode, encode
+
+IDLE_POLL_MS = 20
+
+
+class Coordinator:
+    def __init__(self, engine: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
+        self.engine, self.inbox, self.outbox = engine, inbox, outbox
+        self.by_request: dict[str, list[Sequence]] = {}
+        self.sent: dict[int, int] = {}  # seq_id -> output tokens already streamed
+        self.error: str | None = None
+        self._ids = 0
+
+    def run(self, parent_pid: int) -> None:
+        while os.getppid() == parent_pid:
+            busy = self.engine.has_work() and self.error is None
+            self._drain(0 if busy else IDLE_POLL_MS)
+            if self.engine.has_work() and self.error is None:
+                self._step()
+
+    def _drain(self, timeout_ms: int) -> None:
+        while self.inbox.poll(timeout_ms):
+            timeout_ms = 0
+            msg = decode(self.inbox.recv())
+            if isinstance(msg, AddRequest):
+                self._add(msg)
+            elif isinstance(msg, AbortRequest):
+                self._abort(msg)
+
+    def _add(self, req: AddRequest) -> None:
+        if self.error is not None:
+            self._send(
+                [
+                    SeqUpdate(req.request_id, i, [], None, "error", None, self.error)
+                    for i in range(req.n)
+                ]
+            )
+            return
+        params = SamplingParams(
+            n=req.n,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            logprobs=req.logprobs,
+        )
+        seqs = []
+        for i in range(req.n):
+            self._ids += 1
+            seqs.append(
+                Sequence(
+                    self._ids,
+                    req.request_id,
+                    i,
+                    list(req.prompt_token_ids),
+                    params,
+                    seed=None if req.seed is None else req.seed + i,
+                )
+            )
+            if req.arrival_time:
+                seqs[-1].arrival_time = req.arrival_time
+            self.engine.add(seqs[-1])
+        self.by_request[req.request_id] = seqs
+
+    def _abort(self, msg: AbortRequest) -> None:
+        seqs = self.by_request.get(msg.request_id, [])
+        chosen = [s for s in seqs if msg.indices is None or s.index in msg.indices]
+        self.engine.abort([s.seq_id for s in chosen])
+        self._forget([s for s in seqs if s.finished])
+
+    def _step(self) -> None:
+        try:
+            changed = self.engine.step()
+        except ExecutorError as e:
+            self._fail_all(str(e))
+            return
+        updates = [self._update(s) for s in changed]
+        self._forget([s for s in changed if s.finished])
+        self._send(updates)
+
+    def _update(self, seq: Sequence) -> SeqUpdate:
+        start = self.sent.get(seq.seq_id, 0)
+        self.sent[seq.seq_id] = len(seq.output_token_ids)
+        lps = seq.output_logprobs[start:] if seq.params.logprobs is not None else None
+        return SeqUpdate(
+            seq.request_id,
+            seq.index,
+            seq.output_token_ids[start:],
+            lps,
+            seq.finish_reason,
+            seq.stop_reason,
+        )
+
+    def _forget(self, finished: list[Sequence]) -> None:
+        for seq in finished:
+            self.sent.pop(seq.seq_id, None)
+            seqs = self.by_request.get(seq.request_id)
+            if seqs is not None and all(s.finished for s in seqs):
+                del self.by_request[seq.request_id]
+
+    def _fail_all(self, message: str) -> None:
+        self.error = message
+        updates = [
+            SeqUpdate(s.request_id, s.index, [], None, "error", None, message)
+            for seqs in self.by_request.values()
+            for s in seqs
+            if not s.finished
+        ]
+        self.by_request.clear()
+        self.outbox.send(encode(StepOutputs(updates, None, message)))
+
+    def _send(self, updates: list[SeqUpdate]) -> None:
+        self.outbox.send(encode(StepOutputs(updates, engine_stats(self.engine))))
+
+
+def main(argv: list[str]) -> int:
+    settings = EngineSettings(**json.loads(argv[0]))
+    ctx = zmq.Context()
+    inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    inbox.connect(argv[1])
+    outbox.connect(argv[2])
+    engine = build_engine(settings)
+    try:
+        blocks = engine.scheduler.config.num_kv_blocks
+        layout = describe(settings, engine)
+        outbox.send(encode(EngineReady(blocks, engine.max_model_len, layout)))
+        Coordinator(engine, inbox, outbox).run(os.getppid())
+    finally:
+        engine.executor.shutdown()
+        inbox.close(0)
+        outbox.close(linger=1000)
+        ctx.term()
+    return 0
+
+
+def describe(settings: EngineSettings, engine: EngineCore) -> str:
+    cfg = engine.scheduler.config
+    if settings.colocated:
+        where = f"colocated on {settings.device}"
+    else:
+        where = (
+            f"attention {settings.attn} + FFN {settings.ffn} on {settings.device}, "
+            f"{cfg.num_micro_batches} micro-batches over {settings.transport}"
+        )
+    return f"{where}; {cfg.num_kv_blocks} KV blocks of {cfg.block_size} tokens per attention rank"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,109 @@
+"""`afd-serve`: the OpenAI-compatible server in front of a coordinator process that runs the
+model colocated or disaggregated (--attn NxG --ffn MxG). With no --model it serves a built-in
+tiny random Step3, made on first use, on the CPU."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from afd import envs
+from afd.config import ConfigError, ModelConfig
+from afd.engine.builder import EngineSettings, parse_roles
+from afd.engine.metrics import EngineMetrics
+from afd.models.tiny import make_tiny_model
+from afd.server.api_server import add_server_args, build_app, serve, settings_from_args
+from afd.server.coordinator_client import CoordinatorClient
+from afd.tokenizer import Tokenizer
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="HF checkpoint folder (default: tiny Step3)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--attn", default="1x1", help="attention instances x devices each")
+    g.add_argument("--ffn", default="1x1", help="FFN instances x devices each")
+    g.add_argument("--colocated", action="store_true", help="one process, no disaggregation")
+    g.add_argument("--micro-batches", type=int, default=None, help="default 3 (1 colocated)")
+    g.add_argument("--transport", default="zmq", choices=["zmq", "nccl"])
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256, help="per attention rank")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="per rank per step")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="per attention rank")
+    g.add_argument("--tpot-slo-ms", type=float, default=50.0, help="time-per-output-token target")
+
+
+def tiny_model_path() -> Path:
+    path = Path(envs.CACHE_DIR) / "tiny-step3"
+    if not (path / "model.safetensors.index.json").exists():
+        print(f"afd-serve: no --model given; making the built-in tiny Step3 at {path}")
+        make_tiny_model(path, seed=0)
+    return path
+
+
+def engine_settings(args: argparse.Namespace, model: str) -> EngineSettings:
+    settings = EngineSettings(
+        model=model,
+        device=args.device,
+        dtype=args.dtype,
+        colocated=args.colocated,
+        attn=args.attn,
+        ffn=args.ffn,
+        micro_batches=args.micro_batches,
+        transport=args.transport,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        max_model_len=args.max_model_len,
+        tpot_slo_ms=args.tpot_slo_ms,
+    )
+    parse_roles(settings)
+    settings.num_micro_batches()
+    ModelConfig.from_pretrained(model)
+    return settings
+
+
+async def run(args: argparse.Namespace) -> None:
+    model = str(args.model or tiny_model_path())
+    settings = engine_settings(args, model)
+    tokenizer = Tokenizer.from_pretrained(model, chat_template=args.chat_template)
+    names = args.served_model_name or ([model] if args.model else ["tiny-step3"])
+    metrics = EngineMetrics()
+    client = CoordinatorClient(settings, tokenizer, names[0], on_stats=metrics.update)
+    start = time.monotonic()
+    print(f"afd-serve: loading {model} ...", flush=True)
+    try:
+        await client.start()
+        print(f"afd-serve: ready in {time.monotonic() - start:.1f}s: {client.layout}")
+        print(
+            f"afd-serve: OpenAI API at http://{args.host}:{args.port}/v1 (model {names[0]!r})",
+            flush=True,
+        )
+        await serve(build_app(client, settings_from_args(args)), args.host, args.port)
+    finally:
+        await client.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="afd-serve", description=__doc__)
+    add_engine_args(parser)
+    add_server_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        asyncio.run(run(args))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"afd-serve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

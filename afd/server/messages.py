@@ -1,0 +1,52 @@
+"""Messages to the API server: per-step token updates from the coordinator, engine stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transport.codec import message
+
+
+@message
+@dataclass
+class SeqUpdate:
+    """New tokens of one choice since the last update; finish_reason set once it ends."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    error: str | None = None
+
+
+@message
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: list[float] = field(default_factory=list)  # per attention rank
+    num_preemptions: int = 0  # since start
+    prefix_queries: int = 0  # since start, in tokens
+    prefix_hits: int = 0
+    step_phases: dict[str, float] = field(default_factory=dict)  # seconds, this step
+    predicted_step_s: float = 0.0
+
+
+@message
+@dataclass
+class StepOutputs:
+    updates: list[SeqUpdate]
+    stats: EngineStats | None = None
+    engine_error: str | None = None  # set once the engine is down for good
+
+
+@message
+@dataclass
+class EngineReady:
+    """The coordinator loaded the model and started every rank."""
+
+    num_kv_blocks: int
+    max_model_len: int
+    layout: str  # what runs where, for the start-up banner
