@@ -137,38 +137,42 @@ def request_body(args: argparse.Namespace, model: str, prompt: Prompt) -> tuple[
 async def send(http: httpx.AsyncClient, args: argparse.Namespace, model: str, p: Prompt) -> Result:
     path, body = request_body(args, model, p)
     result = Result(ok=False, input_len=p.input_len)
-    start = last = time.perf_counter()
-    events = 0
     try:
+        start = time.perf_counter()
         async with http.stream("POST", path, json=body, timeout=args.timeout) as r:
             if r.status_code != 200:
                 result.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return result
-            async for line in r.aiter_lines():
-                data = line[5:].strip() if line.startswith("data:") else ""
-                if not data or data == "[DONE]":
-                    continue
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    result.error = str(chunk["error"].get("message"))
-                    return result
-                if chunk.get("usage"):
-                    result.input_len = chunk["usage"]["prompt_tokens"]
-                    result.output_len = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices"):  # TTFT and ITL count choice-bearing events only
-                    now = time.perf_counter()
-                    if events == 0:
-                        result.ttft = now - start
-                    else:
-                        result.itl.append(now - last)
-                    last, events = now, events + 1
+            await _read_events(r, result, start)
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         result.error = f"{type(e).__name__}: {e}"
-        return result
-    result.latency = last - start
-    result.output_len = result.output_len or max(events - 1, 0)
-    result.ok = events > 0
     return result
+
+
+async def _read_events(r: httpx.Response, result: Result, start: float) -> None:
+    """Time the SSE events; TTFT and ITL count choice-bearing events only (as vLLM does)."""
+    last, events = start, 0
+    async for line in r.aiter_lines():
+        data = line[5:].strip() if line.startswith("data:") else ""
+        if not data or data == "[DONE]":
+            continue
+        chunk = json.loads(data)
+        if "error" in chunk:
+            result.error = str(chunk["error"].get("message"))
+            return
+        if chunk.get("usage"):
+            result.input_len = chunk["usage"]["prompt_tokens"]
+            result.output_len = chunk["usage"]["completion_tokens"]
+        if chunk.get("choices"):
+            now = time.perf_counter()
+            if events == 0:
+                result.ttft = now - start
+            else:
+                result.itl.append(now - last)
+            last, events = now, events + 1
+    result.latency = last - start
+    result.output_len = result.output_len or max(events - 1, 0)  # no usage: one per event
+    result.ok = events > 0
 
 
 async def run(args: argparse.Namespace) -> dict:

@@ -23,6 +23,7 @@ from afd.server.protocol import (
     ChatLogprobs,
     ChatStreamChoice,
     DeltaMessage,
+    NamedToolChoice,
     UsageInfo,
 )
 from afd.server.reasoning_parser import ReasoningStream, create_reasoning_parser, extract_reasoning
@@ -115,13 +116,10 @@ class ChatServing(Serving):
             raise BadRequestError("`tools` must not be an empty list", param="tools")
         if not tools or choice == "none":
             return None
-        if choice is not None and not isinstance(choice, str):
-            known = {t.function.name for t in tools}
-            if choice.function.name not in known:
-                raise BadRequestError(
-                    f"tool_choice names `{choice.function.name}`, which is not in `tools`",
-                    param="tool_choice",
-                )
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        if named is not None and named not in {t.function.name for t in tools}:
+            message = f"tool_choice names `{named}`, which is not in `tools`"
+            raise BadRequestError(message, param="tool_choice")
         if (choice or "auto") == "auto" and not self.settings.enable_auto_tool_choice:
             raise BadRequestError(
                 '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '

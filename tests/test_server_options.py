@@ -1,0 +1,87 @@
+"""Server options: CLI flags -> ServerSettings, chat-template override, echo, in-band errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import httpx
+import pytest
+from fake_engine import FakeEngine, running_server
+
+from afd.server.api_server import ServerSettings, add_server_args, build_app, settings_from_args
+
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+def test_settings_from_args() -> None:
+    parser = argparse.ArgumentParser()
+    add_server_args(parser)
+    args = parser.parse_args(
+        "--served-model-name a b --api-key k --reasoning-parser step3 --tool-call-parser step3 "
+        "--enable-auto-tool-choice --max-logprobs 5 --no-reasoning-content".split()
+    )
+    s = settings_from_args(args)
+    assert s.served_model_names == ("a", "b") and s.api_key == "k"
+    assert (s.reasoning_parser, s.tool_call_parser, s.enable_auto_tool_choice) == (
+        "step3",
+        "step3",
+        True,
+    )
+    assert s.max_logprobs == 5 and not s.emit_reasoning_content
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--reasoning-parser", "nope"])
+
+
+def test_settings_validation() -> None:
+    with pytest.raises(ValueError, match="requires --tool-call-parser"):
+        ServerSettings(enable_auto_tool_choice=True)
+
+
+def test_chat_template_override_and_echo() -> None:
+    engine = FakeEngine()
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] "
+    app = build_app(engine, ServerSettings(chat_template=template))
+    with running_server(app) as url:
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": MSGS, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        prompt = engine.tokenizer.decode(engine.last_prompt, skip_special_tokens=False)
+        assert prompt == "[user] hi\n[assistant] "
+        msgs = MSGS + [{"role": "assistant", "content": "Hello"}]
+        body = {"messages": msgs, "echo": True, "max_tokens": 3,
+                "add_generation_prompt": False, "continue_final_message": True}  # fmt: skip
+        r = httpx.post(url + "/v1/chat/completions", json=body)
+        assert r.json()["choices"][0]["message"]["content"].startswith("Hello")
+
+
+def sse_events(text: str) -> list[str]:
+    return [line[6:] for line in text.split("\n\n") if line.startswith("data: ")]
+
+
+def test_in_band_stream_error_for_completions() -> None:
+    engine = FakeEngine()
+    engine.fail_with = "boom"
+    with running_server(build_app(engine, ServerSettings())) as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "stream": True})
+        events = sse_events(r.text)
+        assert r.status_code == 200 and events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert "boom" in error["message"] and error["code"] == 500
+
+
+def test_tokenize_token_strs() -> None:
+    engine = FakeEngine()
+    with running_server(build_app(engine, ServerSettings())) as url:
+        body = {"prompt": "hello world", "add_special_tokens": False, "return_token_strs": True}
+        r = httpx.post(url + "/tokenize", json=body).json()
+        assert "".join(r["token_strs"]) == "hello world"
+
+
+def test_force_include_usage() -> None:
+    engine = FakeEngine()
+    app = build_app(engine, ServerSettings(enable_force_include_usage=True))
+    with running_server(app) as url:
+        body = {"messages": MSGS, "stream": True, "max_tokens": 2}
+        events = sse_events(httpx.post(url + "/v1/chat/completions", json=body).text)
+        usage = json.loads(events[-2])
+        assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 2
