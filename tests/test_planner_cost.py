@@ -57,9 +57,16 @@ def by_hand(fig: dict, context: int, hw: str) -> tuple[float, float]:
 def test_json_schema(capsys: pytest.CaptureFixture) -> None:
     out = run_json(capsys, "cost", "--model", "step3", "--context", "4096", "--json")
     assert set(out) == {
-        "model", "context", "kv_bytes", "attn_flops", "linear_flops", "ffn_flops",
-        "cost_per_mtok", "best_colocated", "best_afd",
-    }  # fmt: skip
+        "model",
+        "context",
+        "kv_bytes",
+        "attn_flops",
+        "linear_flops",
+        "ffn_flops",
+        "cost_per_mtok",
+        "best_colocated",
+        "best_afd",
+    }
     assert out["model"] == "step3" and out["context"] == 4096
     assert {"H800", "H20", "A800", "910B", "H100", "H200", "B200", "L20", "L40S"} <= set(
         out["cost_per_mtok"]
@@ -97,8 +104,9 @@ def test_step3_at_4k_on_h800_by_hand(capsys: pytest.CaptureFixture) -> None:
 
 def test_best_choices_on_the_report_hardware(capsys: pytest.CaptureFixture) -> None:
     hw = "H800,H20,A800,910B"
-    out = run_json(capsys, "cost", "--model", "step3", "--context", "8192", "--hardware", hw,
-                   "--json")  # fmt: skip
+    out = run_json(
+        capsys, "cost", "--model", "step3", "--context", "8192", "--hardware", hw, "--json"
+    )
     assert set(out["cost_per_mtok"]) == set(REPORT)
     costs = {h: by_hand(STEP3, 8192, h) for h in REPORT}
     # At 8K, H20's bandwidth per dollar makes it the cheapest attention device and H800's FP8
@@ -125,8 +133,9 @@ def test_text_output_and_kv_dtype(capsys: pytest.CaptureFixture) -> None:
     assert main(["cost", "--model", "step3", "--context", "4096"]) == 0
     text = capsys.readouterr().out
     assert "best colocated" in text and "best AFD" in text and "H800" in text
-    out = run_json(capsys, "cost", "--model", "step3", "--context", "4096", "--kv-bytes", "2",
-                   "--json")  # fmt: skip
+    out = run_json(
+        capsys, "cost", "--model", "step3", "--context", "4096", "--kv-bytes", "2", "--json"
+    )
     assert out["kv_bytes"] == 1024 * 61 * 4096  # BF16 KV: 1 KiB per token per layer
 
 

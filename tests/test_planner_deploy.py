@@ -44,8 +44,9 @@ def test_acceptance_command_gives_a_plan(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_step3_2a2f_by_hand(capsys: pytest.CaptureFixture) -> None:
-    out = deploy_json(capsys, *STEP3_4K, *H800, "--attn", "2x8", "--ffn", "2x8",
-                      "--micro-batches", "3")  # fmt: skip
+    out = deploy_json(
+        capsys, *STEP3_4K, *H800, "--attn", "2x8", "--ffn", "2x8", "--micro-batches", "3"
+    )
     (p,) = out["plans"]
     # Attention rank memory: FP8 attention linears of 61 layers + BF16 embedding and LM head,
     # plus 3 micro-batches of b sequences x 4096 tokens x 31,232 KV bytes.
@@ -77,9 +78,23 @@ def test_step3_2a2f_by_hand(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_tight_tpot_binds_and_batch_is_maximal(capsys: pytest.CaptureFixture) -> None:
-    out = deploy_json(capsys, "deploy", "--model", "step3", "--context", "4096",
-                      "--tpot-ms", "12", *H800, "--attn", "2x8", "--ffn", "2x8",
-                      "--micro-batches", "3")  # fmt: skip
+    out = deploy_json(
+        capsys,
+        "deploy",
+        "--model",
+        "step3",
+        "--context",
+        "4096",
+        "--tpot-ms",
+        "12",
+        *H800,
+        "--attn",
+        "2x8",
+        "--ffn",
+        "2x8",
+        "--micro-batches",
+        "3",
+    )
     (p,) = out["plans"]
     assert p["tpot_ms"] <= 12 and p["binding"] != "attention memory"
     spec, h800 = load_model("step3"), PRESETS["H800"]
@@ -91,8 +106,19 @@ def test_tight_tpot_binds_and_batch_is_maximal(capsys: pytest.CaptureFixture) ->
 
 
 def test_one_micro_batch_has_no_overlap(capsys: pytest.CaptureFixture) -> None:
-    out = deploy_json(capsys, "deploy", "--model", "step3", "--context", "32768",
-                      "--tpot-ms", "20", *H800, "--micro-batches", "1")  # fmt: skip
+    out = deploy_json(
+        capsys,
+        "deploy",
+        "--model",
+        "step3",
+        "--context",
+        "32768",
+        "--tpot-ms",
+        "20",
+        *H800,
+        "--micro-batches",
+        "1",
+    )
     for p in out["plans"]:
         st = p["stage_us"]
         chain = st["attention"] + st["a2f"] + st["ffn_moe"] + st["f2a"]
@@ -114,8 +140,19 @@ def test_efficiency_scales_stage_times(capsys: pytest.CaptureFixture) -> None:
 def test_other_presets_plan_and_respect_ffn_memory(
     capsys: pytest.CaptureFixture, model: str
 ) -> None:
-    out = deploy_json(capsys, "deploy", "--model", model, "--context", "4096",
-                      "--tpot-ms", "50", *H800, "--rank-by", "throughput")  # fmt: skip
+    out = deploy_json(
+        capsys,
+        "deploy",
+        "--model",
+        model,
+        "--context",
+        "4096",
+        "--tpot-ms",
+        "50",
+        *H800,
+        "--rank-by",
+        "throughput",
+    )
     spec = load_model(model)
     assert out["plans"]
     rates = [p["tokens_per_s_per_gpu"] for p in out["plans"]]

@@ -75,10 +75,35 @@ def test_hardware_file_adds_and_overrides(tmp_path: Path, capsys: pytest.Capture
     # H800 at half the report's price: half the cost per token
     assert table["H800"]["ffn"] == pytest.approx(0.014952 / 2, rel=1e-4)
     json_path = tmp_path / "hw.json"
-    json_path.write_text(json.dumps({"X1": {"price_per_hour": 1, "bf16_flops": 1e14,
-                                            "mem_bandwidth": 1e12, "memory_gb": 32}}))  # fmt: skip
-    assert main(["cost", "--model", "step3", "--context", "64", "--hardware-file",
-                 str(json_path), "--hardware", "X1", "--json"]) == 0  # fmt: skip
+    json_path.write_text(
+        json.dumps(
+            {
+                "X1": {
+                    "price_per_hour": 1,
+                    "bf16_flops": 1e14,
+                    "mem_bandwidth": 1e12,
+                    "memory_gb": 32,
+                }
+            }
+        )
+    )
+    assert (
+        main(
+            [
+                "cost",
+                "--model",
+                "step3",
+                "--context",
+                "64",
+                "--hardware-file",
+                str(json_path),
+                "--hardware",
+                "X1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert set(json.loads(capsys.readouterr().out)["cost_per_mtok"]) == {"X1"}
 
 
@@ -96,8 +121,9 @@ def test_bad_hardware_file_exits_2(
 ) -> None:
     path = tmp_path / "hw.yaml"
     path.write_text(text)
-    assert main(["cost", "--model", "step3", "--context", "4096", "--hardware-file",
-                 str(path)]) == 2  # fmt: skip
+    assert (
+        main(["cost", "--model", "step3", "--context", "4096", "--hardware-file", str(path)]) == 2
+    )
     err = capsys.readouterr().err
     assert str(path) in err and message in err and "Traceback" not in err
 

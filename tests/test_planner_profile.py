@@ -79,10 +79,12 @@ def test_profile_reproduces_measurements(tmp_path: Path) -> None:
         ({"attention": [{"batch": 1, "context": 2}]}, "'attention[0].us_per_layer'"),
         ({"transfer": [{"tokens": -1, "us_round_trip": 3}]}, "'transfer[0].tokens'"),
         ({"transfer": [7]}, "'transfer[0]' must be an object"),
-        ({"ffn": [{"tokens": 8, "us_per_layer": 1}, {"tokens": 8, "us_per_layer": 2}]},
-         "two measurements at tokens=8"),
+        (
+            {"ffn": [{"tokens": 8, "us_per_layer": 1}, {"tokens": 8, "us_per_layer": 2}]},
+            "two measurements at tokens=8",
+        ),
     ],
-)  # fmt: skip
+)
 def test_invalid_profiles_name_file_and_key(
     tmp_path: Path, capsys: pytest.CaptureFixture, change: dict, key: str
 ) -> None:
@@ -104,6 +106,8 @@ def test_profile_must_fit_the_model_and_a_known_device(
     path = write(tmp_path, profile_dict())
     assert main([*argv, path, "--model", "qwen3-235b-a22b"]) == 2
     assert "'hidden_size' is 7168" in capsys.readouterr().err
+    assert main([*argv, path, "--model", "deepseek-v3"]) == 2  # same hidden size, other model
+    assert "key 'model' is 'step3' but the plan is for 'deepseek-v3'" in capsys.readouterr().err
     odd = write(tmp_path, profile_dict(device="Mystery Accelerator"), "odd.json")
     assert main([*argv, odd, "--model", "step3"]) == 2
     err = capsys.readouterr().err
@@ -116,8 +120,22 @@ def test_profile_must_fit_the_model_and_a_known_device(
 
 def test_deploy_uses_measured_times(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = write(tmp_path, profile_dict())
-    argv = ["deploy", "--model", "step3", "--context", "4096", "--tpot-ms", "50",
-            "--attn", "2x8", "--ffn", "2x8", "--micro-batches", "3", "--json"]  # fmt: skip
+    argv = [
+        "deploy",
+        "--model",
+        "step3",
+        "--context",
+        "4096",
+        "--tpot-ms",
+        "50",
+        "--attn",
+        "2x8",
+        "--ffn",
+        "2x8",
+        "--micro-batches",
+        "3",
+        "--json",
+    ]
     assert main([*argv, "--profile", path]) == 0
     out = json.loads(capsys.readouterr().out)
     (p,) = out["plans"]
@@ -133,8 +151,13 @@ def test_deploy_uses_measured_times(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert st["a2f"] == pytest.approx(transfer_us(2 * b) / 3)
 
     def layer(ffn: float) -> float:
-        return max(3 * st["attention"], 3 * ffn, 3 * st["a2f"], 3 * st["f2a"],
-                   st["attention"] + st["a2f"] + ffn + st["f2a"])  # fmt: skip
+        return max(
+            3 * st["attention"],
+            3 * ffn,
+            3 * st["a2f"],
+            3 * st["f2a"],
+            st["attention"] + st["a2f"] + ffn + st["f2a"],
+        )
 
     assert p["tpot_ms"] == pytest.approx(61 * layer(st["ffn_moe"]) * 1e-3)
     assert p["tpot_ms"] <= 50
@@ -144,8 +167,19 @@ def test_slower_profile_means_fewer_tokens(tmp_path: Path, capsys: pytest.Captur
     fast, slow = profile_dict(), profile_dict()
     for row in slow["attention"]:
         row["us_per_layer"] *= 3
-    argv = ["deploy", "--model", "step3", "--context", "8192", "--tpot-ms", "50", "--json",
-            "--rank-by", "throughput", "--profile"]  # fmt: skip
+    argv = [
+        "deploy",
+        "--model",
+        "step3",
+        "--context",
+        "8192",
+        "--tpot-ms",
+        "50",
+        "--json",
+        "--rank-by",
+        "throughput",
+        "--profile",
+    ]
     rates = []
     for raw, name in ((fast, "fast.json"), (slow, "slow.json")):
         assert main([*argv, write(tmp_path, raw, name)]) == 0

@@ -1,0 +1,1 @@
+"""Capacity planning for AFD deployments: per-token cost and deployment search (afd-plan)."""

@@ -10,7 +10,7 @@ from typing import Any
 from afd.config import ConfigError, RoleShape
 from afd.planner.cost import cost_table, token_cost
 from afd.planner.hardware import PRESETS, Hardware, find_hardware, load_hardware_file, match_device
-from afd.planner.models import ModelSpec, load_model
+from afd.planner.models import PRESET_CONFIGS, ModelSpec, load_model
 from afd.planner.profile import Profile, load_profile
 from afd.planner.report import cost_json, cost_text, deploy_text, plan_json, plot_ratio
 from afd.planner.search import Limits, Planner, Space, best_per_ratio, default_shapes, rank
@@ -92,11 +92,17 @@ def hardware_table(args: argparse.Namespace) -> dict[str, Hardware]:
 def check_profile(
     profile: Profile, spec: ModelSpec, table: dict[str, Hardware], name: str | None
 ) -> Hardware:
-    """The hardware the profile was measured on; its times only fit the same hidden size."""
+    """The hardware the profile was measured on; its times only fit the model they measured."""
     if profile.hidden_size != spec.hidden_size:
         raise ConfigError(
             f"{profile.path}: key 'hidden_size' is {profile.hidden_size} but model "
             f"{spec.name} has hidden size {spec.hidden_size}"
+        )
+    family, measured = spec.name.split(":")[0], profile.model.lower()
+    # only two known presets can be told apart; a config path names a family, not a model
+    if measured != family and {measured, family} <= set(PRESET_CONFIGS):
+        raise ConfigError(
+            f"{profile.path}: key 'model' is {profile.model!r} but the plan is for {family!r}"
         )
     hw = find_hardware(name, table) if name else match_device(profile.device, table)
     if hw is None:

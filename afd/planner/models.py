@@ -184,7 +184,7 @@ def _deepseek_v3(raw: dict[str, Any], source: str) -> ModelSpec:
         g.num("num_hidden_layers"),
     )
     nope, rope, v = g.num("qk_nope_head_dim"), g.num("qk_rope_head_dim"), g.num("v_head_dim")
-    kv_lora, q_lora = g.num("kv_lora_rank"), g.num("q_lora_rank", optional=True)
+    kv_lora, q_lora = g.num("kv_lora_rank"), g.optional("q_lora_rank")
     q = h * heads * (nope + rope) if q_lora is None else h * q_lora + q_lora * heads * (nope + rope)
     # kv_a (latent + rope key), kv_b (latent -> per-head key and value), o_proj
     linear = q + h * (kv_lora + rope) + kv_lora * heads * (nope + v) + heads * v * h
@@ -248,13 +248,19 @@ class _Fields:
     def __init__(self, raw: dict[str, Any], source: str) -> None:
         self.raw, self.source = raw, source
 
-    def num(self, name: str, default: int | None = None, optional: bool = False) -> Any:
-        value = self.raw.get(name)
-        if value is None:
-            if default is not None or optional:
-                return default
+    def num(self, name: str, default: int | None = None) -> int:
+        value = self.optional(name)
+        if value is not None:
+            return value
+        if default is None:
             raise ConfigError(f"{self.source}: missing required field '{name}'")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return default
+
+    def optional(self, name: str) -> int | None:
+        value = self.raw.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
             raise ConfigError(
                 f"{self.source}: field '{name}' must be an integer >= 0, got {value!r}"
             )
