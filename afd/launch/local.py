@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import subprocess
-import sys
 import time
 
 import torch
@@ -17,6 +15,7 @@ from afd.config import ConfigError, ModelConfig, RoleShape
 from afd.engine.builder import EngineSettings, default_num_blocks, parse_roles
 from afd.engine.executor import Executor, ExecutorError
 from afd.engine.messages import StepResult, WorkerError, WorkerReady
+from afd.launch.rank_process import RankProcess, Spawner, local_spawner
 from afd.launch.worker_spec import WorkerSpec
 from afd.models.build import resolve_dtype
 from attn_worker.messages import StepPlan
@@ -26,28 +25,24 @@ from transport.control import PeerTable, Shutdown
 
 
 class DisaggregatedExecutor(Executor):
-    def __init__(self, attn: list[str], ffn: list[str]) -> None:
+    def __init__(self, attn: list[str], ffn: list[str], host: str = "127.0.0.1") -> None:
+        """host: the address ranks reach the coordinator at (a node IP for multi-node)."""
         self.attn, self.ffn, self.num_ranks = attn, ffn, len(attn)
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        port = self.router.bind_to_random_port("tcp://127.0.0.1")
-        self.address = f"tcp://127.0.0.1:{port}"
-        self.procs: dict[str, subprocess.Popen] = {}
+        bind = "0.0.0.0" if host != "127.0.0.1" else host
+        port = self.router.bind_to_random_port(f"tcp://{bind}")
+        self.address = f"tcp://{host}:{port}"
+        self.procs: dict[str, RankProcess] = {}
         self.last_beat: dict[str, float] = {}
         self.failed: str | None = None
         atexit.register(self.shutdown)
 
     # -- start -------------------------------------------------------------------------------
-    def start(self, specs: list[WorkerSpec], gpus: dict[str, int]) -> list[WorkerReady]:
+    def start(self, specs: list[WorkerSpec], spawn: Spawner) -> list[WorkerReady]:
         for spec in specs:
-            env = dict(os.environ)
-            if spec.name in gpus:
-                env["CUDA_VISIBLE_DEVICES"] = str(gpus[spec.name])
-            module = "attn_worker.worker" if spec.name.startswith("a") else "ffn_worker.worker"
-            self.procs[spec.name] = subprocess.Popen(
-                [sys.executable, "-m", module, spec.to_json()], env=env
-            )
+            self.procs[spec.name] = spawn(spec)
         ready: dict[str, WorkerReady] = {}
         self._collect(ready, WorkerReady, len(specs), envs.STARTUP_TIMEOUT_S, "start")
         peers = {name: r.transport_address for name, r in ready.items()}
@@ -101,11 +96,11 @@ class DisaggregatedExecutor(Executor):
         for name, proc in self.procs.items():
             code = proc.poll()
             if code is not None:
-                self._fail(f"{what}: rank {name} (pid {proc.pid}) exited with code {code}")
+                self._fail(f"{what}: rank {name} ({proc.where}) exited with code {code}")
             # a rank is held to heartbeats once it has sent one (imports may take a while)
             if now - self.last_beat.get(name, now) > envs.HEARTBEAT_TIMEOUT_S:
                 self._fail(
-                    f"{what}: rank {name} (pid {proc.pid}) stopped answering: no "
+                    f"{what}: rank {name} ({proc.where}) stopped answering: no "
                     f"heartbeat for {envs.HEARTBEAT_TIMEOUT_S:.0f}s"
                 )
 
@@ -124,33 +119,33 @@ class DisaggregatedExecutor(Executor):
                 self._send(name, Shutdown("coordinator shutting down"))
         deadline = time.monotonic() + 5
         for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            if not proc.wait(max(0.1, deadline - time.monotonic())):
                 proc.kill()
-                proc.wait()
+                proc.wait(5)
         self.procs.clear()
         self.router.close(0)
         self.ctx.term()
         atexit.unregister(self.shutdown)
 
 
-def build_disaggregated(
-    settings: EngineSettings, cfg: ModelConfig
-) -> tuple[DisaggregatedExecutor, int]:
+def rank_names(settings: EngineSettings) -> tuple[list[str], list[str]]:
     attn_shape, ffn_shape = parse_roles(settings)
-    attn = [f"a{i}" for i in range(attn_shape.num_ranks)]
-    ffn = [f"f{i}" for i in range(ffn_shape.num_ranks)]
-    gpus = _assign_gpus(settings.device, attn + ffn, attn_shape, ffn_shape)
-    dtype = resolve_dtype(settings.dtype, cfg)
-    blocks = (
-        0
-        if settings.device == "cuda"
-        else default_num_blocks(settings, cfg, dtype, torch.device("cpu"))
+    return (
+        [f"a{i}" for i in range(attn_shape.num_ranks)],
+        [f"f{i}" for i in range(ffn_shape.num_ranks)],
     )
-    executor = DisaggregatedExecutor(attn, ffn)
-    threads = max(1, (os.cpu_count() or 1) // (len(attn) + len(ffn)))
-    specs = [
+
+
+def worker_specs(
+    settings: EngineSettings, cfg: ModelConfig, coordinator: str, parent_pid: int, threads: int
+) -> list[WorkerSpec]:
+    """One spec per rank; KV blocks are sized here on CPU and by each rank on a GPU."""
+    attn, ffn = rank_names(settings)
+    dtype = resolve_dtype(settings.dtype, cfg)
+    blocks = 0
+    if settings.device != "cuda":
+        blocks = default_num_blocks(settings, cfg, dtype, torch.device("cpu"))
+    return [
         WorkerSpec(
             name=name,
             index=i,
@@ -159,24 +154,43 @@ def build_disaggregated(
             device=settings.device,
             attn_ranks=attn,
             ffn_ranks=ffn,
-            coordinator=executor.address,
+            coordinator=coordinator,
             transport=settings.transport,
             num_kv_blocks=blocks,
             block_size=settings.block_size,
             recv_timeout_s=envs.RECV_TIMEOUT_S,
             heartbeat_s=envs.HEARTBEAT_INTERVAL_S,
-            parent_pid=os.getpid(),
+            parent_pid=parent_pid,
             num_threads=threads,
         )
         for names in (attn, ffn)
         for i, name in enumerate(names)
     ]
+
+
+def start_executor(
+    executor: DisaggregatedExecutor, specs: list[WorkerSpec], spawn: Spawner
+) -> tuple[DisaggregatedExecutor, int]:
+    """Starts every rank; returns the executor and the KV blocks per attention rank."""
     try:
-        ready = executor.start(specs, gpus)
+        ready = executor.start(specs, spawn)
     except BaseException:
         executor.shutdown()
         raise
-    return executor, min(r.num_kv_blocks for r in ready if r.rank_name in attn)
+    return executor, min(r.num_kv_blocks for r in ready if r.rank_name in executor.attn)
+
+
+def build_disaggregated(
+    settings: EngineSettings, cfg: ModelConfig
+) -> tuple[DisaggregatedExecutor, int]:
+    """Local launcher: every rank an OS process on this machine."""
+    attn, ffn = rank_names(settings)
+    attn_shape, ffn_shape = parse_roles(settings)
+    gpus = _assign_gpus(settings.device, attn + ffn, attn_shape, ffn_shape)
+    executor = DisaggregatedExecutor(attn, ffn)
+    threads = max(1, (os.cpu_count() or 1) // (len(attn) + len(ffn)))
+    specs = worker_specs(settings, cfg, executor.address, os.getpid(), threads)
+    return start_executor(executor, specs, local_spawner(gpus))
 
 
 def _assign_gpus(device: str, names: list[str], attn: RoleShape, ffn: RoleShape) -> dict[str, int]:
