@@ -61,13 +61,13 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def ceilings() -> dict[str, float]:
     src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB, far over L2
     dst = torch.empty_like(src)
-    copy_ms = _ms(lambda: dst.copy_(src))
+    copy_ms = _ms(lambda: dst.copy_(src), graph=False)
     copy_bw = 2 * src.numel() * src.element_size() / (copy_ms * 1e-3)  # read + write
-    read_ms = _ms(lambda: src.sum(dtype=torch.float32))  # read-only, for reference
+    read_ms = _ms(lambda: src.sum(dtype=torch.float32), graph=False)  # read-only, for reference
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    mm_ms = _ms(lambda: a @ b)
+    mm_ms = _ms(lambda: a @ b, graph=False)
     return {
         "copy_bytes_per_s": copy_bw,
         "read_bytes_per_s": src.numel() * src.element_size() / (read_ms * 1e-3),

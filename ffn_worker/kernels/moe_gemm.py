@@ -155,12 +155,12 @@ def align_by_expert(
     valid = (local >= 0) & (local < num_experts)
     bucket = torch.where(valid, local, num_experts)  # non-local pairs go last
     counts = count_per_bucket(bucket, num_experts + 1)  # [E+1]
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded[num_experts] = 0
-    pad_end = torch.cumsum(padded, 0)  # [E+1]
+    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m  # [E]
+    pad_end = torch.cumsum(padded, 0)  # [E]
     max_len = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
-    pad_start = pad_end - padded
-    pad_start[num_experts] = max_len  # non-local pairs are written past the end
+    # non-local pairs (bucket E) are written past the end; tensor ops only, no host scalars,
+    # so that CUDA graphs can capture this
+    pad_start = torch.cat([pad_end - padded, pad_end.new_full((1,), max_len)])  # [E+1]
     order = torch.argsort(bucket, stable=True)  # [T*k]
     sorted_bucket = bucket[order]
     count_start = torch.cumsum(counts, 0) - counts  # [E+1]
@@ -169,7 +169,7 @@ def align_by_expert(
     sorted_ids = torch.full((max_len + num_pairs,), num_pairs, dtype=torch.int32, device=device)
     sorted_ids[dest] = order.to(torch.int32)
     block_starts = torch.arange(0, max_len, block_m, device=device)  # [P / BM]
-    block_expert = torch.searchsorted(pad_end[:num_experts], block_starts, right=True)
+    block_expert = torch.searchsorted(pad_end, block_starts, right=True)
     return sorted_ids[:max_len], block_expert.to(torch.int32)
 
 
