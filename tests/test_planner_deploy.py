@@ -175,6 +175,8 @@ def test_plot_renders(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     image = matplotlib.image.imread(str(png))
     assert image.shape[:2] == (450, 800)  # 8 x 4.5 inches at 100 dpi
     assert image[..., :3].std() > 0.05  # not blank
+    assert main([*STEP3_4K, *H800, "--plot", str(tmp_path / "missing" / "x.png")]) == 2
+    assert "missing/x.png: cannot write the plot" in capsys.readouterr().err
 
 
 def test_impossible_target_and_bad_flags(capsys: pytest.CaptureFixture) -> None:

@@ -43,33 +43,26 @@ def run_deploy(args: argparse.Namespace) -> int:
     spec, table = load_model(args.model), hardware_table(args)
     profile = load_profile(args.profile) if args.profile else None
     profile_hw = check_profile(profile, spec, table, args.profile_hw) if profile else None
-    model = StageModel(
-        spec,
-        args.context,
-        args.kv_bytes,
-        Efficiency(args.attn_efficiency, args.ffn_efficiency),
-        profile,
-        profile_hw,
-    )
+    eff = Efficiency(args.attn_efficiency, args.ffn_efficiency)
+    model = StageModel(spec, args.context, args.kv_bytes, eff, profile, profile_hw)
     planner = Planner(model, Limits(args.tpot_ms * 1e-3, args.mem_util))
     plans = planner.search(build_space(args, table, profile_hw))
-    ranked = rank(plans, args.rank_by)
+    ranked = rank(plans, args.rank_by)[: args.top]
     title = deploy_title(args, spec, profile)
-    if args.plot:
+    if args.plot and plans:
         plot_ratio(best_per_ratio(plans, args.rank_by), args.plot, title)
     if args.json:
-        out = {
+        settings = {
             "model": spec.name,
             "context": args.context,
             "tpot_ms": args.tpot_ms,
             "rank_by": args.rank_by,
             "profile": args.profile,
-            "plans": [plan_json(p) for p in ranked[: args.top]],
         }
-        print(json.dumps(out))
+        print(json.dumps({**settings, "plans": [plan_json(p) for p in ranked]}))
     else:
-        print(deploy_text(title, ranked[: args.top]))
-    return 0 if plans else 1
+        print(deploy_text(title, ranked))
+    return 0 if plans else 1  # 1: no plan meets the target; the output says so
 
 
 def run_hardware(args: argparse.Namespace) -> int:

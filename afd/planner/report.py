@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from afd.config import ConfigError
 from afd.planner.cost import RoleCost, TokenCost, best_afd, best_colocated
 from afd.planner.search import Plan
 
@@ -134,5 +135,9 @@ def plot_ratio(plans: list[Plan], path: str | Path, title: str) -> None:
     left.set_title(title, fontsize=9)
     left.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        fig.savefig(path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write the plot ({e.strerror or e})") from e
+    finally:
+        plt.close(fig)
