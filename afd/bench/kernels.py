@@ -248,6 +248,7 @@ def _moe_breakdown(x, w: list, ids, weights, cfg: mg.MoeConfig) -> dict[str, flo
     sids, bexp = mg.align_by_expert(ids, 0, NUM_EXPERTS, cfg.block_m)
     act = mg.moe_gate_up(x, w[0], w[1], sids, bexp, TOPK, cfg.block_m, cfg.gate_up)  # [P, I]
     return {
+        "padded_rows": float((bexp < NUM_EXPERTS).sum()) * cfg.block_m,  # vs T*k real rows
         "align": _ms(lambda: mg.align_by_expert(ids, 0, NUM_EXPERTS, cfg.block_m)),
         "gate_up": _ms(
             lambda: mg.moe_gate_up(x, w[0], w[1], sids, bexp, TOPK, cfg.block_m, cfg.gate_up)
