@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
@@ -10,17 +11,21 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0)
 _LATENCY_BUCKETS += (2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _TOKEN_BUCKETS = tuple(float(2**i) for i in range(0, 18))
+logger = logging.getLogger(__name__)
 
 
 def _get_or_create(kind: type, name: str, doc: str, labels: list[str], **kw: Any) -> Any:
-    # The engine may run in this process and register the same vLLM names; share them then.
+    # Several apps in one process (tests, aliases) share one registry: reuse a metric that
+    # is already registered, if it has our shape; otherwise keep ours unexported rather than
+    # fail every request on a label mismatch.
     try:
         return kind(name, doc, labels, **kw)
     except ValueError:
         existing = REGISTRY._names_to_collectors.get(name)  # noqa: SLF001
-        if existing is None:
-            raise
-        return existing
+        if isinstance(existing, kind) and existing._labelnames == tuple(labels):  # noqa: SLF001
+            return existing
+        logger.warning("metric %s is registered with another shape; not exporting ours", name)
+        return kind(name, doc, labels, registry=None, **kw)
 
 
 class ServerMetrics:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -26,6 +27,8 @@ from afd.server.protocol import SamplingFields
 from afd.server.settings import ServerSettings
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+ABORT_TIMEOUT_S = 5.0
 DONE = "data: [DONE]\n\n"
 
 
@@ -130,12 +133,19 @@ class Serving:
                 if finished:
                     break
         finally:
-            with anyio.CancelScope(shield=True):
+            # Shielded (the caller may be cancelled) but bounded (the engine may be dead).
+            with anyio.move_on_after(ABORT_TIMEOUT_S, shield=True):
                 if not finished:
-                    await self.engine.abort(request_id)
+                    await self._abort(request_id)
                 with contextlib.suppress(Exception):
                     await gen.aclose()  # type: ignore[attr-defined]
             self._finish(start, prompt_ids, out)
+
+    async def _abort(self, request_id: str) -> None:
+        try:
+            await self.engine.abort(request_id)
+        except Exception:  # a failed abort must not hide why the request ended
+            logger.exception("engine.abort(%s) failed", request_id)
 
     def _observe(self, start: float, last: float | None, out: RequestOutput) -> float | None:
         if not any(c.token_ids for c in out.outputs):
