@@ -24,11 +24,11 @@ TIMEOUT_S = 60.0
 
 
 def echo_peer(
-    protocols: list[str], conn: Connection, num_messages: int, malloc_tuning: bool = True
+    protocols: list[str], conn: Connection, num_messages: int, options: dict | None = None
 ) -> None:
     """F side, one "f0" transport per protocol: send {protocol: address}, get {protocol: peer
     table}, then per protocol in turn receive keys (0..n-1, 0, 0) from "a0" and echo each."""
-    opts = {"malloc_tuning": malloc_tuning}
+    opts = options or {}
     ranks = {p: create_transport("zmq", "f0", protocol=p, **opts) for p in protocols}
     try:
         conn.send({p: t.address() for p, t in ranks.items()})
@@ -48,14 +48,13 @@ def echo_peer(
 class EchoPair:
     """This process as "a0" plus a spawned echo process as "f0"; keys are handed out in order."""
 
-    def __init__(self, protocol: str, num_messages: int, malloc_tuning: bool) -> None:
+    def __init__(self, protocol: str, num_messages: int, options: dict) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
-        args = ([protocol], child_conn, num_messages, malloc_tuning)
+        args = ([protocol], child_conn, num_messages, options)
         self._proc = ctx.Process(target=echo_peer, args=args)
         self._proc.start()
-        opts = {"protocol": protocol, "malloc_tuning": malloc_tuning}
-        self.transport: Transport = create_transport("zmq", "a0", **opts)
+        self.transport: Transport = create_transport("zmq", "a0", protocol=protocol, **options)
         peer_address = self._conn.recv()[protocol]
         self._conn.send({protocol: {"a0": self.transport.address()}})
         self.transport.connect({"f0": peer_address})
@@ -92,10 +91,10 @@ def round_trips(pair: EchoPair, tensors: list[torch.Tensor], n: int, in_flight: 
 
 
 def call_overheads(
-    protocol: str, tensors: list[torch.Tensor], n: int, malloc_tuning: bool
+    protocol: str, tensors: list[torch.Tensor], n: int, options: dict
 ) -> tuple[list[float], list[float]]:
     """CPU time of send() and of recv().wait() on an already-arrived message (loopback)."""
-    t = create_transport("zmq", "a0", protocol=protocol, malloc_tuning=malloc_tuning)
+    t = create_transport("zmq", "a0", protocol=protocol, **options)
     t.connect({"a0": t.address()})
     send_s, recv_s = [], []
     for i in range(n):
@@ -132,8 +131,8 @@ def bench_protocol(protocol: str, args: argparse.Namespace) -> list[dict]:
         ("activation round trip, 3 in flight (per msg)", act, 3),
         ("tiny round trip", tiny, 1),
     ]
-    malloc_tuning = not args.no_malloc_tuning
-    pair = EchoPair(protocol, sum(n * k for _, _, k in cases), malloc_tuning)
+    options = transport_options(args)
+    pair = EchoPair(protocol, sum(n * k for _, _, k in cases), options)
     rows = []
     try:
         for name, tensors, in_flight in cases:
@@ -143,11 +142,15 @@ def bench_protocol(protocol: str, args: argparse.Namespace) -> list[dict]:
         pair.close()
     # Loopback keeps every message queued at once, so bound the activation count.
     for name, tensors, count in (("tiny", tiny, iters), ("activation", act, min(iters, 100))):
-        send_s, recv_s = call_overheads(protocol, tensors, warmup + count, malloc_tuning)
+        send_s, recv_s = call_overheads(protocol, tensors, warmup + count, options)
         nbytes = tensors[0].nbytes
         rows.append(summarize(f"{name} send() call", protocol, nbytes, send_s[warmup:]))
         rows.append(summarize(f"{name} recv().wait(), arrived", protocol, nbytes, recv_s[warmup:]))
     return rows
+
+
+def transport_options(args: argparse.Namespace) -> dict:
+    return {"malloc_tuning": not args.no_malloc_tuning}
 
 
 def versions() -> dict[str, str]:
@@ -213,7 +216,7 @@ def main(argv: list[str]) -> int:
         result |= {"num_cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()}
         result |= {"command": command, "versions": versions(), "dtype": "bfloat16"}
         result |= {"activation_shape": shape, "iters": args.iters, "warmup": args.warmup}
-        result["malloc_tuning"] = not args.no_malloc_tuning
+        result["transport_options"] = transport_options(args)
         result["results"] = rows
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
