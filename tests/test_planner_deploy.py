@@ -186,3 +186,27 @@ def test_impossible_target_and_bad_flags(capsys: pytest.CaptureFixture) -> None:
     assert main([*argv, "--tpot-ms", "-3"]) == 2
     assert main([*argv, "--tpot-ms", "50", "--attn", "2y8"]) == 2
     assert "--attn" in capsys.readouterr().err
+
+
+def test_network_and_micro_batch_flags(capsys: pytest.CaptureFixture) -> None:
+    flags = "--network-gbps 25 400 --micro-batches 2 4 --top 1000".split()
+    out = deploy_json(capsys, *STEP3_4K, *H800, *flags)
+    plans = out["plans"]
+    assert {p["network_gbps"] for p in plans} == {25.0, 400.0}
+    assert {p["micro_batches"] for p in plans} <= {2, 4}
+
+    def best(gbps: float) -> float:
+        return max(p["tokens_per_s_per_gpu"] for p in plans if p["network_gbps"] == gbps)
+
+    assert best(25.0) < best(400.0)  # a slow link must cost throughput somewhere
+
+
+def test_console_entry_point_reports_errors_without_traceback() -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "afd.planner.cli", "cost", "--model", "gpt-9", "--context", "8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("afd-plan: error: unknown model 'gpt-9'")
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
