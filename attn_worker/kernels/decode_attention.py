@@ -82,26 +82,24 @@ def _split_kernel(
 def _reduce_kernel(
     po_ptr, pm_ptr, pl_ptr, out_ptr, num_splits, stride_ob, stride_oh,
     HQ: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):  # fmt: skip
+    # All splits in one load each (no loop): this kernel is short and latency-bound.
     b = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_h = offs_h < HQ
-    mask = mask_h[:, None] & (offs_d[None, :] < D)
-    m_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    for s in range(num_splits):
-        m_s = tl.load(pm_ptr + (b * num_splits + s) * HQ + offs_h, mask=mask_h, other=0.0)
-        m_max = tl.maximum(m_max, m_s)
-    l_sum = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for s in range(num_splits):
-        row = (b * num_splits + s) * HQ + offs_h  # [BH]
-        w = tl.exp2(tl.load(pm_ptr + row, mask=mask_h, other=0.0) - m_max)  # [BH]
-        l_sum += w * tl.load(pl_ptr + row, mask=mask_h, other=0.0)
-        part = tl.load(po_ptr + row[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-        acc += w[:, None] * part  # [BH, BD]
-    out = acc / l_sum[:, None]
+    mask_sh = (offs_s[:, None] < num_splits) & (offs_h[None, :] < HQ)  # [BS, BH]
+    row = (b * num_splits + offs_s[:, None]) * HQ + offs_h[None, :]  # [BS, BH]
+    m_s = tl.load(pm_ptr + row, mask=mask_sh, other=float("-inf"))  # [BS, BH]
+    l_s = tl.load(pl_ptr + row, mask=mask_sh, other=0.0)  # [BS, BH]
+    w = tl.exp2(m_s - tl.max(m_s, 0)[None, :])  # [BS, BH]; empty splits weigh 0
+    l_sum = tl.sum(w * l_s, 0)  # [BH]
+    mask_shd = mask_sh[:, :, None] & (offs_d[None, None, :] < D)
+    part = tl.load(po_ptr + row[:, :, None] * D + offs_d[None, None, :], mask=mask_shd, other=0.0)
+    out = tl.sum(w[:, :, None] * part, 0) / l_sum[:, None]  # [BH, BD]
     out_ptrs = out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :]
+    mask = (offs_h[:, None] < HQ) & (offs_d[None, :] < D)
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -181,10 +179,13 @@ def paged_decode_attention_triton(
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:
-        block_hr = min(block_h, 16)
+        block_s = triton.next_power_of_2(num_splits)
+        # about 8K fp32 partial values per program keeps the one-shot load in registers
+        block_hr = min(16, triton.next_power_of_2(num_heads), max(1, 8192 // (block_s * block_d)))
         _reduce_kernel[(batch, triton.cdiv(num_heads, block_hr))](
             part_out, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
-            HQ=num_heads, D=head_dim, BLOCK_H=block_hr, BLOCK_D=block_d, num_warps=4,
+            HQ=num_heads, D=head_dim, BLOCK_H=block_hr, BLOCK_D=block_d, BLOCK_S=block_s,
+            num_warps=4,
         )  # fmt: skip
     return out
 
