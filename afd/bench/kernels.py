@@ -29,6 +29,7 @@ NUM_EXPERTS, TOPK, HIDDEN, INTER = 48, 3, 7168, 5120
 ATTN_SWEEP = [(64, 4, 2, 1), (64, 4, 3, 1), (64, 8, 2, 1), (32, 4, 2, 1), (32, 4, 2, 2),
               (32, 4, 3, 2), (64, 4, 2, 2), (16, 4, 3, 2)]  # fmt: skip
 ATTN_SWEEP_SHAPES = [(32, 4096), (64, 32768)]
+SPLIT_SWEEP_SHAPES = [(32, 4096), (64, 4096), (128, 4096), (32, 8192), (128, 32768)]
 GEMM_SWEEP = [mg.GemmConfig(*c) for c in (
     (64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 5), (128, 128, 8, 4),
     (256, 64, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4), (256, 64, 8, 4),
@@ -88,13 +89,23 @@ def _attn_inputs(batch: int, seq_len: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _attn_triton(t: dict[str, torch.Tensor], seq_len: int, cfg: tuple) -> Callable:
+def _attn_triton(t: dict, seq_len: int, cfg: tuple, splits: int | None = None) -> Callable:
     bn, warps, stages, per_sm = cfg
     scale = HEAD_DIM**-0.5
     return lambda out=None: attn_triton(
-        t["q"], t["k"], t["v"], t["bt"], t["lens"], scale, seq_len,
+        t["q"], t["k"], t["v"], t["bt"], t["lens"], scale, seq_len, num_splits=splits,
         block_n=bn, num_warps=warps, num_stages=stages, programs_per_sm=per_sm, out=out,
     )  # fmt: skip
+
+
+def _split_sweep(cfg: tuple, log: list) -> None:
+    """Time per split count, to check the split heuristic against measurement."""
+    for batch, seq_len in SPLIT_SWEEP_SHAPES:
+        sets = _rotate(lambda b=batch, n=seq_len: _attn_inputs(b, n), batch * seq_len * 1024)
+        for splits in (1, 2, 3, 4, 6, 8, 12, 16):
+            ms = _ms(_cycle([_attn_triton(t, seq_len, cfg, splits) for t in sets]))
+            log.append({"B": batch, "L": seq_len, "splits": splits, "ms": ms})
+            print("split sweep", log[-1], flush=True)
 
 
 def _attn_check(t: dict[str, torch.Tensor], run: Callable) -> float:
@@ -135,6 +146,7 @@ def attention(copy_bw: float, results: dict) -> None:
     }
     best = min(ATTN_SWEEP, key=lambda c: score[c])
     results["attention_sweep"], results["attention_config"] = sweep, best
+    _split_sweep(best, results.setdefault("split_sweep", []))
     rows = results.setdefault("attention", [])
     for batch in (32, 64, 128):
         for seq_len in (4096, 8192, 32768):
