@@ -6,8 +6,10 @@ import multiprocessing as mp
 import os
 from collections.abc import Iterator
 
+import msgpack
 import pytest
 import torch
+import zmq
 
 from afd.bench.transport import echo_peer
 from transport import Transport, TransportTimeout, create_transport, known_kinds
@@ -155,6 +157,20 @@ def test_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="protocol"):
         create_transport("zmq", "a0", protocol="udp")
     assert "zmq" in known_kinds()
+
+
+def test_bad_message_is_skipped_whole(pair: tuple[Transport, Transport]) -> None:
+    """A malformed message raises once and does not corrupt the message behind it."""
+    _, f = pair
+    raw = zmq.Context.instance().socket(zmq.PUSH)  # one socket, so the two stay in order
+    raw.connect(f.address())
+    raw.send_multipart([msgpack.packb(["a0", 0, 0, 0, [["complex32", [1]]]]), b"xxxx"])
+    good = torch.ones(2)
+    raw.send_multipart([msgpack.packb(["a0", 0, 0, 1, [["float32", [2]]]]), good.numpy()])
+    raw.close(linger=1000)
+    with pytest.raises(RuntimeError, match="complex32"):
+        f.recv("a0", (0, 0, 1)).wait(5)
+    assert f.recv("a0", (0, 0, 1)).wait(5)[0].tolist() == [1.0, 1.0]
 
 
 def test_close_removes_ipc_file() -> None:

@@ -17,8 +17,9 @@ class TransportTimeout(TimeoutError):
     def __init__(self, peer: str, key: Key, timeout: float | None, what: str = "recv") -> None:
         self.peer = peer
         self.key = key
+        direction = "to" if what == "send" else "from"
         super().__init__(
-            f"{what} from/to peer {peer!r} for key (step, layer, micro_batch)={key} "
+            f"{what} {direction} peer {peer!r} for key (step, layer, micro_batch)={key} "
             f"did not complete within {timeout}s"
         )
 

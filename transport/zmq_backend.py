@@ -246,8 +246,14 @@ class ZmqTransport(Transport):
             header = self._pull.recv(zmq.NOBLOCK)
         except zmq.Again:
             return False
-        source, step, layer, micro_batch, specs = msgpack.unpackb(header)
-        tensors = [self._read_tensor(dtype_name, shape) for dtype_name, shape in specs]
+        try:
+            source, step, layer, micro_batch, specs = msgpack.unpackb(header)
+            tensors = [self._read_tensor(dtype_name, shape) for dtype_name, shape in specs]
+        except Exception:
+            # Skip the rest of this message so that the next read starts at a header.
+            while self._pull.getsockopt(zmq.RCVMORE):
+                self._pull.recv()
+            raise
         slot = (source, (step, layer, micro_batch))
         if slot in self._arrived:
             raise RuntimeError(f"{self.name}: peer {source!r} sent key {slot[1]} twice")
@@ -256,7 +262,9 @@ class ZmqTransport(Transport):
 
     def _read_tensor(self, dtype_name: str, shape: list[int]) -> torch.Tensor:
         """Read the next frame of the current message as a tensor the caller owns."""
-        dtype = DTYPES[dtype_name]
+        dtype = DTYPES.get(dtype_name)
+        if dtype is None:
+            raise RuntimeError(f"{self.name}: received unknown dtype {dtype_name!r}")
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes >= ZERO_COPY_MIN:
             # Zero-copy: the tensor keeps the zmq frame (a private allocation) alive.
