@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from afd.config import ConfigError, ModelConfig, RoleShape
+from afd.engine.admission import AdmitAll, TPOTAdmission
 from afd.engine.engine_core import EngineCore
 from afd.engine.executor import ColocatedExecutor, Executor
 from afd.engine.scheduler import Scheduler, SchedulerConfig
+from afd.engine.step_time import StepTimeModel
 from afd.models.build import load_attention_side, load_ffn_side, resolve_dtype
 from afd.models.step3 import FFNShard
 from attn_worker.ffn_client import LocalFFN
@@ -36,7 +38,14 @@ class EngineSettings:
     block_size: int = 16
     num_kv_blocks: int | None = None
     max_model_len: int | None = None
-    tpot_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None  # None: throughput first (offline); afd-serve: 50
+    # launching (afd/launch): "local" processes or "ray" actors, Ray cluster and placement
+    launcher: str = "local"
+    ray_address: str | None = None
+    attn_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources
+    ffn_resources: dict[str, float] = field(default_factory=dict)  # per bundle (device)
+    restart_on_failure: bool = False  # rebuild every rank after one fails (coordinator)
+    shutdown_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may finish
 
     def num_micro_batches(self) -> int:
         if self.micro_batches is not None:
@@ -99,6 +108,10 @@ def build_engine(settings: EngineSettings) -> EngineCore:
     max_len = model_len(settings, cfg)
     if settings.colocated:
         executor, num_blocks = build_colocated(settings, cfg)
+    elif settings.launcher == "ray":
+        from afd.launch.ray_launcher import build_ray_disaggregated
+
+        executor, num_blocks = build_ray_disaggregated(settings, cfg)
     else:
         from afd.launch.local import build_disaggregated
 
@@ -112,7 +125,11 @@ def build_engine(settings: EngineSettings) -> EngineCore:
         num_micro_batches=settings.num_micro_batches(),
         max_model_len=max_len,
     )
-    return EngineCore(Scheduler(sched), executor, cfg.eos_token_ids, max_len)
+    model = StepTimeModel()
+    admission = (
+        TPOTAdmission(model, settings.tpot_slo_ms / 1000) if settings.tpot_slo_ms else AdmitAll()
+    )
+    return EngineCore(Scheduler(sched, admission), executor, cfg.eos_token_ids, max_len, model)
 
 
 def parse_roles(settings: EngineSettings) -> tuple[RoleShape, RoleShape]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import zmq
@@ -16,15 +17,23 @@ from afd.engine.messages import AbortRequest, AddRequest
 from afd.engine.sequence import Sequence
 from afd.engine.stats import engine_stats
 from afd.sampling_params import SamplingParams
-from afd.server.messages import EngineReady, SeqUpdate, StepOutputs
+from afd.server.messages import EngineReady, EngineRestarted, SeqUpdate, StepOutputs
 from transport.codec import decode, encode
 
 IDLE_POLL_MS = 20
 
 
 class Coordinator:
-    def __init__(self, engine: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
+    def __init__(
+        self,
+        engine: EngineCore,
+        inbox: zmq.Socket,
+        outbox: zmq.Socket,
+        restart_with: EngineSettings | None = None,
+    ) -> None:
+        """restart_with: rebuild the engine from these settings when a rank fails."""
         self.engine, self.inbox, self.outbox = engine, inbox, outbox
+        self.restart_with = restart_with
         self.by_request: dict[str, list[Sequence]] = {}
         self.sent: dict[int, int] = {}  # seq_id -> output tokens already streamed
         self.error: str | None = None
@@ -96,7 +105,10 @@ class Coordinator:
         try:
             changed = self.engine.step()
         except ExecutorError as e:
-            self._fail_all(str(e))
+            if self.restart_with is None:
+                self._fail_all(str(e))
+            else:
+                self._restart(str(e))
             return
         updates = [self._update(s) for s in changed]
         self._forget([s for s in changed if s.finished])
@@ -133,6 +145,29 @@ class Coordinator:
         self.by_request.clear()
         self.outbox.send(encode(StepOutputs(updates, None, message)))
 
+    def _restart(self, message: str) -> None:
+        """Requests that had started lost their KV with the ranks and fail; requests still
+        waiting stay queued and compute on a new set of ranks."""
+        waiting = {s.seq_id for s in self.engine.scheduler.waiting}
+        kept = {
+            rid: seqs
+            for rid, seqs in self.by_request.items()
+            if all(s.finished or s.seq_id in waiting for s in seqs)
+        }
+        self.by_request = {rid: seqs for rid, seqs in self.by_request.items() if rid not in kept}
+        self._fail_all(message)
+        self.engine.executor.shutdown()
+        self.by_request = kept
+        try:
+            self.engine = build_engine(self.restart_with)
+        except Exception as e:  # the engine stays down and says why
+            self._fail_all(f"{message}; starting new ranks failed too: {e}")
+            return
+        for seq in (s for seqs in kept.values() for s in seqs if not s.finished):
+            self.engine.add(seq)
+        self.error = None
+        self.outbox.send(encode(EngineRestarted(describe(self.restart_with, self.engine))))
+
     def _send(self, updates: list[SeqUpdate]) -> None:
         self.outbox.send(encode(StepOutputs(updates, engine_stats(self.engine))))
 
@@ -143,18 +178,27 @@ def main(argv: list[str]) -> int:
     inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     inbox.connect(argv[1])
     outbox.connect(argv[2])
+    # the API server stops us with SIGTERM: exit through `finally` so the ranks (and the Ray
+    # launcher's actors and placement groups) are shut down too
+    signal.signal(signal.SIGTERM, _exit)
     engine = build_engine(settings)
+    restart_with = settings if settings.restart_on_failure else None
+    coordinator = Coordinator(engine, inbox, outbox, restart_with)
     try:
         blocks = engine.scheduler.config.num_kv_blocks
         layout = describe(settings, engine)
         outbox.send(encode(EngineReady(blocks, engine.max_model_len, layout)))
-        Coordinator(engine, inbox, outbox).run(os.getppid())
+        coordinator.run(os.getppid())
     finally:
-        engine.executor.shutdown()
+        coordinator.engine.executor.shutdown()
         inbox.close(0)
         outbox.close(linger=1000)
         ctx.term()
     return 0
+
+
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def describe(settings: EngineSettings, engine: EngineCore) -> str:

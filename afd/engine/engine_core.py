@@ -5,11 +5,13 @@ OutputProcessor on the client side)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from afd.engine.executor import Executor
 from afd.engine.messages import SampledToken, StepResult
 from afd.engine.scheduler import Scheduler, SchedulerOutput
 from afd.engine.sequence import SeqStatus, Sequence
+from afd.engine.step_time import StepTimeModel
 
 
 class EngineCore:
@@ -19,6 +21,8 @@ class EngineCore:
         executor: Executor,
         eos_token_ids: tuple[int, ...],
         max_model_len: int,
+        step_model: StepTimeModel | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.scheduler, self.executor = scheduler, executor
         self.eos_token_ids, self.max_model_len = set(eos_token_ids), max_model_len
@@ -26,6 +30,9 @@ class EngineCore:
         self.last_output: SchedulerOutput | None = None
         self.last_results: list[StepResult] = []
         self.last_schedule_s = 0.0
+        self.last_predicted_s = 0.0
+        self.step_model = step_model or StepTimeModel()
+        self.clock = clock  # tests drive a virtual clock
 
     def add(self, seq: Sequence) -> None:
         self.seqs[seq.seq_id] = seq
@@ -50,13 +57,18 @@ class EngineCore:
         self.last_output, self.last_schedule_s = out, time.perf_counter() - start
         if not out.scheduled:
             return []
+        self.last_predicted_s = self.step_model.predict(out.shape)
+        t0 = self.clock()
         self.last_results = self.executor.execute(out.plans)
+        self.step_model.observe(out.shape, self.clock() - t0)
         return self.update(out, self.last_results)
 
     def update(self, out: SchedulerOutput, results: list[StepResult]) -> list[Sequence]:
         for seq_id, n in out.scheduled.items():
-            self.seqs[seq_id].num_computed_tokens += n
-        now = time.monotonic()
+            seq = self.seqs[seq_id]
+            seq.num_computed_tokens += n
+            self.scheduler.computed(seq)
+        now = self.clock()
         changed = []
         for result in results:
             for token in result.sampled:

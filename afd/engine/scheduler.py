@@ -8,9 +8,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from afd.engine.admission import Admission, AdmitAll
-from afd.engine.block_manager import BlockManager
+from afd.engine.block_manager import BlockManager, block_hashes
 from afd.engine.micro_batches import split_micro_batches
 from afd.engine.sequence import SeqStatus, Sequence
+from afd.engine.step_time import StepShapeStats
 from attn_worker.messages import NewSequence, SamplingSpec, ScheduledChunk, StepPlan
 
 
@@ -23,6 +24,7 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # per rank
     num_micro_batches: int = 1
     max_model_len: int = 4096
+    enable_prefix_caching: bool = True
 
 
 @dataclass
@@ -30,7 +32,7 @@ class SchedulerOutput:
     step: int
     plans: list[StepPlan]
     scheduled: dict[int, int] = field(default_factory=dict)  # seq_id -> tokens this step
-    num_preempted: int = 0
+    shape: StepShapeStats | None = None
 
 
 class Scheduler:
@@ -38,7 +40,8 @@ class Scheduler:
         self.config = config
         self.admission = admission or AdmitAll()
         self.blocks = [
-            BlockManager(config.num_kv_blocks, config.block_size) for _ in range(config.num_ranks)
+            BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+            for _ in range(config.num_ranks)
         ]
         self.waiting: deque[Sequence] = deque()
         self.running: list[list[Sequence]] = [[] for _ in range(config.num_ranks)]
@@ -69,76 +72,125 @@ class Scheduler:
     # -- one step ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self.step_id += 1
-        budget = [self.config.max_num_batched_tokens] * self.config.num_ranks
-        scheduled: dict[int, int] = {}
-        new_on_rank: list[list[Sequence]] = [[] for _ in range(self.config.num_ranks)]
-        preempted = self._schedule_running(budget, scheduled)
-        self._schedule_waiting(budget, scheduled, new_on_rank)
-        plans = [self._plan(r, scheduled, new_on_rank[r]) for r in range(self.config.num_ranks)]
-        return SchedulerOutput(self.step_id, plans, scheduled, preempted)
+        cfg = self.config
+        budget = [cfg.max_num_batched_tokens] * cfg.num_ranks
+        out = SchedulerOutput(self.step_id, [], {}, StepShapeStats.empty(cfg.num_ranks))
+        self.admission.begin_step(self.running)
+        new_on_rank: list[list[Sequence]] = [[] for _ in range(cfg.num_ranks)]
+        self._schedule_running(budget, out)
+        self._schedule_waiting(budget, out, new_on_rank)
+        out.plans = [self._plan(r, out.scheduled, new_on_rank[r]) for r in range(cfg.num_ranks)]
+        return out
 
-    def _schedule_running(self, budget: list[int], scheduled: dict[int, int]) -> int:
+    def _schedule_running(self, budget: list[int], out: SchedulerOutput) -> None:
         """Decodes and unfinished prefills of running sequences first, oldest first."""
-        num_preempted = 0
         for rank, running in enumerate(self.running):
             i = 0
             while i < len(running):
                 seq = running[i]
                 n = min(seq.num_remaining_tokens, budget[rank])
+                if n > 1:  # a prefill chunk: the TPOT target may shrink it
+                    n = self.admission.admit(out.shape, rank, seq, n, new=False)
                 if n <= 0:
                     i += 1
                     continue
-                if not self._grow(seq, n):
+                if not self._grow(seq, rank, n):
                     victim = running[-1]  # newest arrival gives way
                     self._preempt(victim)
-                    num_preempted += 1
                     if victim is seq:
                         break
                     continue
-                scheduled[seq.seq_id], budget[rank] = n, budget[rank] - n
+                self._take(out, seq, rank, n, budget)
                 i += 1
-        return num_preempted
 
     def _schedule_waiting(
-        self, budget: list[int], scheduled: dict[int, int], new_on_rank: list[list[Sequence]]
+        self, budget: list[int], out: SchedulerOutput, new_on_rank: list[list[Sequence]]
     ) -> None:
+        """FCFS: the head of the queue goes to the best rank that can take it now."""
         while self.waiting:
             seq = self.waiting[0]
-            rank = self._place(seq, budget)
-            if rank is None:
-                return
-            n = min(seq.num_remaining_tokens, budget[rank])
-            n = self.admission.admit(rank, seq, n, self.running[rank], scheduled)
-            if n <= 0 or not self._grow_on(seq, rank, n):
+            placed = next(
+                (
+                    r
+                    for r in self._ranks_for(seq, budget, out.shape)
+                    if self._try_admit(seq, r, budget, out)
+                ),
+                None,
+            )
+            if placed is None:
                 return
             self.waiting.popleft()
-            seq.status, seq.rank = SeqStatus.RUNNING, rank
-            self.running[rank].append(seq)
-            new_on_rank[rank].append(seq)
-            scheduled[seq.seq_id], budget[rank] = n, budget[rank] - n
+            seq.status, seq.rank = SeqStatus.RUNNING, placed
+            self.running[placed].append(seq)
+            new_on_rank[placed].append(seq)
 
-    def _place(self, seq: Sequence, budget: list[int]) -> int | None:
-        """The rank with the most free KV, then the least work; None when none can take it."""
+    def _try_admit(self, seq: Sequence, rank: int, budget: list[int], out: SchedulerOutput) -> bool:
+        hits = self.blocks[rank].lookup(self._prompt_hashes(seq))
+        seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.config.block_size
+        n = min(seq.num_remaining_tokens, budget[rank])
+        n = self.admission.admit(out.shape, rank, seq, n, new=True)
+        if n <= 0 or not self._grow(seq, rank, n, hits):
+            seq.num_computed_tokens = seq.num_cached_tokens = 0
+            return False
+        self.blocks[rank].num_queries += seq.num_tokens
+        self.blocks[rank].num_hits += seq.num_cached_tokens
+        self._take(out, seq, rank, n, budget)
+        return True
+
+    def _take(
+        self, out: SchedulerOutput, seq: Sequence, rank: int, n: int, budget: list[int]
+    ) -> None:
+        out.scheduled[seq.seq_id] = n
+        out.shape.add(rank, n, seq.num_computed_tokens + n)
+        budget[rank] -= n
+
+    def _ranks_for(self, seq: Sequence, budget: list[int], shape: StepShapeStats) -> list[int]:
+        """Ranks that could take `seq`, best first: longest cached prefix, then least work
+        this step (every FFN rank waits for the slowest), then most free KV."""
         cfg = self.config
         candidates = [
             r
             for r in range(cfg.num_ranks)
             if budget[r] > 0 and len(self.running[r]) < cfg.max_num_seqs
         ]
-        if not candidates:
-            return None
-        return max(candidates, key=lambda r: (self.blocks[r].num_free_blocks, budget[r], -r))
+        hashes = self._prompt_hashes(seq)
+        hits = {r: len(self.blocks[r].lookup(hashes)) if hashes else 0 for r in candidates}
+        return sorted(
+            candidates,
+            key=lambda r: (-hits[r], shape.tokens[r], -self.blocks[r].num_free_blocks, r),
+        )
 
-    def _grow(self, seq: Sequence, n: int) -> bool:
-        return self._grow_on(seq, seq.rank, n)
+    def _prompt_hashes(self, seq: Sequence) -> list[int]:
+        if not self.config.enable_prefix_caching:
+            return []
+        # at least the last token is computed, so its logits exist to sample from
+        full = (seq.num_tokens - 1) // self.config.block_size
+        if len(seq.block_hashes) < full:
+            seq.block_hashes = block_hashes(seq.all_token_ids, self.config.block_size, full)
+        return seq.block_hashes[:full]
 
-    def _grow_on(self, seq: Sequence, rank: int, n: int) -> bool:
-        blocks = self.blocks[rank]
-        need = blocks.blocks_needed(seq.num_computed_tokens + n, len(seq.block_ids))
-        if not blocks.can_allocate(need):
+    def _grow(self, seq: Sequence, rank: int, n: int, cached: list[int] | None = None) -> bool:
+        blocks, cached = self.blocks[rank], cached or []
+        need = blocks.blocks_needed(seq.num_computed_tokens + n, len(seq.block_ids) + len(cached))
+        # cached blocks nobody holds sit in the free pool: taking them shrinks it too
+        taken_free = sum(1 for b in cached if blocks.ref_count[b] == 0)
+        if not blocks.can_allocate(need + taken_free):
             return False
+        blocks.acquire(cached)
+        seq.block_ids += cached
         seq.block_ids += blocks.allocate(need)
         return True
+
+    def computed(self, seq: Sequence) -> None:
+        """After a step: make the sequence's newly full blocks findable by later prompts."""
+        if not self.config.enable_prefix_caching or seq.rank is None:
+            return
+        bs, blocks = self.config.block_size, self.blocks[seq.rank]
+        full = min(seq.num_computed_tokens // bs, len(seq.block_ids))
+        if len(seq.block_hashes) < full:
+            seq.block_hashes = block_hashes(seq.all_token_ids, bs, full)
+        for b in range(full):
+            blocks.register(seq.block_ids[b], seq.block_hashes[b])
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees the sequence's KV and queues it for recompute at the head of the line."""
@@ -150,7 +202,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:
-        self.blocks[seq.rank].free(seq.block_ids)
+        self.blocks[seq.rank].free_blocks(seq.block_ids)
         if seq.num_blocks_sent or seq.num_computed_tokens:
             self.to_free[seq.rank].append(seq.seq_id)
         seq.block_ids, seq.num_blocks_sent = [], 0

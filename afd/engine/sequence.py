@@ -32,6 +32,7 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     num_blocks_sent: int = 0  # block ids the rank already knows (plans carry the rest)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    block_hashes: list[int] = field(default_factory=list)  # hash chain of its full blocks
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     arrival_time: float = field(default_factory=time.monotonic)

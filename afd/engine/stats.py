@@ -18,5 +18,8 @@ def engine_stats(engine: EngineCore) -> EngineStats:
         num_waiting=len(sched.waiting),
         kv_usage=[b.usage for b in sched.blocks],
         num_preemptions=sched.num_preemptions,
+        prefix_queries=sum(b.num_queries for b in sched.blocks),
+        prefix_hits=sum(b.num_hits for b in sched.blocks),
         step_phases=phases,
+        predicted_step_s=engine.last_predicted_s,
     )
