@@ -40,6 +40,7 @@ class _Tag:
 
 
 _TUPLE = _Tag("tuple", tuple)
+_DECODE_TAGS: dict[tuple[int, bytes], _Tag] = {(_EXT_TUPLE, b""): _TUPLE}
 
 
 class CodecError(ValueError):
@@ -59,7 +60,8 @@ def message(cls: type[T]) -> type[T]:
             f"rename {_origin(cls)} (tags are class names)"
         )
     _TYPES[name] = cls
-    _TAGS[cls] = msgpack.ExtType(_EXT_ENUM if is_enum else _EXT_MESSAGE, name.encode())
+    tag = _TAGS[cls] = msgpack.ExtType(_EXT_ENUM if is_enum else _EXT_MESSAGE, name.encode())
+    _DECODE_TAGS[(tag.code, tag.data)] = _Tag(name, cls)
     if not is_enum:
         # init=False fields are derived in __post_init__, so they are not sent.
         _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls) if f.init)
@@ -134,16 +136,14 @@ def _default(obj: Any) -> list[Any]:
 
 
 def _ext_hook(code: int, data: bytes) -> _Tag:
-    if code == _EXT_TUPLE:
-        return _TUPLE
+    tag = _DECODE_TAGS.get((code, data))
+    if tag is not None:
+        return tag
     if code not in (_EXT_MESSAGE, _EXT_ENUM):
         raise CodecError(f"unknown msgpack ext code {code}")
-    name = data.decode()
-    cls = _TYPES.get(name)
-    if cls is None or (code == _EXT_MESSAGE) != (cls in _FIELDS):
-        kind = "message type" if code == _EXT_MESSAGE else "enum"
-        raise CodecError(f"unknown {kind} {name!r}; import the module that defines it")
-    return _Tag(name, cls)
+    kind = "message type" if code == _EXT_MESSAGE else "enum"
+    name = data.decode(errors="replace")
+    raise CodecError(f"unknown {kind} {name!r}; import the module that defines it")
 
 
 def _list_hook(items: list[Any]) -> Any:
