@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import time
+from collections.abc import Callable
 
 import torch
 import zmq
@@ -37,6 +38,8 @@ class DisaggregatedExecutor(Executor):
         self.procs: dict[str, RankProcess] = {}
         self.last_beat: dict[str, float] = {}
         self.failed: str | None = None
+        # launcher cleanup after the ranks stop (the Ray launcher frees its placement groups)
+        self.on_shutdown: Callable[[], None] | None = None
         atexit.register(self.shutdown)
 
     # -- start -------------------------------------------------------------------------------
@@ -123,6 +126,8 @@ class DisaggregatedExecutor(Executor):
                 proc.kill()
                 proc.wait(5)
         self.procs.clear()
+        if self.on_shutdown is not None:
+            self.on_shutdown()
         self.router.close(0)
         self.ctx.term()
         atexit.unregister(self.shutdown)

@@ -14,8 +14,15 @@ from afd import envs
 from afd.config import ConfigError, ModelConfig
 from afd.engine.builder import EngineSettings, parse_roles
 from afd.engine.metrics import EngineMetrics
+from afd.launch.launch_options import (
+    add_launch_args,
+    launch_fields,
+    placement_plan,
+    serve_until_sigterm,
+    stop_on_sigterm,
+)
 from afd.models.tiny import make_tiny_model
-from afd.server.api_server import add_server_args, build_app, serve, settings_from_args
+from afd.server.api_server import add_server_args, build_app, settings_from_args
 from afd.server.coordinator_client import CoordinatorClient
 from afd.tokenizer import Tokenizer
 
@@ -36,6 +43,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-kv-blocks", type=int, default=None, help="per attention rank")
     g.add_argument("--tpot-slo-ms", type=float, default=50.0, help="time-per-output-token target")
+    add_launch_args(parser)
 
 
 def tiny_model_path() -> Path:
@@ -62,6 +70,7 @@ def engine_settings(args: argparse.Namespace, model: str) -> EngineSettings:
         num_kv_blocks=args.num_kv_blocks,
         max_model_len=args.max_model_len,
         tpot_slo_ms=args.tpot_slo_ms,
+        **launch_fields(args),
     )
     parse_roles(settings)
     settings.num_micro_batches()
@@ -72,6 +81,10 @@ def engine_settings(args: argparse.Namespace, model: str) -> EngineSettings:
 async def run(args: argparse.Namespace) -> None:
     model = str(args.model or tiny_model_path())
     settings = engine_settings(args, model)
+    if args.dry_run:
+        print(placement_plan(settings), flush=True)
+        return
+    stop_on_sigterm()
     tokenizer = Tokenizer.from_pretrained(model, chat_template=args.chat_template)
     names = args.served_model_name or ([model] if args.model else ["tiny-step3"])
     metrics = EngineMetrics()
@@ -85,7 +98,9 @@ async def run(args: argparse.Namespace) -> None:
             f"afd-serve: OpenAI API at http://{args.host}:{args.port}/v1 (model {names[0]!r})",
             flush=True,
         )
-        await serve(build_app(client, settings_from_args(args)), args.host, args.port)
+        app = build_app(client, settings_from_args(args))
+        shutdown_s = settings.shutdown_timeout_s
+        await serve_until_sigterm(app, args.host, args.port, shutdown_s, client.abort_all)
     finally:
         await client.shutdown()
 

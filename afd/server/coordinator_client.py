@@ -22,7 +22,13 @@ from afd.engine.sequence import SeqStatus, Sequence
 from afd.outputs import RequestOutput
 from afd.sampling_params import SamplingParams
 from afd.server.engine_client import EngineError
-from afd.server.messages import EngineReady, EngineStats, SeqUpdate, StepOutputs
+from afd.server.messages import (
+    EngineReady,
+    EngineRestarted,
+    EngineStats,
+    SeqUpdate,
+    StepOutputs,
+)
 from afd.tokenizer import Tokenizer
 from transport.codec import decode, encode
 
@@ -93,6 +99,15 @@ class CoordinatorClient:
             self._reader.cancel()
         self.ctx.destroy(linger=0)
 
+    async def abort_all(self, message: str = "the server is shutting down") -> None:
+        """Ends every in-flight request with `message` and turns unhealthy (shutdown deadline)."""
+        updates = [
+            SeqUpdate(rid, i, [], None, "error", None, message)
+            for (rid, i), seq in self.seqs.items()
+            if not seq.finished
+        ]
+        await self._apply(StepOutputs(updates, None, message))
+
     def is_healthy(self) -> bool:
         return self.error is None and self.proc is not None and self.proc.poll() is None
 
@@ -138,6 +153,9 @@ class CoordinatorClient:
             msg = decode(await self.inbox.recv())
             if isinstance(msg, StepOutputs):
                 await self._apply(msg)
+            elif isinstance(msg, EngineRestarted):  # --restart-on-failure: healthy again
+                self.error, self.layout = None, msg.layout
+                print(f"afd-serve: ranks restarted: {msg.layout}", flush=True)
 
     async def _apply(self, msg: StepOutputs) -> None:
         if msg.engine_error:

@@ -39,7 +39,7 @@ class EngineStats:
 class StepOutputs:
     updates: list[SeqUpdate]
     stats: EngineStats | None = None
-    engine_error: str | None = None  # set once the engine is down for good
+    engine_error: str | None = None  # the engine went down (until EngineRestarted, if ever)
 
 
 @message
@@ -50,3 +50,12 @@ class EngineReady:
     num_kv_blocks: int
     max_model_len: int
     layout: str  # what runs where, for the start-up banner
+
+
+@message
+@dataclass
+class EngineRestarted:
+    """After a rank failed (its requests failed with engine_error), the coordinator started new
+    ranks (--restart-on-failure): the engine takes requests again."""
+
+    layout: str

@@ -1,0 +1,126 @@
+"""`afd-serve`'s launch flags (local processes or a Ray cluster, failure and shutdown policy),
+the --dry-run placement report, and serving that shuts down gracefully on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Awaitable, Callable
+
+import uvicorn
+from fastapi import FastAPI
+
+from afd.config import ConfigError
+from afd.engine.builder import EngineSettings, parse_roles
+from afd.launch.local import rank_names
+
+
+def add_launch_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("launch")
+    g.add_argument(
+        "--launcher",
+        choices=["local", "ray"],
+        default=None,
+        help="ranks as local processes or Ray actors (default: ray when a Ray address is given)",
+    )
+    # RAY_ADDRESS is Ray's own variable; ray.init reads it too
+    g.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None)
+    g.add_argument(
+        "--attn-resources",
+        default=None,
+        help="extra Ray resources per attention device, JSON: '{\"attn_node\": 1}'",
+    )
+    g.add_argument("--ffn-resources", default=None, help="same, per FFN device")
+    g.add_argument("--restart-on-failure", action="store_true", help="restart ranks that die")
+    g.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish requests"
+    )
+    g.add_argument("--dry-run", action="store_true", help="print the placement plan and exit")
+
+
+def launch_fields(args: argparse.Namespace) -> dict[str, object]:
+    """The EngineSettings fields the launch flags set."""
+    launcher = args.launcher or ("ray" if args.ray_address else "local")
+    if args.shutdown_timeout < 0:
+        raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if launcher == "ray" and args.colocated:
+        raise ConfigError("--launcher ray starts attention and FFN ranks; drop --colocated")
+    return {
+        "launcher": launcher,
+        "ray_address": args.ray_address,
+        "attn_resources": parse_resources(args.attn_resources, "--attn-resources"),
+        "ffn_resources": parse_resources(args.ffn_resources, "--ffn-resources"),
+        "restart_on_failure": args.restart_on_failure,
+        "shutdown_timeout_s": args.shutdown_timeout,
+    }
+
+
+def parse_resources(text: str | None, flag: str) -> dict[str, float]:
+    """`--attn-resources '{"attn_node": 1}'`: custom Ray resources every bundle asks for."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag}: expected a JSON object like '{{\"attn_node\": 1}}': {e}") from e
+    if not isinstance(value, dict) or not all(
+        isinstance(v, int | float) and v > 0 for v in value.values()
+    ):
+        raise ConfigError(f"{flag}: expected a JSON object of positive numbers, got {text!r}")
+    return {str(k): float(v) for k, v in value.items()}
+
+
+def placement_plan(settings: EngineSettings) -> str:
+    if settings.launcher == "ray":
+        from afd.launch.ray_launcher import placement_report
+
+        return placement_report(settings)
+    attn, ffn = rank_names(settings)
+    shapes = parse_roles(settings)
+    device = "GPU" if settings.device == "cuda" else "CPU"
+    lines = [f"placement on this machine (local launcher, {len(attn) + len(ffn)} processes):"]
+    for i, name in enumerate(attn + ffn):
+        role, shape = ("attention", shapes[0]) if i < len(attn) else ("FFN", shapes[1])
+        index = (i if i < len(attn) else i - len(attn)) // shape.devices_per_instance
+        gpu = f" {i}" if device == "GPU" else ""
+        lines.append(f"  {f'{role} instance {index}':22} rank {name:4} {device}{gpu}")
+    return "\n".join(lines)
+
+
+async def serve_until_sigterm(
+    app: FastAPI, host: str, port: int, shutdown_s: float, abort: Callable[[], Awaitable[None]]
+) -> None:
+    """On SIGTERM uvicorn stops accepting; in-flight requests may finish for shutdown_s, then
+    abort() ends the rest with an error. uvicorn re-raises the signal once it is done: our
+    handler (stop_on_sigterm) turns that into SystemExit, so the caller's `finally` still
+    stops the coordinator."""
+    config = uvicorn.Config(
+        app, host=host, port=port, timeout_keep_alive=30, timeout_graceful_shutdown=shutdown_s + 5
+    )
+    server = uvicorn.Server(config)
+    deadline = asyncio.create_task(_abort_after(server, shutdown_s, abort))
+    try:
+        await server.serve()
+    finally:
+        deadline.cancel()
+
+
+async def _abort_after(
+    server: uvicorn.Server, shutdown_s: float, abort: Callable[[], Awaitable[None]]
+) -> None:
+    while not server.should_exit:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(shutdown_s)
+    await abort()
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises SystemExit (exit code 0), so `finally` blocks stop what we started."""
+    signal.signal(signal.SIGTERM, _exit)
+
+
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(0)

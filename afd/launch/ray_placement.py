@@ -1,0 +1,106 @@
+"""Where ranks go on a Ray cluster: one placement group per instance (G bundles, STRICT_PACK so
+an instance stays on one node, with the role's custom resources), and the --dry-run report."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+
+from afd import envs
+from afd.config import ConfigError
+from afd.engine.builder import EngineSettings, parse_roles
+from afd.launch.local import rank_names
+
+
+@dataclass(frozen=True)
+class Instance:
+    role: str  # "attention" or "FFN"
+    index: int
+    ranks: list[str]
+    bundles: list[dict[str, float]]
+
+    def __str__(self) -> str:
+        return f"{self.role} instance {self.index}"
+
+
+def connect(address: str | None) -> None:
+    """Joins the cluster at `address` (or RAY_ADDRESS / a local one) once per process."""
+    if not ray.is_initialized():
+        ray.init(address=address, namespace="afd", log_to_driver=True)
+
+
+def coordinator_host(address: str | None) -> str:
+    """The address ranks reach the coordinator at: loopback when the cluster itself was given
+    by a loopback address (it runs on this machine), else this node's IP."""
+    host = (address or "").removeprefix("ray://").rsplit(":", 1)[0]
+    try:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return "127.0.0.1"
+    except ValueError:
+        pass
+    return ray.util.get_node_ip_address()
+
+
+def bundle(device: str, extra: dict[str, float]) -> dict[str, float]:
+    base = {"CPU": 1.0, "GPU": 1.0} if device == "cuda" else {"CPU": 1.0}
+    return {**base, **{k: float(v) for k, v in extra.items()}}
+
+
+def plan_instances(settings: EngineSettings) -> list[Instance]:
+    """Every attention instance, then every FFN instance, with the ranks each one holds."""
+    shapes = parse_roles(settings)
+    names = rank_names(settings)
+    extras = (settings.attn_resources, settings.ffn_resources)
+    plan = []
+    for role, shape, ranks, extra in zip(("attention", "FFN"), shapes, names, extras, strict=True):
+        g = shape.devices_per_instance
+        for i in range(shape.num_instances):
+            bundles = [bundle(settings.device, extra) for _ in range(g)]
+            plan.append(Instance(role, i, ranks[i * g : (i + 1) * g], bundles))
+    return plan
+
+
+def reserve(plan: list[Instance]) -> list[PlacementGroup]:
+    """One placement group per instance, all ready; none left behind if any cannot be placed."""
+    groups = [placement_group(i.bundles, strategy="STRICT_PACK", name=_pg_name(i)) for i in plan]
+    pending = {g.ready(): (g, inst) for g, inst in zip(groups, plan, strict=True)}
+    _, late = ray.wait(list(pending), num_returns=len(pending), timeout=envs.STARTUP_TIMEOUT_S)
+    if late:
+        release(groups)
+        inst = pending[late[0]][1]
+        raise ConfigError(
+            f"Ray could not place {inst} ({len(inst.bundles)} x {inst.bundles[0]} on one node) "
+            f"within {envs.STARTUP_TIMEOUT_S:.0f}s; the cluster has "
+            f"{ray.cluster_resources()}. Check --attn/--ffn, --device and the role resources"
+        )
+    return groups
+
+
+def release(groups: list[PlacementGroup]) -> None:
+    for group in groups:
+        try:
+            remove_placement_group(group)
+        except Exception:  # already gone with its job or cluster: nothing left to free
+            pass
+
+
+def _pg_name(inst: Instance) -> str:
+    return f"afd-{'attn' if inst.role == 'attention' else 'ffn'}-{inst.index}"
+
+
+def format_plan(plan: list[Instance], where: dict[str, dict[str, object]]) -> str:
+    """One line per rank: instance, node IP and id, devices; `where` from RankActor.where."""
+    nodes = {str(w["node_ip"]) for w in where.values()}
+    lines = [f"placement on {len(nodes)} node(s) of the Ray cluster ({len(plan)} instances):"]
+    for inst in plan:
+        for rank in inst.ranks:
+            w = where[rank]
+            devices = f"GPU {w['gpus']}" if w["gpus"] else "CPU"
+            lines.append(
+                f"  {str(inst):22} rank {rank:4} node {w['node_ip']} "
+                f"(id {str(w['node_id'])[:12]}) {devices}"
+            )
+    return "\n".join(lines)
