@@ -137,10 +137,10 @@ def paged_decode_attention_triton(
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
     num_splits: int | None = None,
-    block_n: int = 64,
+    block_n: int = 32,
     num_warps: int = 4,
-    num_stages: int = 2,
-    programs_per_sm: int = 1,
+    num_stages: int = 3,
+    programs_per_sm: int = 2,
     out: Tensor | None = None,
 ) -> Tensor:
     """Triton path; see `paged_decode_attention`. `max_seq_len` avoids a device sync when the
@@ -163,7 +163,8 @@ def paged_decode_attention_triton(
     num_splits = triton.cdiv(max_seq_len, split_tokens)
     out = torch.empty_like(q) if out is None else out  # [B, Hq, D]
     f32 = dict(device=q.device, dtype=torch.float32)
-    parts = 0 if num_splits == 1 else batch * num_splits * num_heads
+    # one split stores straight to `out`; one element keeps the unused pointers non-null
+    parts = 1 if num_splits == 1 else batch * num_splits * num_heads
     part_out = torch.empty(parts * head_dim, **f32)  # [B, S, Hq, D]
     part_m = torch.empty(parts, **f32)  # [B, S, Hq]
     part_l = torch.empty(parts, **f32)  # [B, S, Hq]
