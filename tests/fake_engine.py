@@ -61,6 +61,7 @@ class FakeEngine:
         self.token_delay = token_delay
         self.healthy = True
         self.fail_with: str | None = None  # make every request end with this engine error
+        self.stall = False  # never produce output, like an engine that died silently
         self.in_flight: set[str] = set()
         self.aborted: list[str] = []
         self.finished: list[str] = []
@@ -93,6 +94,8 @@ class FakeEngine:
             _Choice(i, tok.encode(self.reply(prompt, i)), tok, params) for i in range(params.n)
         ]
         step = 0
+        if self.stall:
+            await asyncio.Event().wait()  # until cancelled
         while request_id in self.in_flight:
             await asyncio.sleep(self.token_delay)
             if request_id not in self.in_flight:

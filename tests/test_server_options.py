@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 
 import httpx
 import pytest
 from fake_engine import FakeEngine, running_server
 
 from afd.server.api_server import ServerSettings, add_server_args, build_app, settings_from_args
+from afd.server.engine_stream import EngineStreams
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -85,3 +87,17 @@ def test_force_include_usage() -> None:
         events = sse_events(httpx.post(url + "/v1/chat/completions", json=body).text)
         usage = json.loads(events[-2])
         assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 2
+
+
+def test_requests_fail_when_the_engine_dies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(EngineStreams, "health_poll_s", 0.05)
+    engine = FakeEngine()
+    engine.stall = True  # requests wait forever...
+    with running_server(build_app(engine, ServerSettings())) as url:
+        threading.Timer(0.3, lambda: setattr(engine, "healthy", False)).start()  # ...it dies
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": MSGS}, timeout=5)
+        assert r.status_code == 500 and "not healthy" in r.json()["error"]["message"]
+        body = {"prompt": "x", "stream": True}
+        events = sse_events(httpx.post(url + "/v1/completions", json=body, timeout=5).text)
+        assert "not healthy" in json.loads(events[-2])["error"]["message"]
+        assert len(engine.aborted) == 2 and not engine.in_flight

@@ -1,24 +1,21 @@
 """What chat and completions serving share: model lookup, sampling parameters, the context
-length check, engine streams that abort on early exit, and SSE framing."""
+length check, cancellation on disconnect, and SSE framing."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
-import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
 from fastapi import Request
 from pydantic import BaseModel
 
-from afd.outputs import RequestOutput
 from afd.sampling_params import SamplingParams
-from afd.server.engine_client import EngineClient, EngineError
+from afd.server.engine_client import EngineClient
+from afd.server.engine_stream import EngineStreams
 from afd.server.errors import APIError, BadRequestError, NotFoundError, error_body, to_api_error
 from afd.server.logprobs import LogprobFormatter
 from afd.server.metrics import ServerMetrics
@@ -27,8 +24,6 @@ from afd.server.protocol import SamplingFields
 from afd.server.settings import ServerSettings
 
 T = TypeVar("T")
-logger = logging.getLogger(__name__)
-ABORT_TIMEOUT_S = 5.0
 DONE = "data: [DONE]\n\n"
 
 
@@ -52,6 +47,8 @@ class Serving:
         self.model_names = settings.served_model_names or (engine.model_name,)
         self.prompts = PromptBuilder(engine.tokenizer, settings.chat_template)
         self.metrics = ServerMetrics(self.model_names[0])
+        self.streams = EngineStreams(engine, self.metrics)
+        self.generate = self.streams.stream
         self.logprobs = LogprobFormatter(engine.tokenizer)
 
     def resolve_model(self, name: str | None) -> str:
@@ -113,87 +110,6 @@ class Serving:
             include_stop_str_in_output=req.include_stop_str_in_output,
             **kw,
         )
-
-    async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
-        """Engine outputs for one request. Leaving early for any reason (client gone,
-        cancellation, error) aborts the request so its KV blocks are freed."""
-        finished, start, last = False, time.monotonic(), None
-        out: RequestOutput | None = None
-        self.metrics.on_start()
-        gen = self.engine.generate(request_id, prompt_ids, params)
-        try:
-            async for out in gen:
-                if out.error:
-                    raise EngineError(out.error)
-                last = self._observe(start, last, out)
-                finished = out.finished
-                yield out
-                if finished:
-                    break
-        finally:
-            # Shielded (the caller may be cancelled) but bounded (the engine may be dead).
-            with anyio.move_on_after(ABORT_TIMEOUT_S, shield=True):
-                if not finished:
-                    await self._abort(request_id)
-                with contextlib.suppress(Exception):
-                    await gen.aclose()  # type: ignore[attr-defined]
-            self._finish(start, prompt_ids, out)
-
-    async def _abort(self, request_id: str) -> None:
-        try:
-            await self.engine.abort(request_id)
-        except Exception:  # a failed abort must not hide why the request ended
-            logger.exception("engine.abort(%s) failed", request_id)
-
-    def _observe(self, start: float, last: float | None, out: RequestOutput) -> float | None:
-        if not any(c.token_ids for c in out.outputs):
-            return last
-        now = time.monotonic()
-        if last is None:
-            self.metrics.on_first_token(now - start)
-        else:
-            self.metrics.on_next_output(now - last)
-        return now
-
-    def _finish(self, start: float, prompt_ids: list[int], out: RequestOutput | None) -> None:
-        outputs = out.outputs if out is not None else []
-        reasons = [c.finish_reason or "abort" for c in outputs] or ["abort"]
-        num_out = sum(len(c.token_ids) for c in outputs)
-        self.metrics.on_end(len(prompt_ids), num_out, reasons, time.monotonic() - start)
-
-
-async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
-    """Interleave several async iterators, tagging items with their stream's position.
-    Leaving early cancels every stream (each then aborts its engine request)."""
-    queue: asyncio.Queue[tuple[int, Any, BaseException | None, bool]] = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncIterator[T]) -> None:
-        try:
-            async for item in stream:
-                await queue.put((i, item, None, False))
-        except Exception as e:  # surfaced to the consumer below
-            await queue.put((i, None, e, True))
-            return
-        await queue.put((i, None, None, True))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item, exc, done = await queue.get()
-            if exc is not None:
-                raise exc
-            if done:
-                remaining -= 1
-            else:
-                yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        with anyio.CancelScope(shield=True):
-            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T | None:

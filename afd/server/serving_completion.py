@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from afd.outputs import CompletionOutput, RequestOutput
 from afd.sampling_params import SamplingParams
+from afd.server.engine_stream import merge_streams
 from afd.server.errors import BadRequestError
 from afd.server.protocol import (
     CompletionChoice,
@@ -20,14 +21,7 @@ from afd.server.protocol import (
     CompletionResponse,
     UsageInfo,
 )
-from afd.server.serving_common import (
-    DONE,
-    Serving,
-    merge_streams,
-    sse,
-    sse_error,
-    until_disconnect,
-)
+from afd.server.serving_common import DONE, Serving, sse, sse_error, until_disconnect
 from afd.server.sse_response import SSEResponse
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
