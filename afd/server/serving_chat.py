@@ -214,6 +214,8 @@ class ChatServing(Serving):
         last: RequestOutput | None = None
         try:
             async for out in self.generate(ctx.request_id, ctx.prompt_ids, params):
+                if last is None and not (out.finished or any(c.token_ids for c in out.outputs)):
+                    continue  # prefill progress: the role chunk waits for a token (true TTFT)
                 if last is None:
                     for i in range(params.n):
                         yield sse(self._chunk(ctx, i, DeltaMessage(role="assistant", content="")))
