@@ -62,6 +62,9 @@ class FakeEngine:
         self.healthy = True
         self.fail_with: str | None = None  # make every request end with this engine error
         self.stall = False  # never produce output, like an engine that died silently
+        # Break the stream contract like a naive engine: stream stop-string prefixes and
+        # keep the detokenized EOS (with skip_special_tokens=False) in the text.
+        self.leaky = False
         self.in_flight: set[str] = set()
         self.aborted: list[str] = []
         self.finished: list[str] = []
@@ -127,6 +130,8 @@ class FakeEngine:
         if c.out.logprobs is not None:
             c.out.logprobs.append(self._logprobs(token, params.logprobs or 0))
         if (token == eos and not params.ignore_eos) or token in params.stop_token_ids:
+            if self.leaky:
+                c.full_text += c.detok.add(token)
             c.out.text = c.full_text + c.detok.flush()
             c.out.finish_reason = "stop"
             c.out.stop_reason = None if token == eos else token
@@ -141,7 +146,8 @@ class FakeEngine:
         elif params.max_tokens is not None and len(c.out.token_ids) >= params.max_tokens:
             c.out.text, c.out.finish_reason = c.full_text + c.detok.flush(), "length"
         else:
-            c.out.text = c.full_text[: safe_emit_length(c.full_text, params.stop)]
+            held = len(c.full_text) if self.leaky else safe_emit_length(c.full_text, params.stop)
+            c.out.text = c.full_text[:held]
 
     def _logprobs(self, token: int, k: int) -> dict[int, float]:
         vocab = self.tokenizer.vocab_size

@@ -8,7 +8,7 @@ import threading
 
 import httpx
 import pytest
-from fake_engine import FakeEngine, running_server
+from fake_engine import DEFAULT_REPLY, FakeEngine, running_server
 
 from afd.server.api_server import ServerSettings, add_server_args, build_app, settings_from_args
 from afd.server.engine_stream import EngineStreams
@@ -101,3 +101,18 @@ def test_requests_fail_when_the_engine_dies(monkeypatch: pytest.MonkeyPatch) -> 
         events = sse_events(httpx.post(url + "/v1/completions", json=body, timeout=5).text)
         assert "not healthy" in json.loads(events[-2])["error"]["message"]
         assert len(engine.aborted) == 2 and not engine.in_flight
+
+
+def test_server_holds_back_what_a_leaky_engine_streams() -> None:
+    engine = FakeEngine()
+    engine.leaky = True
+    reply = DEFAULT_REPLY.format(i=0)
+    with running_server(build_app(engine, ServerSettings())) as url:
+        body = {"messages": MSGS, "stop": ["brown fox"], "stream": True}
+        events = sse_events(httpx.post(url + "/v1/chat/completions", json=body).text)
+        chunks = [json.loads(e) for e in events[:-1]]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert text == reply.split("brown fox")[0]  # "brown" was streamed by the engine
+        body = {"messages": MSGS, "skip_special_tokens": False}
+        r = httpx.post(url + "/v1/chat/completions", json=body).json()
+        assert r["choices"][0]["message"]["content"] == reply  # no trailing <|EOT|>

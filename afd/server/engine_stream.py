@@ -4,6 +4,7 @@ exit, timed for metrics, and failed (not hung) when the engine dies mid-request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from afd.detokenizer import safe_emit_length
 from afd.outputs import RequestOutput
 from afd.sampling_params import SamplingParams
 from afd.server.engine_client import EngineClient, EngineError
@@ -30,6 +32,7 @@ class EngineStreams:
         self.metrics = metrics
         self.waiting: set[asyncio.Queue[Any]] = set()
         self.watchdog: asyncio.Task[None] | None = None
+        self.eos_text: str | None = getattr(engine.tokenizer, "eos_token", None)
 
     async def stream(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
@@ -45,7 +48,7 @@ class EngineStreams:
         finished, start, last, out = False, time.monotonic(), None, None
         try:
             while not finished:
-                out = _check(await queue.get())
+                out = self._visible(_check(await queue.get()), params)
                 last = self._observe(start, last, out)
                 finished = out.finished
                 yield out
@@ -58,6 +61,19 @@ class EngineStreams:
                 pump.cancel()
                 await asyncio.gather(pump, return_exceptions=True)
             self._finish(start, prompt_ids, out)
+
+    def _visible(self, out: RequestOutput, params: SamplingParams) -> RequestOutput:
+        """Defend the stream contract: text that may still become a stop string is held back
+        until the choice ends, and a detokenized EOS is not part of the answer."""
+        for i, c in enumerate(out.outputs):
+            text = c.text
+            if c.finish_reason is None and params.stop:
+                text = text[: safe_emit_length(text, params.stop)]
+            elif c.finish_reason == "stop" and c.stop_reason is None and self.eos_text:
+                text = text.removesuffix(self.eos_text)
+            if text is not c.text:
+                out.outputs[i] = dataclasses.replace(c, text=text)
+        return out
 
     async def _abort(self, request_id: str) -> None:
         try:
