@@ -148,3 +148,26 @@ def test_assistant_history_with_tool_calls(client: openai.OpenAI, base_url: str)
     assert r.choices[0].message.tool_calls
     tok = httpx.post(base_url + "/tokenize", json={"messages": history, "tools": TOOLS})
     assert tok.status_code == 200 and tok.json()["count"] > 20
+
+
+class _DropsThinkMarkers:
+    """A tokenizer whose `</think>` is a special token, dropped by skip_special_tokens."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        text = self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
+        return text.replace("</think>", "") if skip_special_tokens else text
+
+
+def test_special_think_marker_is_kept_for_the_parser() -> None:
+    base = FakeEngine()
+    engine = FakeEngine(tokenizer=_DropsThinkMarkers(base.tokenizer), reply=lambda p, i: TOOL_REPLY)
+    with running_server(build_app(engine, ServerSettings(reasoning_parser="step3"))) as url:
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": MESSAGES}).json()
+    assert r["choices"][0]["message"]["reasoning"] == THINK
+    assert engine.last_params.skip_special_tokens is False

@@ -37,6 +37,8 @@ def held_prefix_len(text: str, marker: str) -> int:
 
 
 class ReasoningParser(ABC):
+    end_marker: str  # the text that ends reasoning; it must reach the parser undeleted
+
     @abstractmethod
     def starts_in_reasoning(self, prompt: str) -> bool:
         """Whether generation begins inside the reasoning block, judged from the prompt."""
@@ -53,7 +55,7 @@ class Step3ReasoningParser(ReasoningParser):
     is reasoning; without `</think>` the whole output is reasoning."""
 
     start = "<think>"
-    end = "</think>"
+    end = end_marker = "</think>"
 
     def starts_in_reasoning(self, prompt: str) -> bool:
         # Thinking is off only if the prompt itself closed the last think block

@@ -63,6 +63,11 @@ class ChatServing(Serving):
         super().__init__(engine, settings)
         name = self.settings.reasoning_parser
         self.reasoning = create_reasoning_parser(name) if name else None
+        # If the tokenizer drops the think markers as special tokens, keep special tokens in
+        # the text of reasoning requests, or the parser would never see `</think>`.
+        self.reasoning_needs_specials = self.reasoning is not None and not _survives_decode(
+            engine.tokenizer, self.reasoning.end_marker
+        )
         if self.settings.tool_call_parser:
             create_tool_parser(self.settings.tool_call_parser, [])  # fail fast on a bad name
 
@@ -87,6 +92,7 @@ class ChatServing(Serving):
         max_tokens = self.max_tokens(requested, None, len(prompt_ids))
         # Tool markers may be special tokens; the parser must see them (vLLM does the same).
         skip_special = req.skip_special_tokens and tool_parser is None
+        skip_special = skip_special and not self.reasoning_needs_specials
         params = self.sampling_params(
             req, max_tokens, logprobs=top_logprobs, skip_special_tokens=skip_special
         )
@@ -289,3 +295,8 @@ class ChatServing(Serving):
         if content:
             delta.content = content
         return delta
+
+
+def _survives_decode(tokenizer: object, marker: str) -> bool:
+    ids = tokenizer.encode(marker, add_special_tokens=False)  # type: ignore[attr-defined]
+    return marker in tokenizer.decode(ids, skip_special_tokens=True)  # type: ignore[attr-defined]
