@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import httpx
@@ -258,3 +259,24 @@ def test_api_key(engine: FakeEngine) -> None:
         assert good.chat.completions.create(model="b", messages=MESSAGES).model == "b"
         assert httpx.get(url + "/health").status_code == 200  # probes stay open
     assert not engine.in_flight
+
+
+def test_many_concurrent_streams(base_url: str, engine: FakeEngine) -> None:
+    async def one(client: openai.AsyncOpenAI, i: int) -> dict[int, str]:
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, n=1 + i % 3, stream=True
+        )
+        texts: dict[int, str] = {}
+        async for chunk in stream:
+            for c in chunk.choices:
+                texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+        return texts
+
+    async def main() -> list[dict[int, str]]:
+        client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0)
+        return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    results = asyncio.run(main())
+    for i, texts in enumerate(results):
+        assert texts == {j: reply(j) for j in range(1 + i % 3)}
+    assert not engine.in_flight and not engine.aborted

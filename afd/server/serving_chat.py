@@ -86,7 +86,8 @@ class ChatServing(Serving):
         top_logprobs = self._check_logprobs(req)
         tool_parser = self._tool_parser(req)
         prompt = self._render(req)
-        prompt_ids = self.prompts.encode(prompt, add_special_tokens=False)
+        add_special = bool((req.model_extra or {}).get("add_special_tokens", False))
+        prompt_ids = self.prompts.encode(prompt, add_special_tokens=add_special)
         requested = req.max_completion_tokens
         requested = req.max_tokens if requested is None else requested
         max_tokens = self.max_tokens(requested, None, len(prompt_ids))
@@ -147,7 +148,10 @@ class ChatServing(Serving):
         kwargs = dict(req.chat_template_kwargs or {})
         if req.continue_final_message:
             kwargs["continue_final_message"] = True
-        template = (req.model_extra or {}).get("chat_template")
+        extra = req.model_extra or {}
+        if extra.get("reasoning_effort") is not None:  # templates may read it (vLLM passes it)
+            kwargs.setdefault("reasoning_effort", extra["reasoning_effort"])
+        template = extra.get("chat_template")
         if template is not None and not self.settings.allow_request_chat_template:
             raise BadRequestError("per-request chat_template is disabled", "chat_template")
         return self.prompts.render_chat(

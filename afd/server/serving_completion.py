@@ -58,7 +58,9 @@ class CompletionServing(Serving):
             return Response(status_code=499)  # client closed the request; nobody reads this
         return JSONResponse(self._response(ctx, outs).model_dump())
 
-    def _prepare(self, req: CompletionRequest) -> tuple[CompletionContext, list[SamplingParams]]:
+    def _prepare(
+        self, req: CompletionRequest
+    ) -> tuple[CompletionContext, list[SamplingParams | None]]:
         model = self.resolve_model(req.model)
         self.check_common(req)
         n = 1 if req.n is None else req.n
