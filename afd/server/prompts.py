@@ -7,7 +7,7 @@ from typing import Any
 
 from afd.server.chat_template import load_chat_template, render_chat
 from afd.server.errors import BadRequestError
-from afd.server.protocol import ChatMessage, ToolParam
+from afd.server.protocol import ChatCompletionRequest, ChatMessage, ToolParam
 
 
 class PromptBuilder:
@@ -40,6 +40,26 @@ class PromptBuilder:
         kwargs = {"bos_token": getattr(self.tokenizer, "bos_token", None) or "", **template_kwargs}
         return render_chat(source, dicts, tool_dicts, add_generation_prompt, **kwargs)
 
+    def render_request(self, req: ChatCompletionRequest, allow_template: bool) -> str:
+        """The prompt of a chat request, with its template options applied."""
+        if req.continue_final_message and req.add_generation_prompt:
+            raise BadRequestError(
+                "continue_final_message and add_generation_prompt cannot both be true",
+                param="continue_final_message",
+            )
+        kwargs = dict(req.chat_template_kwargs or {})
+        if req.continue_final_message:
+            kwargs["continue_final_message"] = True
+        extra = req.model_extra or {}
+        if extra.get("reasoning_effort") is not None:  # templates may read it (vLLM passes it)
+            kwargs.setdefault("reasoning_effort", extra["reasoning_effort"])
+        template = extra.get("chat_template")
+        if template is not None and not allow_template:
+            raise BadRequestError("per-request chat_template is disabled", "chat_template")
+        return self.render_chat(
+            req.messages, req.tools, req.add_generation_prompt, kwargs, template
+        )
+
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         if not ids:
@@ -67,6 +87,16 @@ class PromptBuilder:
                 f"token id {bad[0]} is out of range [0, {self.vocab_size})", param="prompt"
             )
         return list(ids)
+
+
+def echo_text(req: ChatCompletionRequest) -> str:
+    """With `echo`, a final assistant message is repeated in front of the answer."""
+    last = req.messages[-1] if req.messages else None
+    if not req.echo or last is None or last.role != "assistant" or not last.content:
+        return ""
+    if isinstance(last.content, str):
+        return last.content
+    return "\n".join(p.text or "" for p in last.content if p.type == "text")
 
 
 def _message_dict(message: ChatMessage) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from afd.outputs import CompletionOutput, RequestOutput
 from afd.sampling_params import SamplingParams
 from afd.server.engine_client import EngineClient
 from afd.server.errors import BadRequestError
+from afd.server.prompts import echo_text
 from afd.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -85,7 +86,7 @@ class ChatServing(Serving):
         self.check_common(req)
         top_logprobs = self._check_logprobs(req)
         tool_parser = self._tool_parser(req)
-        prompt = self._render(req)
+        prompt = self.prompts.render_request(req, self.settings.allow_request_chat_template)
         add_special = bool((req.model_extra or {}).get("add_special_tokens", False))
         prompt_ids = self.prompts.encode(prompt, add_special_tokens=add_special)
         requested = req.max_completion_tokens
@@ -100,7 +101,7 @@ class ChatServing(Serving):
         in_reasoning = self.reasoning is not None and self.reasoning.starts_in_reasoning(prompt)
         ctx = ChatContext(
             req, f"chatcmpl-{uuid.uuid4().hex}", model, prompt_ids, in_reasoning,
-            tool_parser, top_logprobs, self._echo_text(req),
+            tool_parser, top_logprobs, echo_text(req),
         )  # fmt: skip
         return ctx, params
 
@@ -138,34 +139,6 @@ class ChatServing(Serving):
                 "tool_choice needs --tool-call-parser (afd has no guided decoding)", "tool_choice"
             )
         return create_tool_parser(name, tools)
-
-    def _render(self, req: ChatCompletionRequest) -> str:
-        if req.continue_final_message and req.add_generation_prompt:
-            raise BadRequestError(
-                "continue_final_message and add_generation_prompt cannot both be true",
-                param="continue_final_message",
-            )
-        kwargs = dict(req.chat_template_kwargs or {})
-        if req.continue_final_message:
-            kwargs["continue_final_message"] = True
-        extra = req.model_extra or {}
-        if extra.get("reasoning_effort") is not None:  # templates may read it (vLLM passes it)
-            kwargs.setdefault("reasoning_effort", extra["reasoning_effort"])
-        template = extra.get("chat_template")
-        if template is not None and not self.settings.allow_request_chat_template:
-            raise BadRequestError("per-request chat_template is disabled", "chat_template")
-        return self.prompts.render_chat(
-            req.messages, req.tools, req.add_generation_prompt, kwargs, template
-        )
-
-    @staticmethod
-    def _echo_text(req: ChatCompletionRequest) -> str:
-        last = req.messages[-1] if req.messages else None
-        if not req.echo or last is None or last.role != "assistant" or not last.content:
-            return ""
-        if isinstance(last.content, str):
-            return last.content
-        return "\n".join(p.text or "" for p in last.content if p.type == "text")
 
     async def _last_output(self, ctx: ChatContext, params: SamplingParams) -> RequestOutput:
         last = None
