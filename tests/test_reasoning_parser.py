@@ -106,3 +106,22 @@ def test_stream_holds_partial_marker_until_final() -> None:
 def test_stream_not_in_reasoning() -> None:
     r, c, _ = stream(["hello ", "</think> world"], in_reasoning=False)
     assert (r, c) == ("", "hello </think> world")
+
+
+def test_stream_searches_only_new_text() -> None:
+    # Rescanning the whole output on every token would be quadratic in its length.
+    parser = Step3ReasoningParser()
+    starts: list[tuple[int, int]] = []
+    find_end = parser.find_end
+
+    def spy(text: str, start: int = 0) -> tuple[int, int] | None:
+        starts.append((len(text), start))
+        return find_end(text, start)
+
+    parser.find_end = spy  # type: ignore[method-assign]
+    text = "abcdefgh" * 100 + "</think>" + "tail"
+    s = ReasoningStream(parser, in_reasoning=True)
+    for i in range(1, len(text) + 1):
+        s.update(text[:i], final=False)
+    assert starts and all(n - start <= len("</think>") for n, start in starts)
+    assert len(starts) == 800 + len("</think>")  # no search once the marker was found

@@ -210,3 +210,21 @@ def test_stream_holds_partial_begin_marker(parser: ToolParser) -> None:
     s = ToolStream(parser)
     assert s.update("Sure <｜tool_ca", final=False) == ("Sure ", [])
     assert s.update("Sure <｜tool_ca", final=True) == ("<｜tool_ca", [])
+
+
+def test_stream_searches_only_new_text(parser: ToolParser) -> None:
+    starts: list[tuple[int, int]] = []
+    snapshot = parser.snapshot
+
+    def spy(text: str, final: bool, start: int = 0):  # noqa: ANN202
+        starts.append((len(text), start))
+        return snapshot(text, final, start)
+
+    parser.snapshot = spy  # type: ignore[method-assign]
+    text = "word " * 200 + TEXTS["single"] + " and after " * 50
+    s = ToolStream(parser)
+    for i in range(1, len(text) + 1):
+        s.update(text[:i], final=False)
+    before = [(n, st) for n, st in starts if n <= 1000]
+    assert all(n - st <= len(BEGIN) for n, st in before)
+    assert max(n for n, _ in starts) < len(text) - 100  # parsing stops once the block closed

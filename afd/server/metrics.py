@@ -29,55 +29,46 @@ def _get_or_create(kind: type, name: str, doc: str, labels: list[str], **kw: Any
 
 
 class ServerMetrics:
-    """Per-request observations, labelled by served model name."""
+    """Per-request observations, labelled by served model name (label children are bound
+    once: `.labels()` costs more than the observation on the per-token path)."""
 
     def __init__(self, model_name: str) -> None:
-        labels = ["model_name"]
         self.model_name = model_name
-        self.running = _get_or_create(
-            Gauge, "vllm:num_requests_running", "Requests in flight at the API server.", labels
-        )
-        self.prompt_tokens = _get_or_create(
-            Counter, "vllm:prompt_tokens", "Prefill tokens processed.", labels
-        )
-        self.generation_tokens = _get_or_create(
-            Counter, "vllm:generation_tokens", "Tokens generated.", labels
-        )
+        self.running = self._one(Gauge, "num_requests_running", "Requests in flight here.")
+        self.prompt_tokens = self._one(Counter, "prompt_tokens", "Prefill tokens processed.")
+        self.generation_tokens = self._one(Counter, "generation_tokens", "Tokens generated.")
+        self.ttft = self._hist("time_to_first_token_seconds", "Time to first token.")
+        self.itl = self._hist("inter_token_latency_seconds", "Time between outputs.")
+        self.e2e = self._hist("e2e_request_latency_seconds", "End-to-end request latency.")
+        self.prompt_len = self._hist("request_prompt_tokens", "Prompt tokens.", _TOKEN_BUCKETS)
+        self.output_len = self._hist("request_generation_tokens", "Output tokens.", _TOKEN_BUCKETS)
+        labels = ["model_name", "finished_reason"]
         self.success = _get_or_create(
-            Counter,
-            "vllm:request_success",
-            "Finished requests by finish reason.",
-            labels + ["finished_reason"],
+            Counter, "vllm:request_success", "Finished requests by reason.", labels
         )
-        self.ttft = self._hist("vllm:time_to_first_token_seconds", "Time to first token.")
-        self.itl = self._hist("vllm:inter_token_latency_seconds", "Time between outputs.")
-        self.e2e = self._hist("vllm:e2e_request_latency_seconds", "End-to-end request latency.")
-        self.prompt_len = self._hist(
-            "vllm:request_prompt_tokens", "Prompt length per request.", _TOKEN_BUCKETS
-        )
-        self.output_len = self._hist(
-            "vllm:request_generation_tokens", "Output length per request.", _TOKEN_BUCKETS
-        )
+
+    def _one(self, kind: type, name: str, doc: str, **kw: Any) -> Any:
+        metric = _get_or_create(kind, f"vllm:{name}", doc, ["model_name"], **kw)
+        return metric.labels(self.model_name)
 
     def _hist(self, name: str, doc: str, buckets: tuple[float, ...] = _LATENCY_BUCKETS) -> Any:
-        return _get_or_create(Histogram, name, doc, ["model_name"], buckets=buckets)
+        return self._one(Histogram, name, doc, buckets=buckets)
 
     def on_start(self) -> None:
-        self.running.labels(self.model_name).inc()
+        self.running.inc()
 
     def on_first_token(self, seconds: float) -> None:
-        self.ttft.labels(self.model_name).observe(seconds)
+        self.ttft.observe(seconds)
 
     def on_next_output(self, seconds: float) -> None:
-        self.itl.labels(self.model_name).observe(seconds)
+        self.itl.observe(seconds)
 
     def on_end(self, num_prompt: int, num_output: int, reasons: list[str], seconds: float) -> None:
-        name = self.model_name
-        self.running.labels(name).dec()
-        self.prompt_tokens.labels(name).inc(num_prompt)
-        self.generation_tokens.labels(name).inc(num_output)
-        self.prompt_len.labels(name).observe(num_prompt)
-        self.output_len.labels(name).observe(num_output)
-        self.e2e.labels(name).observe(seconds)
+        self.running.dec()
+        self.prompt_tokens.inc(num_prompt)
+        self.generation_tokens.inc(num_output)
+        self.prompt_len.observe(num_prompt)
+        self.output_len.observe(num_output)
+        self.e2e.observe(seconds)
         for reason in reasons:
-            self.success.labels(name, reason).inc()
+            self.success.labels(self.model_name, reason).inc()

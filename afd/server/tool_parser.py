@@ -61,8 +61,15 @@ class PartialCall:
 
 @dataclass
 class ToolSnapshot:
-    content: str
+    """Where the content lies in the text, and the calls seen so far."""
+
+    prefix_end: int  # text[:prefix_end] is content, before any tool block
     calls: list[PartialCall]
+    after_start: int | None = None  # text[after_start:] is content after a closed block
+
+    def content(self, text: str) -> str:
+        after = "" if self.after_start is None else text[self.after_start :]
+        return text[: self.prefix_end] + after
 
 
 def _schema_types(schema: dict[str, Any] | None) -> list[str]:
@@ -110,9 +117,9 @@ class ToolParser(ABC):
         self.schemas = {t.function.name: (t.function.parameters or {}) for t in tools}
 
     @abstractmethod
-    def snapshot(self, text: str, final: bool) -> ToolSnapshot:
-        """Content and calls visible in cumulative `text`; when not `final`, text that may
-        still become a marker is held back."""
+    def snapshot(self, text: str, final: bool, start: int = 0) -> ToolSnapshot:
+        """Content and calls visible in cumulative `text` (no block begins before `start`);
+        when not `final`, text that may still become a marker is held back."""
 
     def param_fragment(self, tool: str, key: str, raw: str) -> str:
         props = self.schemas.get(tool, {}).get("properties") or {}
@@ -128,7 +135,8 @@ class ToolParser(ABC):
             )
             for c in snap.calls
         ]
-        content = snap.content if snap.content.strip() or not calls else ""
+        content = snap.content(text)
+        content = content if content.strip() or not calls else ""
         return content or None, calls
 
 
@@ -146,15 +154,15 @@ class Step3ToolParser(ToolParser):
     invoke_re = re.compile(r'<steptml:invoke name="([^"]+)">')
     param_re = re.compile(r'<steptml:parameter name="([^"]+)">(.*?)</steptml:parameter>', re.S)
 
-    def snapshot(self, text: str, final: bool) -> ToolSnapshot:
-        begin = text.find(self.calls_begin)
+    def snapshot(self, text: str, final: bool, start: int = 0) -> ToolSnapshot:
+        begin = text.find(self.calls_begin, start)
         if begin < 0:
             held = 0 if final else held_prefix_len(text, self.calls_begin)
-            return ToolSnapshot(text[: len(text) - held], [])
-        block = text[begin + len(self.calls_begin) :]
-        end = block.find(self.calls_end)
-        after = "" if end < 0 else block[end + len(self.calls_end) :]
-        body = block if end < 0 else block[:end]
+            return ToolSnapshot(len(text) - held, [])
+        body_start = begin + len(self.calls_begin)
+        end = text.find(self.calls_end, body_start)
+        body = text[body_start:] if end < 0 else text[body_start:end]
+        after = None if end < 0 else end + len(self.calls_end)
         calls = [self._parse_call(part) for part in body.split(self.call_begin)[1:]]
         calls = [c for c in calls if c is not None]
         if final:
@@ -162,7 +170,7 @@ class Step3ToolParser(ToolParser):
             # completed, so streaming and non-streaming agree.
             for call in calls:
                 call.complete = True
-        return ToolSnapshot(text[:begin] + after, calls)
+        return ToolSnapshot(begin, calls, after)
 
     def _parse_call(self, part: str) -> PartialCall | None:
         stop = part.find(self.call_end)
@@ -186,23 +194,40 @@ class _CallState:
 
 
 class ToolStream:
-    """Per-choice streaming state: cumulative content in, content + tool-call deltas out."""
+    """Per-choice streaming state: cumulative content in, content + tool-call deltas out.
+    Before a tool block, work per update is proportional to the new text."""
 
     def __init__(self, parser: ToolParser) -> None:
         self.parser = parser
         self.num_content = 0
         self.calls: list[_CallState] = []
+        self.search_from = 0  # no tool block begins before this position
+        self.closed: ToolSnapshot | None = None  # the block ended: its calls are final
 
     @property
     def called(self) -> bool:
         return bool(self.calls)
 
     def update(self, text: str, final: bool) -> tuple[str, list[DeltaToolCall]]:
-        snap = self.parser.snapshot(text, final)
-        content_delta = snap.content[self.num_content :]
-        self.num_content = len(snap.content)
+        snap = self.closed or self.parser.snapshot(text, final, self.search_from)
+        self.search_from = snap.prefix_end
+        if snap.after_start is not None:
+            self.closed = snap
+        if final:
+            for call in snap.calls:
+                call.complete = True
         deltas = [self._call_delta(i, call) for i, call in enumerate(snap.calls)]
-        return content_delta, [d for d in deltas if d is not None]
+        return self._content_delta(text, snap), [d for d in deltas if d is not None]
+
+    def _content_delta(self, text: str, snap: ToolSnapshot) -> str:
+        delta = text[self.num_content : snap.prefix_end]
+        total = snap.prefix_end
+        if snap.after_start is not None:
+            sent_after = max(0, self.num_content - snap.prefix_end)
+            delta += text[snap.after_start + sent_after :]
+            total += len(text) - snap.after_start
+        self.num_content = max(self.num_content, total)
+        return delta
 
     def _call_delta(self, index: int, call: PartialCall) -> DeltaToolCall | None:
         if index == len(self.calls):
