@@ -4,6 +4,7 @@ control plane and activations flow over the transport, never through Ray's objec
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 
@@ -25,6 +26,16 @@ from afd.launch.ray_placement import (
     reserve,
 )
 from afd.launch.worker_spec import WorkerSpec
+from transport.base import Transport, register_transport
+
+
+@register_transport("zmq-node")
+def zmq_on_node_ip(name: str, **options: object) -> Transport:
+    """The zmq transport bound to this node's IP instead of loopback, so that ranks on other
+    nodes reach it; registered wherever this module is imported (the rank actors too)."""
+    from transport.zmq_backend import ZmqTransport
+
+    return ZmqTransport(name, host=ray.util.get_node_ip_address(), **options)
 
 
 class RankActor:
@@ -144,6 +155,8 @@ def build_ray_disaggregated(
     executor.on_shutdown = spawner.release
     # parent_pid 0: an actor's parent is a Ray worker, not us; Ray reaps it with our job
     specs = worker_specs(settings, cfg, executor.address, parent_pid=0, threads=1)
+    if settings.transport == "zmq" and not executor.address.startswith("tcp://127.0.0.1:"):
+        specs = [dataclasses.replace(s, transport="zmq-node") for s in specs]
     return start_executor(executor, specs, spawner)
 
 
