@@ -8,6 +8,8 @@ requests in flight and aborted so tests can check that the server frees what it 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import shutil
 import socket
 import tempfile
 import threading
@@ -31,6 +33,7 @@ FILLER = " and more"  # generated after the reply when ignore_eos is set
 @lru_cache(maxsize=1)
 def tiny_tokenizer() -> Tokenizer:
     folder = tempfile.mkdtemp(prefix="afd-tiny-tok-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     write_tiny_tokenizer(folder)
     return Tokenizer.from_pretrained(folder)
 
