@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -48,6 +49,8 @@ def launch_fields(args: argparse.Namespace) -> dict[str, object]:
         raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if launcher == "ray" and args.colocated:
         raise ConfigError("--launcher ray starts attention and FFN ranks; drop --colocated")
+    if launcher == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("--launcher ray needs Ray: pip install 'afd[ray]'")
     return {
         "launcher": launcher,
         "ray_address": args.ray_address,

@@ -89,7 +89,7 @@ class RayRank(RankProcess):
                 return f"node {w['node_ip']}, pid {w['pid']}, actor {w['actor_id']}"
             except Exception:
                 pass
-        return f"actor {self.actor._actor_id.hex()}"
+        return f"Ray actor of rank {self.name}, not started"
 
 
 class RaySpawner:

@@ -14,6 +14,8 @@ from afd.config import ConfigError
 from afd.engine.builder import EngineSettings, parse_roles
 from afd.launch.local import rank_names
 
+NOTICE_AFTER_S = 10.0
+
 
 @dataclass(frozen=True)
 class Instance:
@@ -66,17 +68,24 @@ def plan_instances(settings: EngineSettings) -> list[Instance]:
 def reserve(plan: list[Instance]) -> list[PlacementGroup]:
     """One placement group per instance, all ready; none left behind if any cannot be placed."""
     groups = [placement_group(i.bundles, strategy="STRICT_PACK", name=_pg_name(i)) for i in plan]
-    pending = {g.ready(): (g, inst) for g, inst in zip(groups, plan, strict=True)}
-    _, late = ray.wait(list(pending), num_returns=len(pending), timeout=envs.STARTUP_TIMEOUT_S)
+    pending = {g.ready(): inst for g, inst in zip(groups, plan, strict=True)}
+    refs = list(pending)
+    _, late = ray.wait(refs, num_returns=len(refs), timeout=NOTICE_AFTER_S)
+    if late:  # an autoscaler may still be adding nodes: say what we wait for
+        print(f"afd: waiting for Ray to place {_demand(pending[late[0]])} ...", flush=True)
+        _, late = ray.wait(refs, num_returns=len(refs), timeout=envs.STARTUP_TIMEOUT_S)
     if late:
         release(groups)
-        inst = pending[late[0]][1]
         raise ConfigError(
-            f"Ray could not place {inst} ({len(inst.bundles)} x {inst.bundles[0]} on one node) "
-            f"within {envs.STARTUP_TIMEOUT_S:.0f}s; the cluster has "
+            f"Ray could not place {_demand(pending[late[0]])} within "
+            f"{envs.STARTUP_TIMEOUT_S:.0f}s (AFD_STARTUP_TIMEOUT_S); the cluster has "
             f"{ray.cluster_resources()}. Check --attn/--ffn, --device and the role resources"
         )
     return groups
+
+
+def _demand(inst: Instance) -> str:
+    return f"{inst} ({len(inst.bundles)} x {inst.bundles[0]} on one node)"
 
 
 def release(groups: list[PlacementGroup]) -> None:
