@@ -63,3 +63,8 @@ def test_failures_are_counted(base_url: str, tmp_path: Path) -> None:
     assert bench_main(argv) == 1
     s = json.loads(out.read_text())
     assert s["failed"] == 3 and "404" in s["errors"][0]
+
+
+def test_unreachable_server_is_a_clean_error(capsys: pytest.CaptureFixture) -> None:
+    assert bench_main(["serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "1"]) == 2
+    assert "cannot use http://127.0.0.1:9" in capsys.readouterr().out

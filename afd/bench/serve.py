@@ -265,7 +265,11 @@ def format_table(s: dict) -> str:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    summary = asyncio.run(run(args))
+    try:
+        summary = asyncio.run(run(args))
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+        print(f"afd-bench serve: cannot use {args.base_url}: {type(e).__name__}: {e}")
+        return 2
     print(format_table(summary))
     if summary["errors"]:
         print("errors (first 5):", *summary["errors"], sep="\n  ")
