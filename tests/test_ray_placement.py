@@ -60,3 +60,11 @@ def test_launcher_defaults_to_ray_with_an_address(monkeypatch: pytest.MonkeyPatc
     assert launch_fields(parse("--launcher", "local"))["launcher"] == "local"
     with pytest.raises(ConfigError, match="--colocated"):
         launch_fields(parse("--colocated"))
+
+
+def test_role_resources_may_raise_the_cpus_per_rank() -> None:
+    settings = EngineSettings(
+        model="unused", colocated=False, attn="1x1", ffn="1x2", ffn_resources={"CPU": 4.0}
+    )
+    bundles = [b for i in plan_instances(settings) for b in i.bundles]
+    assert bundles == [{"CPU": 1.0}, {"CPU": 4.0}, {"CPU": 4.0}]

@@ -32,7 +32,8 @@ def add_launch_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--attn-resources",
         default=None,
-        help="extra Ray resources per attention device, JSON: '{\"attn_node\": 1}'",
+        help='Ray resources per attention device, JSON: \'{"attn_node": 1}\' ("CPU": n sets the '
+        "CPUs, and torch threads, of each rank; default 1)",
     )
     g.add_argument("--ffn-resources", default=None, help="same, per FFN device")
     g.add_argument("--restart-on-failure", action="store_true", help="restart ranks that die")

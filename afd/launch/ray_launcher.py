@@ -99,18 +99,18 @@ class RaySpawner:
     def __init__(self, plan: list[Instance], groups: list[PlacementGroup], device: str) -> None:
         self.device, self.groups = device, groups
         self.slots = {
-            rank: (group, b)
+            rank: (group, b, inst.bundles[b]["CPU"])
             for inst, group in zip(plan, groups, strict=True)
             for b, rank in enumerate(inst.ranks)
         }
         self.actors: list[ray.actor.ActorHandle] = []
 
     def actor(self, rank: str) -> ray.actor.ActorHandle:
-        group, b = self.slots[rank]
+        group, b, cpus = self.slots[rank]
         strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=b)
         handle = _RemoteRankActor.options(
             name=f"afd-{rank}-{group.id.hex()[:8]}",
-            num_cpus=1,
+            num_cpus=cpus,
             num_gpus=1 if self.device == "cuda" else 0,
             scheduling_strategy=strategy,
             max_restarts=0,
@@ -154,7 +154,9 @@ def build_ray_disaggregated(
         raise
     executor.on_shutdown = spawner.release
     # parent_pid 0: an actor's parent is a Ray worker, not us; Ray reaps it with our job
-    specs = worker_specs(settings, cfg, executor.address, parent_pid=0, threads=1)
+    # torch threads: the CPUs each bundle holds (1 unless the role resources ask for more)
+    threads = int(min(cpus for _, _, cpus in spawner.slots.values()))
+    specs = worker_specs(settings, cfg, executor.address, parent_pid=0, threads=max(1, threads))
     if settings.transport == "zmq" and not executor.address.startswith("tcp://127.0.0.1:"):
         specs = [dataclasses.replace(s, transport="zmq-node") for s in specs]
     return start_executor(executor, specs, spawner)
