@@ -6,6 +6,7 @@ group behind. The tests share one cluster and one server and run in file order."
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,6 +72,7 @@ def ray_address() -> Iterator[str]:
             head.wait(30)
         except subprocess.TimeoutExpired:
             head.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _state_up(address: str) -> bool:
