@@ -182,7 +182,13 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     )
 
 
-async def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
-    """Run uvicorn inside the caller's event loop, next to the engine client."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)
+async def serve(
+    app: FastAPI, host: str, port: int, log_level: str = "info", drain_timeout_s: float = 30.0
+) -> None:
+    """Run uvicorn inside the caller's event loop, next to the engine client. On shutdown,
+    in-flight requests get `drain_timeout_s` to finish (a dead engine must not hang exit)."""
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_keep_alive=30,
+        timeout_graceful_shutdown=drain_timeout_s,
+    )  # fmt: skip
     await uvicorn.Server(config).serve()
