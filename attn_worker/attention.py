@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from attn_worker.kernels.decode_attention import paged_decode_attention
 from attn_worker.kv_cache import KVCache
 
 
@@ -20,12 +21,29 @@ class SeqView:
 
 
 class BatchAttention:
-    """The attention function of one micro-batch; call `at(layer)` to get the per-layer fn."""
+    """The attention function of one micro-batch; call `at(layer)` to get the per-layer fn.
+    A decode-only micro-batch runs the paged decode kernel (Triton on GPU, its torch
+    reference on CPU); anything with a prefill chunk runs per-sequence causal attention."""
 
     def __init__(
         self, cache: KVCache, seqs: list[SeqView], slots: torch.Tensor, scale: float
     ) -> None:
         self.cache, self.seqs, self.slots, self.scale = cache, seqs, slots, scale
+        self.decode_only = all(s.q_len == 1 for s in seqs)
+        if self.decode_only:
+            self._decode_inputs()
+
+    def _decode_inputs(self) -> None:
+        device = self.slots.device
+        width = max(len(s.block_table) for s in self.seqs)
+        tables = torch.zeros(len(self.seqs), width, dtype=torch.int32, device=device)
+        for i, s in enumerate(self.seqs):
+            tables[i, : len(s.block_table)] = s.block_table
+        self.block_tables = tables  # [B, max_blocks]
+        self.seq_lens = torch.tensor(
+            [s.ctx_len for s in self.seqs], dtype=torch.int32, device=device
+        )
+        self.max_seq_len = max(s.ctx_len for s in self.seqs)
 
     def at(self, layer: int):
         return lambda q, k, v: self.forward(layer, q, k, v)
@@ -35,6 +53,16 @@ class BatchAttention:
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, 1, D] -> [T, Hq, D]; writes k/v into the cache first."""
         self.cache.write(layer, self.slots, k[:, 0], v[:, 0])
+        if self.decode_only:
+            return paged_decode_attention(
+                q,
+                self.cache.k[layer],
+                self.cache.v[layer],
+                self.block_tables,
+                self.seq_lens,
+                self.scale,
+                self.max_seq_len,
+            )
         out = torch.empty_like(q)
         for s in self.seqs:
             keys, values = self.cache.gather(layer, s.block_table, s.ctx_len)  # [L, D]

@@ -34,12 +34,11 @@ class NewSequence:
 @message
 @dataclass
 class ScheduledChunk:
-    """Tokens of one sequence to run this step: a prefill chunk, or one decode token."""
+    """Prompt tokens of one sequence to run this step (a prefill chunk or a recompute)."""
 
     seq_id: int
     token_ids: list[int]
     start_pos: int  # tokens of this sequence already in the KV cache
-    new_block_ids: list[int]  # appended to the rank's copy of the block table
     sample: bool  # the chunk ends at the sequence's last token: sample the next one
     micro_batch: int = 0
 
@@ -47,8 +46,23 @@ class ScheduledChunk:
 @message
 @dataclass
 class StepPlan:
+    """One attention rank's step, as diffs against what the rank already knows. Decodes are
+    columnar: each continues from its last sampled token at its next position."""
+
     step: int
     num_micro_batches: int
     new_seqs: list[NewSequence] = field(default_factory=list)
     chunks: list[ScheduledChunk] = field(default_factory=list)
-    freed_seq_ids: list[int] = field(default_factory=list)  # finished or preempted: drop state
+    decode_seq_ids: list[int] = field(default_factory=list)
+    decode_micro_batches: list[int] = field(default_factory=list)
+    new_block_seq_ids: list[int] = field(default_factory=list)  # block-table growth, as
+    new_block_ids: list[int] = field(default_factory=list)  # parallel (seq, block) lists
+    freed_seq_ids: list[int] = field(default_factory=list)  # finished or preempted
+
+    def tokens_per_micro_batch(self) -> list[int]:
+        counts = [0] * self.num_micro_batches
+        for chunk in self.chunks:
+            counts[chunk.micro_batch] += len(chunk.token_ids)
+        for k in self.decode_micro_batches:
+            counts[k] += 1
+        return counts

@@ -21,6 +21,7 @@ from attn_worker.sampler import SeqSamplingState, sample
 class _Seq:
     block_table: list[int]
     sampling: SeqSamplingState
+    num_computed: int = 0  # tokens in this rank's KV cache
 
 
 @dataclass
@@ -43,8 +44,9 @@ class AttnRunner:
     def execute(self, plan: StepPlan) -> StepResult:
         start = time.perf_counter()
         self._apply_diffs(plan)
+        work = self._work_items(plan)
         mbs = [
-            self._micro_batch([c for c in plan.chunks if c.micro_batch == k])
+            self._micro_batch([c for c in work if c.micro_batch == k])
             for k in range(plan.num_micro_batches)
         ]
         timings = StepTimings()
@@ -66,8 +68,21 @@ class AttnRunner:
         for new in plan.new_seqs:
             state = SeqSamplingState(new.sampling, list(new.output_token_ids))
             self.seqs[new.seq_id] = _Seq([], state)
+        for seq_id, block in zip(plan.new_block_seq_ids, plan.new_block_ids, strict=True):
+            self.seqs[seq_id].block_table.append(block)
+
+    def _work_items(self, plan: StepPlan) -> list[ScheduledChunk]:
+        """Prefill chunks as sent, plus each decode as a one-token chunk from the rank's own
+        state (its last sampled token at its next position); advances num_computed."""
+        items = list(plan.chunks)
         for chunk in plan.chunks:
-            self.seqs[chunk.seq_id].block_table.extend(chunk.new_block_ids)
+            self.seqs[chunk.seq_id].num_computed = chunk.start_pos + len(chunk.token_ids)
+        for seq_id, k in zip(plan.decode_seq_ids, plan.decode_micro_batches, strict=True):
+            seq = self.seqs[seq_id]
+            last = seq.sampling.output_token_ids[-1]
+            items.append(ScheduledChunk(seq_id, [last], seq.num_computed, True, k))
+            seq.num_computed += 1
+        return items
 
     def _micro_batch(self, chunks: list[ScheduledChunk]) -> MicroBatch | None:
         if not chunks:

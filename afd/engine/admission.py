@@ -42,11 +42,17 @@ class TPOTAdmission(Admission):
 
     def begin_step(self, running: list[list[Sequence]]) -> None:
         super().begin_step(running)
-        # each rank's decode step as it stands: one token per running sequence
-        self.decode = StepShapeStats.empty(len(running))
-        for rank, seqs in enumerate(running):
-            for seq in seqs:
-                self.decode.add(rank, 1, seq.num_tokens)
+        self._decode: StepShapeStats | None = None  # built on first need: most steps admit none
+
+    @property
+    def decode(self) -> StepShapeStats:
+        """Each rank's decode step as it stands: one token per running sequence."""
+        if self._decode is None:
+            self._decode = StepShapeStats.empty(len(self.running))
+            for rank, seqs in enumerate(self.running):
+                self._decode.tokens[rank] = len(seqs)
+                self._decode.work[rank] = sum(s.num_tokens for s in seqs)
+        return self._decode
 
     def admit(
         self, shape: StepShapeStats, rank: int, seq: Sequence, num_tokens: int, new: bool

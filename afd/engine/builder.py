@@ -38,6 +38,7 @@ class EngineSettings:
     block_size: int = 16
     num_kv_blocks: int | None = None
     max_model_len: int | None = None
+    enable_prefix_caching: bool = True
     tpot_slo_ms: float | None = None  # None: throughput first (offline); afd-serve: 50
     # launching (afd/launch): "local" processes or "ray" actors, Ray cluster and placement
     launcher: str = "local"
@@ -124,6 +125,7 @@ def build_engine(settings: EngineSettings) -> EngineCore:
         max_num_seqs=settings.max_num_seqs,
         num_micro_batches=settings.num_micro_batches(),
         max_model_len=max_len,
+        enable_prefix_caching=settings.enable_prefix_caching,
     )
     model = StepTimeModel()
     admission = (

@@ -55,7 +55,7 @@ class EngineCore:
         start = time.perf_counter()
         out = self.scheduler.schedule()
         self.last_output, self.last_schedule_s = out, time.perf_counter() - start
-        if not out.scheduled:
+        if not out.scheduled and not out.decodes:
             return []
         self.last_predicted_s = self.step_model.predict(out.shape)
         t0 = self.clock()
@@ -68,6 +68,11 @@ class EngineCore:
             seq = self.seqs[seq_id]
             seq.num_computed_tokens += n
             self.scheduler.computed(seq)
+        bs = self.scheduler.config.block_size
+        for seq in out.decodes:
+            seq.num_computed_tokens += 1
+            if seq.num_computed_tokens % bs == 0:  # a block just filled
+                self.scheduler.computed(seq)
         now = self.clock()
         changed = []
         for result in results:

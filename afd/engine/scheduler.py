@@ -31,7 +31,8 @@ class SchedulerConfig:
 class SchedulerOutput:
     step: int
     plans: list[StepPlan]
-    scheduled: dict[int, int] = field(default_factory=dict)  # seq_id -> tokens this step
+    scheduled: dict[int, int] = field(default_factory=dict)  # seq_id -> chunk tokens
+    decodes: list[Sequence] = field(default_factory=list)  # one token each
     shape: StepShapeStats | None = None
 
 
@@ -46,6 +47,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[list[Sequence]] = [[] for _ in range(config.num_ranks)]
         self.to_free: list[list[int]] = [[] for _ in range(config.num_ranks)]
+        # block-table growth not yet sent to each rank: parallel (seq id, block id) lists
+        self.new_blocks: list[tuple[list[int], list[int]]] = [
+            ([], []) for _ in range(config.num_ranks)
+        ]
         self.step_id = 0
         self.num_preemptions = 0  # since start, for metrics
 
@@ -74,34 +79,81 @@ class Scheduler:
         self.step_id += 1
         cfg = self.config
         budget = [cfg.max_num_batched_tokens] * cfg.num_ranks
-        out = SchedulerOutput(self.step_id, [], {}, StepShapeStats.empty(cfg.num_ranks))
+        out = SchedulerOutput(self.step_id, [], {}, [], StepShapeStats.empty(cfg.num_ranks))
         self.admission.begin_step(self.running)
         new_on_rank: list[list[Sequence]] = [[] for _ in range(cfg.num_ranks)]
-        self._schedule_running(budget, out)
+        pending: list[list[Sequence]] = [[] for _ in range(cfg.num_ranks)]
+        decodes = [self._schedule_decodes(r, budget, out, pending[r]) for r in range(cfg.num_ranks)]
+        for d in decodes:
+            out.decodes += d
+        self._schedule_prefills(budget, out, pending)
         self._schedule_waiting(budget, out, new_on_rank)
-        out.plans = [self._plan(r, out.scheduled, new_on_rank[r]) for r in range(cfg.num_ranks)]
+        out.plans = [
+            self._plan(r, out.scheduled, decodes[r], new_on_rank[r]) for r in range(cfg.num_ranks)
+        ]
         return out
 
-    def _schedule_running(self, budget: list[int], out: SchedulerOutput) -> None:
-        """Decodes and unfinished prefills of running sequences first, oldest first."""
-        for rank, running in enumerate(self.running):
-            i = 0
-            while i < len(running):
-                seq = running[i]
-                n = min(seq.num_remaining_tokens, budget[rank])
-                if n > 1:  # a prefill chunk: the TPOT target may shrink it
-                    n = self.admission.admit(out.shape, rank, seq, n, new=False)
-                if n <= 0:
-                    i += 1
+    def _schedule_decodes(
+        self, rank: int, budget: list[int], out: SchedulerOutput, prefilling: list[Sequence]
+    ) -> list[Sequence]:
+        """Decodes first, oldest first: the hot loop, kept to a few operations a sequence.
+        Sequences still in prefill are collected into `prefilling` for the next pass."""
+        running, blocks, bs = self.running[rank], self.blocks[rank], self.config.block_size
+        seq_ids, block_ids = self.new_blocks[rank]
+        chosen, i, work = [], 0, 0
+        while i < len(running) and len(chosen) < budget[rank]:
+            seq = running[i]
+            i += 1
+            n = seq.num_tokens
+            if n - seq.num_computed_tokens != 1 or not seq.output_token_ids:
+                if n > seq.num_computed_tokens:  # its next token is a prompt token
+                    prefilling.append(seq)
+                continue
+            if n > len(seq.block_ids) * bs:
+                if not blocks.free:
+                    # the newest sequence gives way (it is not chosen yet, or is this one):
+                    # either way, look at index i - 1 again
+                    self._preempt(running[-1])
+                    i -= 1
                     continue
-                if not self._grow(seq, rank, n):
-                    victim = running[-1]  # newest arrival gives way
+                (block,) = blocks.allocate(1)
+                seq.block_ids.append(block)
+                seq_ids.append(seq.seq_id)
+                block_ids.append(block)
+            chosen.append(seq)
+            work += n
+        budget[rank] -= len(chosen)
+        out.shape.tokens[rank] += len(chosen)
+        out.shape.work[rank] += work
+        return chosen
+
+    def _schedule_prefills(
+        self, budget: list[int], out: SchedulerOutput, prefilling: list[list[Sequence]]
+    ) -> None:
+        """Prefill chunks of running sequences, within the budget and the TPOT target."""
+        decoded = {s.seq_id for s in out.decodes}
+        for rank, seqs in enumerate(prefilling):
+            for seq in seqs:
+                if seq.status is not SeqStatus.RUNNING:
+                    continue  # preempted earlier in this pass
+                n = min(seq.num_remaining_tokens, budget[rank])
+                if n > 0:
+                    n = self.admission.admit(out.shape, rank, seq, n, new=False)
+                while n > 0 and not self._grow(seq, rank, n):
+                    victim = self._victim(rank, decoded, out.scheduled)
                     self._preempt(victim)
                     if victim is seq:
-                        break
-                    continue
-                self._take(out, seq, rank, n, budget)
-                i += 1
+                        n = 0
+                if n > 0:
+                    self._take(out, seq, rank, n, budget)
+
+    def _victim(self, rank: int, decoded: set[int], scheduled: dict[int, int]) -> Sequence:
+        """The newest sequence not already running this step (the caller itself at worst)."""
+        return next(
+            s
+            for s in reversed(self.running[rank])
+            if s.seq_id not in decoded and s.seq_id not in scheduled
+        )
 
     def _schedule_waiting(
         self, budget: list[int], out: SchedulerOutput, new_on_rank: list[list[Sequence]]
@@ -177,20 +229,27 @@ class Scheduler:
         if not blocks.can_allocate(need + taken_free):
             return False
         blocks.acquire(cached)
-        seq.block_ids += cached
-        seq.block_ids += blocks.allocate(need)
+        added = cached + blocks.allocate(need)
+        seq.block_ids += added
+        seq_ids, block_ids = self.new_blocks[rank]
+        seq_ids += [seq.seq_id] * len(added)
+        block_ids += added
         return True
 
     def computed(self, seq: Sequence) -> None:
         """After a step: make the sequence's newly full blocks findable by later prompts."""
         if not self.config.enable_prefix_caching or seq.rank is None:
             return
-        bs, blocks = self.config.block_size, self.blocks[seq.rank]
+        bs = self.config.block_size
         full = min(seq.num_computed_tokens // bs, len(seq.block_ids))
+        if seq.num_registered >= full:
+            return
         if len(seq.block_hashes) < full:
             seq.block_hashes = block_hashes(seq.all_token_ids, bs, full)
-        for b in range(full):
+        blocks = self.blocks[seq.rank]
+        for b in range(seq.num_registered, full):
             blocks.register(seq.block_ids[b], seq.block_hashes[b])
+        seq.num_registered = full
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees the sequence's KV and queues it for recompute at the head of the line."""
@@ -203,34 +262,37 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.blocks[seq.rank].free_blocks(seq.block_ids)
-        if seq.num_blocks_sent or seq.num_computed_tokens:
-            self.to_free[seq.rank].append(seq.seq_id)
-        seq.block_ids, seq.num_blocks_sent = [], 0
+        self.to_free[seq.rank].append(seq.seq_id)
+        seq.block_ids, seq.num_registered = [], 0
 
-    def _plan(self, rank: int, scheduled: dict[int, int], new: list[Sequence]) -> StepPlan:
+    def _plan(
+        self, rank: int, scheduled: dict[int, int], decodes: list[Sequence], new: list[Sequence]
+    ) -> StepPlan:
         chunks = []
         for seq in self.running[rank]:
             n = scheduled.get(seq.seq_id, 0)
-            if n == 0:
-                continue
-            start = seq.num_computed_tokens
-            chunks.append(
-                ScheduledChunk(
-                    seq.seq_id,
-                    seq.token_ids(start, start + n),
-                    start,
-                    seq.block_ids[seq.num_blocks_sent :],
-                    start + n == seq.num_tokens,
+            if n:
+                start = seq.num_computed_tokens
+                chunks.append(
+                    ScheduledChunk(
+                        seq.seq_id,
+                        seq.token_ids(start, start + n),
+                        start,
+                        start + n == seq.num_tokens,
+                    )
                 )
-            )
-            seq.num_blocks_sent = len(seq.block_ids)
-        split_micro_batches(chunks, self.config.num_micro_batches)
+        decode_mbs = split_micro_batches(chunks, decodes, self.config.num_micro_batches)
         freed, self.to_free[rank] = self.to_free[rank], []
+        (seq_ids, block_ids), self.new_blocks[rank] = self.new_blocks[rank], ([], [])
         return StepPlan(
             self.step_id,
             self.config.num_micro_batches,
             [_new_sequence(s) for s in new],
             chunks,
+            [s.seq_id for s in decodes],
+            decode_mbs,
+            seq_ids,
+            block_ids,
             freed,
         )
 

@@ -30,7 +30,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     rank: int | None = None
     block_ids: list[int] = field(default_factory=list)
-    num_blocks_sent: int = 0  # block ids the rank already knows (plans carry the rest)
+    num_registered: int = 0  # full blocks already offered to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
     block_hashes: list[int] = field(default_factory=list)  # hash chain of its full blocks
     finish_reason: str | None = None

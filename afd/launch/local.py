@@ -57,10 +57,7 @@ class DisaggregatedExecutor(Executor):
     def execute(self, plans: list[StepPlan]) -> list[StepResult]:
         if self.failed:
             raise ExecutorError(self.failed)
-        tokens = [[0] * p.num_micro_batches for p in plans]
-        for a, plan in enumerate(plans):
-            for chunk in plan.chunks:
-                tokens[a][chunk.micro_batch] += len(chunk.token_ids)
+        tokens = [plan.tokens_per_micro_batch() for plan in plans]
         if any(map(any, tokens)):
             for name in self.ffn:
                 self._send(name, StepShape(plans[0].step, tokens))

@@ -16,6 +16,7 @@ from torch import nn
 
 from afd.config import ModelConfig
 from afd.models.layers import RMSNorm, Rope, swiglu
+from ffn_worker.kernels.fused_moe import fused_moe
 
 # (q [T, Hq, D], k [T, 1, D], v [T, 1, D]) -> o [T, Hq, D]; owns the KV cache and batch layout
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -172,7 +173,7 @@ class FFNLayer(nn.Module):
             self.share_expert.up_proj.weight,
             self.share_expert.down_proj.weight,
         )
-        return out + routed_experts(
+        return out + fused_moe(
             x,
             self.moe.gate_proj,
             self.moe.up_proj,
@@ -189,27 +190,6 @@ def _swiglu_params(hidden: int, inter: int) -> nn.Module:
     m.up_proj = nn.Linear(hidden, inter, bias=False)
     m.down_proj = nn.Linear(inter, hidden, bias=False)
     return m
-
-
-def routed_experts(
-    x: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    expert_start: int,
-) -> torch.Tensor:
-    """Σ over the owned experts of router weight × expert(x): the per-expert reference loop."""
-    out = torch.zeros_like(x)  # [T, H]
-    local = ids.long() - expert_start  # [T, k]
-    for e in range(w_gate.shape[0]):
-        rows, slots = torch.nonzero(local == e, as_tuple=True)
-        if rows.numel() == 0:
-            continue
-        y = swiglu(x[rows], w_gate[e], w_up[e], w_down[e])  # [n, H]
-        out.index_add_(0, rows, y * weights[rows, slots, None])
-    return out
 
 
 class FFNSide(nn.Module):
