@@ -67,7 +67,10 @@ TransportFactory = Callable[..., Transport]
 _REGISTRY: dict[str, TransportFactory] = {}
 # Built-in backends are imported on first use so that e.g. `import transport` never pulls
 # in backend-specific dependencies. A new backend adds a line here or calls register_transport.
-_BUILTIN_MODULES: dict[str, str] = {"zmq": "transport.zmq_backend"}
+_BUILTIN_MODULES: dict[str, str] = {
+    "zmq": "transport.zmq_backend",
+    "nccl": "transport.nccl_backend",
+}
 
 
 def register_transport(kind: str) -> Callable[[TransportFactory], TransportFactory]:

@@ -1,0 +1,94 @@
+"""The nccl transport through the Transport API: two spawned processes, gloo on CPU (CI) and
+real NCCL between two GPUs (marked gpu, skipped without them)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+
+import pytest
+import torch
+
+from transport.base import TransportTimeout, create_transport
+from transport.nccl_backend import decode_header, encode_header
+
+NAMES = ("a0", "f0")
+
+
+def test_header_round_trip() -> None:
+    tensors = [torch.zeros(3, 5, dtype=torch.bfloat16), torch.zeros(0, dtype=torch.int64)]
+    key, specs = decode_header(encode_header((7, 2, 1), tensors))
+    assert key == (7, 2, 1)
+    assert specs == [(torch.bfloat16, [3, 5]), (torch.int64, [0])]
+
+
+def _rank(name: str, backend: str, addresses: mp.Queue, table: mp.Queue, out: mp.Queue) -> None:
+    try:
+        device = "cpu" if backend == "gloo" else f"cuda:{NAMES.index(name)}"
+        t = create_transport("nccl", name, backend=backend, device=device, timeout_s=30)
+        addresses.put((name, t.address()))
+        t.connect({k: v for k, v in table.get(timeout=30).items() if k != name})
+        out.put((name, _exchange(t, name, torch.device(device))))
+        t.close()
+    except BaseException as e:  # the parent reports it
+        out.put((name, f"{type(e).__name__}: {e}"))
+
+
+def _exchange(t, name: str, device: torch.device) -> str:
+    """a0 sends three micro-batches then claims the replies out of order; f0 echoes x * 2."""
+    g = torch.Generator().manual_seed(0)
+    if name == "a0":
+        xs = [torch.randn(4 + k, 8, generator=g).to(torch.bfloat16) for k in range(3)]
+        ids = torch.arange(6).view(3, 2)
+        for k, x in enumerate(xs):
+            t.send("f0", (0, 0, k), [x.to(device), ids.to(device), torch.empty(0, 2).to(device)])
+        for k in (2, 0, 1):
+            (y,) = t.recv("f0", (0, 0, k)).wait(20)
+            assert y.device == device and torch.equal(y.cpu(), xs[k] * 2), k
+        try:
+            t.recv("f0", (9, 9, 9)).wait(0.2)
+            return "no timeout"
+        except TransportTimeout:
+            return "ok"
+    for k in range(3):
+        x, ids, empty = t.recv("a0", (0, 0, k)).wait(20)
+        assert ids.tolist() == [[0, 1], [2, 3], [4, 5]] and empty.shape == (0, 2)
+        t.send("a0", (0, 0, k), [x * 2]).wait(20)
+    return "ok"
+
+
+def _run_pair(backend: str) -> None:
+    ctx = mp.get_context("spawn")
+    addresses, out = ctx.Queue(), ctx.Queue()
+    tables = {n: ctx.Queue() for n in NAMES}
+    procs = [
+        ctx.Process(target=_rank, args=(n, backend, addresses, tables[n], out)) for n in NAMES
+    ]
+    for p in procs:
+        p.start()
+    try:
+        table = dict(addresses.get(timeout=60) for _ in NAMES)
+        for q in tables.values():
+            q.put(table)
+        results = dict(out.get(timeout=60) for _ in NAMES)
+    except queue.Empty:
+        pytest.fail(f"{backend} pair did not finish in time")
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    assert results == {"a0": "ok", "f0": "ok"}
+
+
+def test_gloo_pair_exchanges_out_of_order() -> None:
+    _run_pair("gloo")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+    reason="real NCCL between processes needs two CUDA GPUs",
+)
+def test_nccl_pair_exchanges_out_of_order() -> None:
+    _run_pair("nccl")
