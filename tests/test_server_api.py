@@ -222,9 +222,9 @@ def test_probes_tokenize_metrics(base_url: str, engine: FakeEngine) -> None:
     text = httpx.post(base_url + "/detokenize", json={"tokens": tok["tokens"][1:]}).json()
     assert text == {"prompt": "hello world"}
     metrics = httpx.get(base_url + "/metrics").text
-    assert "vllm:e2e_request_latency_seconds_bucket" in metrics
-    assert "vllm:time_to_first_token_seconds_count" in metrics
-    assert 'vllm:request_success_total{finished_reason="stop",model_name="tiny-step3"}' in metrics
+    assert "afd:e2e_request_latency_seconds_bucket" in metrics
+    assert "afd:time_to_first_token_seconds_count" in metrics
+    assert 'afd:request_success_total{finished_reason="stop",model_name="tiny-step3"}' in metrics
 
 
 def test_health_503_when_engine_unhealthy(base_url: str, engine: FakeEngine) -> None:

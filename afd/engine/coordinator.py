@@ -38,6 +38,7 @@ class Coordinator:
         self.sent: dict[int, int] = {}  # seq_id -> output tokens already streamed
         self.error: str | None = None
         self._ids = 0
+        self.aborted_idle = False
 
     def run(self, parent_pid: int) -> None:
         while os.getppid() == parent_pid:
@@ -45,6 +46,9 @@ class Coordinator:
             self._drain(0 if busy else IDLE_POLL_MS)
             if self.engine.has_work() and self.error is None:
                 self._step()
+            elif self.aborted_idle:
+                self._send([])  # aborts freed KV with no step to report it: send fresh stats
+            self.aborted_idle = False
 
     def _drain(self, timeout_ms: int) -> None:
         while self.inbox.poll(timeout_ms):
@@ -100,6 +104,7 @@ class Coordinator:
         chosen = [s for s in seqs if msg.indices is None or s.index in msg.indices]
         self.engine.abort([s.seq_id for s in chosen])
         self._forget([s for s in seqs if s.finished])
+        self.aborted_idle = True
 
     def _step(self) -> None:
         try:

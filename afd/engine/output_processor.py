@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from afd.detokenizer import IncrementalDetokenizer, find_stop
+from afd.detokenizer import IncrementalDetokenizer, find_stop, safe_emit_length
 from afd.engine.sequence import Sequence
 from afd.outputs import CompletionOutput, RequestOutput
 from afd.sampling_params import SamplingParams
@@ -90,6 +90,8 @@ class OutputProcessor:
         seq = choice.seq
         new = seq.output_token_ids[choice.num_seen :]
         choice.num_seen = len(seq.output_token_ids)
+        if seq.finished and seq.finish_reason == "stop" and new:
+            new = new[:-1]  # the EOS or stop token ends the text; it is not part of it
         if choice.detok is not None:
             before = len(choice.text)
             choice.text += choice.detok.add_many(new)
@@ -114,7 +116,7 @@ class OutputProcessor:
         outs = [
             CompletionOutput(
                 index=c.seq.index,
-                text=c.text,
+                text=_visible(c, req.params),
                 token_ids=list(c.seq.output_token_ids),
                 logprobs=list(c.seq.output_logprobs) if req.params.logprobs is not None else None,
                 finish_reason=c.finish_reason,
@@ -128,3 +130,11 @@ class OutputProcessor:
             for c in req.choices:
                 self.by_seq.pop(c.seq.seq_id, None)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished)
+
+
+def _visible(choice: _Choice, params: SamplingParams) -> str:
+    """While a choice runs, hold back a tail that may be the start of a stop string, so a
+    stream never shows text that a later stop cuts off."""
+    if choice.finish_reason is not None or not params.stop:
+        return choice.text
+    return choice.text[: safe_emit_length(choice.text, params.stop)]

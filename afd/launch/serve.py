@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -98,7 +99,8 @@ async def run(args: argparse.Namespace) -> None:
             f"afd-serve: OpenAI API at http://{args.host}:{args.port}/v1 (model {names[0]!r})",
             flush=True,
         )
-        app = build_app(client, settings_from_args(args))
+        server = dataclasses.replace(settings_from_args(args), tpot_slo_ms=args.tpot_slo_ms)
+        app = build_app(client, server)
         shutdown_s = settings.shutdown_timeout_s
         await serve_until_sigterm(app, args.host, args.port, shutdown_s, client.abort_all)
     finally:

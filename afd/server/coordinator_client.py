@@ -148,8 +148,18 @@ class CoordinatorClient:
         for i in range(n):
             self.seqs.pop((request_id, i), None)
 
+    def _fail_waiting(self, message: str) -> None:
+        """The coordinator is gone: every waiting request fails now instead of hanging."""
+        self.error = message
+        for request_id, queue in self.queues.items():
+            queue.put_nowait(_error_output(request_id, message))
+
     async def _read_loop(self) -> None:
         while True:
+            if not await self.inbox.poll(500):
+                if self.proc is not None and self.proc.poll() is not None and not self.error:
+                    self._fail_waiting(f"the coordinator exited with code {self.proc.returncode}")
+                continue
             msg = decode(await self.inbox.recv())
             if isinstance(msg, StepOutputs):
                 await self._apply(msg)
@@ -180,6 +190,10 @@ class CoordinatorClient:
             seq = next((s for s in changed if s.seq_id == seq_id), None)
             if seq is not None:
                 await self.outbox.send(encode(AbortRequest(seq.request_id, [seq.index])))
+
+
+def _error_output(request_id: str, message: str) -> RequestOutput:
+    return RequestOutput(request_id, None, [], [], finished=True, error=message)
 
 
 def _apply_update(seq: Sequence, u: SeqUpdate) -> None:

@@ -46,10 +46,12 @@ class EngineStreams:
         self._watch(queue)
         self.metrics.on_start()
         finished, start, last, out = False, time.monotonic(), None, None
+        first = None  # when the first token arrived, for TPOT
         try:
             while not finished:
                 out = self._visible(_check(await queue.get()), params)
                 last = self._observe(start, last, out)
+                first = first or last
                 finished = out.finished
                 yield out
         finally:
@@ -60,7 +62,7 @@ class EngineStreams:
                     await self._abort(request_id)
                 pump.cancel()
                 await asyncio.gather(pump, return_exceptions=True)
-            self._finish(start, prompt_ids, out)
+            self._finish(start, first, prompt_ids, out)
 
     def _visible(self, out: RequestOutput, params: SamplingParams) -> RequestOutput:
         """Defend the stream contract: text that may still become a stop string is held back
@@ -91,8 +93,9 @@ class EngineStreams:
         while self.waiting:
             await asyncio.sleep(self.health_poll_s)
             if not self.engine.is_healthy():
+                why = getattr(self.engine, "error", None) or "the engine is not healthy"
                 for queue in list(self.waiting):
-                    queue.put_nowait(EngineError("the engine is not healthy; request dropped"))
+                    queue.put_nowait(EngineError(f"{why}; request dropped"))
 
     def _observe(self, start: float, last: float | None, out: RequestOutput) -> float | None:
         if not any(c.token_ids for c in out.outputs):
@@ -104,11 +107,17 @@ class EngineStreams:
             self.metrics.on_next_output(now - last)
         return now
 
-    def _finish(self, start: float, prompt_ids: list[int], out: RequestOutput | None) -> None:
+    def _finish(
+        self, start: float, first: float | None, prompt_ids: list[int], out: RequestOutput | None
+    ) -> None:
         outputs = out.outputs if out is not None else []
         reasons = [c.finish_reason or "abort" for c in outputs] or ["abort"]
         num_out = sum(len(c.token_ids) for c in outputs)
-        self.metrics.on_end(len(prompt_ids), num_out, reasons, time.monotonic() - start)
+        now = time.monotonic()
+        self.metrics.on_end(len(prompt_ids), num_out, reasons, now - start)
+        longest = max((len(c.token_ids) for c in outputs), default=0)
+        if first is not None and longest > 1:
+            self.metrics.on_tpot((now - first) / (longest - 1))
 
 
 async def _pump(outputs: AsyncIterator[RequestOutput], queue: asyncio.Queue[Any]) -> None:

@@ -1,5 +1,5 @@
-"""Prometheus metrics measured at the API server, under vLLM's names so dashboards and
-`vllm bench serve` read them unchanged. Exposed by /metrics from the default registry."""
+"""Prometheus metrics measured at the API server, under vLLM's names with an `afd:` prefix
+(a vLLM dashboard needs only the prefix changed). Served by /metrics (default registry)."""
 
 from __future__ import annotations
 
@@ -32,11 +32,24 @@ class ServerMetrics:
     """Per-request observations, labelled by served model name (label children are bound
     once: `.labels()` costs more than the observation on the per-token path)."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, tpot_slo_s: float | None = None) -> None:
         self.model_name = model_name
-        self.running = self._one(Gauge, "num_requests_running", "Requests in flight here.")
+        # the engine exports afd:num_requests_running (sequences on the ranks); this counts
+        # HTTP requests in flight at this server
+        self.running = self._one(Gauge, "api_requests_in_flight", "Requests in flight here.")
         self.prompt_tokens = self._one(Counter, "prompt_tokens", "Prefill tokens processed.")
         self.generation_tokens = self._one(Counter, "generation_tokens", "Tokens generated.")
+        self.tpot = self._hist(
+            "request_time_per_output_token_seconds",
+            "Mean time per output token of each finished request.",
+        )
+        self.tpot_slo_s = tpot_slo_s
+        self.slo_requests = self._one(
+            Counter, "tpot_slo_requests", "Finished requests judged against the TPOT target."
+        )
+        self.slo_met = self._one(
+            Counter, "tpot_slo_met", "Finished requests whose mean TPOT met the target."
+        )
         self.ttft = self._hist("time_to_first_token_seconds", "Time to first token.")
         self.itl = self._hist("inter_token_latency_seconds", "Time between outputs.")
         self.e2e = self._hist("e2e_request_latency_seconds", "End-to-end request latency.")
@@ -44,15 +57,23 @@ class ServerMetrics:
         self.output_len = self._hist("request_generation_tokens", "Output tokens.", _TOKEN_BUCKETS)
         labels = ["model_name", "finished_reason"]
         self.success = _get_or_create(
-            Counter, "vllm:request_success", "Finished requests by reason.", labels
+            Counter, "afd:request_success", "Finished requests by reason.", labels
         )
 
     def _one(self, kind: type, name: str, doc: str, **kw: Any) -> Any:
-        metric = _get_or_create(kind, f"vllm:{name}", doc, ["model_name"], **kw)
+        metric = _get_or_create(kind, f"afd:{name}", doc, ["model_name"], **kw)
         return metric.labels(self.model_name)
 
     def _hist(self, name: str, doc: str, buckets: tuple[float, ...] = _LATENCY_BUCKETS) -> Any:
         return self._one(Histogram, name, doc, buckets=buckets)
+
+    def on_tpot(self, seconds: float) -> None:
+        """A finished request's mean time per output token, and whether it met the target."""
+        self.tpot.observe(seconds)
+        if self.tpot_slo_s is not None:
+            self.slo_requests.inc()
+            if seconds <= self.tpot_slo_s:
+                self.slo_met.inc()
 
     def on_start(self) -> None:
         self.running.inc()

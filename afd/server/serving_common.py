@@ -46,7 +46,8 @@ class Serving:
         self.settings = settings
         self.model_names = settings.served_model_names or (engine.model_name,)
         self.prompts = PromptBuilder(engine.tokenizer, settings.chat_template)
-        self.metrics = ServerMetrics(self.model_names[0])
+        slo = settings.tpot_slo_ms / 1000 if settings.tpot_slo_ms else None
+        self.metrics = ServerMetrics(self.model_names[0], slo)
         self.streams = EngineStreams(engine, self.metrics)
         self.generate = self.streams.stream
         self.logprobs = LogprobFormatter(engine.tokenizer)

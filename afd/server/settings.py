@@ -19,6 +19,7 @@ class ServerSettings:
     enable_force_include_usage: bool = False  # usage chunk on every stream
     allow_request_chat_template: bool = False  # honour a per-request `chat_template`
     owned_by: str = "afd"
+    tpot_slo_ms: float | None = None  # judged per finished request in afd:tpot_slo_* metrics
 
     def __post_init__(self) -> None:
         if self.enable_auto_tool_choice and not self.tool_call_parser:

@@ -1,0 +1,170 @@
+"""The real afd-serve (API server + coordinator + attention and FFN ranks) on the random test
+checkpoint, driven by the official openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from afd import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+PROMPT_IDS = [11, 250, 37, 99, 123, 7, 64, 900, 3]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt) -> Iterator[str]:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "afd.launch.serve",
+        "--model",
+        str(tiny_ckpt),
+        "--served-model-name",
+        "tiny",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--block-size",
+        "4",
+        "--num-kv-blocks",
+        "4096",
+        "--attn",
+        "1x1",
+        "--ffn",
+        "1x1",
+    ]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, "afd-serve exited during start-up"
+            assert time.monotonic() < deadline, "afd-serve did not become healthy"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+
+
+def test_chat_and_completions(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hello there"}],
+        max_tokens=6,
+        temperature=0,
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    assert len(chat.choices) == 2 and chat.usage.completion_tokens > 0
+    assert chat.choices[0].logprobs.content[0].top_logprobs
+    stream = client.completions.create(
+        model="tiny",
+        prompt="Once upon a time",
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    stop = text[3:5]
+    assert len(stop) == 2
+    stopped = client.completions.create(
+        model="tiny",
+        prompt="Once upon a time",
+        max_tokens=8,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
+    assert stopped.choices[0].text == text[: text.find(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_completion_logprobs_equal_offline(client: openai.OpenAI, tiny_ckpt) -> None:
+    served = client.completions.create(
+        model="tiny",
+        prompt=PROMPT_IDS,
+        max_tokens=6,
+        temperature=0,
+        logprobs=1,
+        extra_body={"ignore_eos": True},
+    )
+    offline = LLM(str(tiny_ckpt), dtype="float32", num_kv_blocks=64, block_size=4).generate(
+        [{"prompt_token_ids": PROMPT_IDS}],
+        SamplingParams(max_tokens=6, temperature=0.0, logprobs=1, ignore_eos=True),
+    )
+    want = offline[0].outputs[0]
+    got = served.choices[0].logprobs.token_logprobs
+    expected = [lp[t] for lp, t in zip(want.logprobs, want.token_ids, strict=True)]
+    assert len(got) == len(expected)
+    assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-4
+
+
+async def read_then_leave(http: httpx.AsyncClient, i: int) -> None:
+    body = {
+        "model": "tiny",
+        "prompt": f"client {i} says",
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        seen = 0
+        async for line in response.aiter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 2:
+                return
+
+
+def kv_usage(server: str) -> float:
+    text = httpx.get(f"{server}/metrics").text
+    values = re.findall(r'^afd:kv_cache_usage_perc\{rank="0"\} (\S+)$', text, re.M)
+    return float(values[0])
+
+
+def test_200_disconnecting_clients_leave_no_kv_blocks(server: str) -> None:
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=server, timeout=120, limits=limits) as http:
+            await asyncio.gather(*(read_then_leave(http, i) for i in range(200)))
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 30
+    while kv_usage(server) != 0.0:
+        assert time.monotonic() < deadline, f"KV still in use: {kv_usage(server)}"
+        time.sleep(0.25)
+    assert httpx.get(f"{server}/health").status_code == 200
