@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import time
 
 import numpy as np
@@ -105,7 +107,9 @@ def main(argv: list[str]) -> int:
             }
         )
     if args.json:
-        print(json.dumps({"results": results}))
+        meta = {"command": "afd-bench scheduler " + " ".join(argv), "cpus": os.cpu_count(),
+                "python": platform.python_version(), "machine": platform.machine()}
+        print(json.dumps({"results": results, **meta}))
     else:
         print(f"{'running seqs/rank':>18} {'ms/step (median)':>17} {'p90 ms':>8}")
         for r in results:
