@@ -6,7 +6,8 @@ from __future__ import annotations
 import atexit
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import torch
 import zmq
@@ -15,7 +16,7 @@ from afd import envs
 from afd.config import ConfigError, ModelConfig, RoleShape
 from afd.engine.builder import EngineSettings, default_num_blocks, parse_roles
 from afd.engine.executor import Executor, ExecutorError
-from afd.engine.messages import StepResult, WorkerError, WorkerReady
+from afd.engine.messages import FFNStepDone, StepResult, WorkerError, WorkerReady
 from afd.launch.rank_process import RankProcess, Spawner, local_spawner
 from afd.launch.worker_spec import WorkerSpec
 from afd.models.build import resolve_dtype
@@ -38,6 +39,8 @@ class DisaggregatedExecutor(Executor):
         self.procs: dict[str, RankProcess] = {}
         self.last_beat: dict[str, float] = {}
         self.failed: str | None = None
+        self.ffn_compute_s: dict[int, float] = {}  # step -> slowest FFN rank's compute
+        self.last_ffn_s = 0.0
         # launcher cleanup after the ranks stop (the Ray launcher frees its placement groups)
         self.on_shutdown: Callable[[], None] | None = None
         atexit.register(self.shutdown)
@@ -67,7 +70,17 @@ class DisaggregatedExecutor(Executor):
         self._collect(
             results, StepResult, len(self.attn), envs.STEP_TIMEOUT_S, f"step {plans[0].step}"
         )
+        self._attach_ffn_time(plans[0].step, results.values())
         return [results[name] for name in self.attn]
+
+    def _attach_ffn_time(self, step: int, results: Iterable[StepResult]) -> None:
+        """The slowest FFN rank's compute for this step; its report may trail the attention
+        ranks' results by a moment, so the last known value stands in until it arrives."""
+        self.last_ffn_s = self.ffn_compute_s.pop(step, self.last_ffn_s)
+        for old in [s for s in self.ffn_compute_s if s < step]:
+            del self.ffn_compute_s[old]
+        for result in results:
+            result.timings.ffn = self.last_ffn_s
 
     def _send(self, name: str, msg: object) -> None:
         self.router.send_multipart([name.encode(), encode(msg)])
@@ -83,6 +96,10 @@ class DisaggregatedExecutor(Executor):
                 msg = decode(data)
                 if isinstance(msg, WorkerError):
                     self._fail(msg.message)
+                if isinstance(msg, FFNStepDone):
+                    self.ffn_compute_s[msg.step] = max(
+                        msg.compute_s, self.ffn_compute_s.get(msg.step, 0.0)
+                    )
                 if isinstance(msg, kind):
                     into[name] = msg
                 continue
@@ -192,7 +209,10 @@ def build_disaggregated(
     executor = DisaggregatedExecutor(attn, ffn)
     threads = max(1, (os.cpu_count() or 1) // (len(attn) + len(ffn)))
     specs = worker_specs(settings, cfg, executor.address, os.getpid(), threads)
-    return start_executor(executor, specs, local_spawner(gpus))
+    # each rank sees every GPU and picks its own by index: NCCL P2P/NVLink between processes
+    # needs the peer GPU visible (narrowing CUDA_VISIBLE_DEVICES would hide it)
+    specs = [replace(s, device=f"cuda:{gpus[s.name]}") if gpus else s for s in specs]
+    return start_executor(executor, specs, local_spawner({}))
 
 
 def _assign_gpus(device: str, names: list[str], attn: RoleShape, ffn: RoleShape) -> dict[str, int]:

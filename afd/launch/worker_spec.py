@@ -25,7 +25,7 @@ class WorkerSpec:
     index: int  # rank index within its role
     model: str
     dtype: str
-    device: str  # "cpu" or "cuda" (the launcher narrows CUDA_VISIBLE_DEVICES)
+    device: str  # "cpu", "cuda" (= cuda:0 of what the launcher made visible) or "cuda:N"
     attn_ranks: list[str]
     ffn_ranks: list[str]
     coordinator: str
@@ -50,6 +50,8 @@ class WorkerSpec:
     @contextmanager
     def session(self) -> Iterator[tuple[WorkerChannel, Transport]]:
         torch.set_num_threads(self.num_threads)
+        if self.torch_device().type == "cuda":
+            torch.cuda.set_device(self.torch_device())  # the nccl transport uses this device
         channel = WorkerChannel(self.coordinator, self.name, self.heartbeat_s)
         transport = create_transport(self.transport, self.name)
         try:
