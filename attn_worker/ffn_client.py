@@ -3,6 +3,7 @@ summed partial outputs later. Colocated mode computes in place; disaggregated mo
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 
 import torch
@@ -24,6 +25,10 @@ class FFNClient(ABC):
         self, step: int, layer: int, micro_batch: int, x: torch.Tensor, routing: Routing
     ) -> PendingFFN: ...
 
+    def take_compute_s(self) -> float:
+        """FFN compute seconds done in this process since the last call (remote: none)."""
+        return 0.0
+
 
 class _Ready(PendingFFN):
     def __init__(self, out: torch.Tensor) -> None:
@@ -38,9 +43,17 @@ class LocalFFN(FFNClient):
 
     def __init__(self, side: FFNSide) -> None:
         self.side = side
+        self.compute_s = 0.0
 
     def submit(
         self, step: int, layer: int, micro_batch: int, x: torch.Tensor, routing: Routing
     ) -> PendingFFN:
         ids, weights = routing if routing is not None else (None, None)
-        return _Ready(self.side(layer, x, ids, weights))
+        start = time.perf_counter()
+        out = self.side(layer, x, ids, weights)
+        self.compute_s += time.perf_counter() - start
+        return _Ready(out)
+
+    def take_compute_s(self) -> float:
+        seconds, self.compute_s = self.compute_s, 0.0
+        return seconds

@@ -59,6 +59,7 @@ class AttnRunner:
                 states = {i: self.seqs[i].sampling for i in mb.sample_seq_ids}
                 sampled += sample(logits, mb.sample_seq_ids, states)
         timings.sampling = time.perf_counter() - t0
+        timings.ffn = self.ffn.take_compute_s()
         timings.total = time.perf_counter() - start
         return StepResult(plan.step, self.rank, sampled, timings)
 

@@ -9,7 +9,7 @@ import time
 import torch
 
 from afd.config import ModelConfig
-from afd.engine.messages import WorkerError, WorkerReady
+from afd.engine.messages import FFNStepDone, WorkerError, WorkerReady
 from afd.envs import stage_delays_s
 from afd.launch.worker_spec import WorkerSpec, worker_loop
 from afd.models.build import load_ffn_side, resolve_dtype
@@ -27,6 +27,7 @@ class FFNServer:
         self.side, self.transport = side, transport
         self.attn_ranks, self.timeout_s = attn_ranks, timeout_s
         _, self.delay_s = stage_delays_s()
+        self.compute_s = 0.0  # this step's FFN compute
 
     @torch.inference_mode()
     def serve_step(self, shape: StepShape) -> None:
@@ -49,7 +50,9 @@ class FFNServer:
         )
         if self.delay_s:  # test hook: stands in for FFN compute
             time.sleep(self.delay_s * x.shape[0])
+        start = time.perf_counter()
         out = self.side(layer, x, *routing)  # [T, H] partial sum
+        self.compute_s += time.perf_counter() - start
         rows = [p[0].shape[0] for p in parts]
         for name, piece in zip(names, out.split(rows), strict=True):
             self.transport.send(name, key, [piece.contiguous()])
@@ -65,12 +68,13 @@ def main(argv: list[str]) -> int:
         server = FFNServer(side, transport, spec.attn_ranks, spec.recv_timeout_s)
         channel.send(WorkerReady(spec.name, transport.address()))
 
-        def on_shape(shape: StepShape) -> WorkerError | None:
+        def on_shape(shape: StepShape) -> WorkerError | FFNStepDone:
             try:
                 server.serve_step(shape)
             except TransportTimeout as e:
                 return WorkerError(spec.name, f"FFN rank {spec.name}: {e}")
-            return None
+            compute_s, server.compute_s = server.compute_s, 0.0
+            return FFNStepDone(spec.name, shape.step, compute_s)
 
         worker_loop(spec, channel, transport, {StepShape: on_shape})
     return 0

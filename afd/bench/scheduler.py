@@ -107,8 +107,12 @@ def main(argv: list[str]) -> int:
             }
         )
     if args.json:
-        meta = {"command": "afd-bench scheduler " + " ".join(argv), "cpus": os.cpu_count(),
-                "python": platform.python_version(), "machine": platform.machine()}
+        meta = {
+            "command": "afd-bench scheduler " + " ".join(argv),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        }
         print(json.dumps({"results": results, **meta}))
     else:
         print(f"{'running seqs/rank':>18} {'ms/step (median)':>17} {'p90 ms':>8}")

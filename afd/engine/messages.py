@@ -23,9 +23,20 @@ class StepTimings:
     """Seconds spent by one attention rank in each phase of a step."""
 
     attention: float = 0.0
-    ffn_wait: float = 0.0
+    ffn: float = 0.0  # FFN compute (colocated: here; disaggregated: the slowest FFN rank)
+    ffn_wait: float = 0.0  # waiting for FFN partials: FFN compute + transfers not hidden
     sampling: float = 0.0
     total: float = 0.0
+
+
+@message
+@dataclass
+class FFNStepDone:
+    """An FFN rank finished a step: its compute time, for the step's phase metrics."""
+
+    rank_name: str
+    step: int
+    compute_s: float
 
 
 @message
