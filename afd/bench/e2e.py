@@ -1,0 +1,171 @@
+"""`afd-bench e2e`: a Step3-width model with few layers on two GPUs. (1) Correctness: bf16
+greedy generation, disaggregated (1 attention + 1 FFN rank over NCCL) against colocated, from
+a random Step3-shaped checkpoint. (2) Per-layer decode step time of the real micro-batch
+pipeline (AttnRunner + RemoteFFN -> FFNServer over NCCL) for m = 1..4 against its slowest
+stage, and colocated (same kernels, one GPU); (3) decode tokens/s/GPU at TPOT budgets scaled
+to 61 layers."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from afd.bench.e2e_pipeline import PipelineBench
+from afd.bench.layer import STEP3_WIDTH, build, step3_config, versions
+from afd.models.step3 import AttentionSide, FFNShard, FFNSide
+
+FULL_LAYERS = 61
+
+
+def write_checkpoint(out: Path, layers: int, moe_layers: str) -> Path:
+    """A Step3-width random checkpoint, weights drawn on the GPU (minutes faster than tiny's
+    CPU generator at 6 B parameters), in the HF layout make_tiny_model writes."""
+    import afd.models.tiny as tiny
+
+    def gpu_weights(cfg, seed: int) -> dict[str, torch.Tensor]:
+        weights = {}
+        attn = build(lambda: AttentionSide(cfg), torch.bfloat16, "cuda:0", seed)
+        weights |= {k: v.cpu() for k, v in attn.named_parameters()}
+        del attn
+        ffn = build(lambda: FFNSide(cfg, FFNShard()), torch.bfloat16, "cuda:0", seed + 1)
+        params = dict(ffn.named_parameters())
+        weights |= {spec.key: params[n].cpu() for n, spec in ffn.param_specs().items()}
+        del ffn, params
+        torch.cuda.empty_cache()
+        return weights
+
+    text = {k: v for k, v in STEP3_WIDTH.items()}
+    text |= {"num_hidden_layers": layers, "moe_layers_enum": moe_layers}
+    saved, tiny.random_weights = tiny.random_weights, gpu_weights
+    try:
+        return tiny.make_tiny_model(out, seed=0, with_tokenizer=False, vocab_size=512, **text)
+    finally:
+        tiny.random_weights = saved
+
+
+def generate(model: Path, prompts: list[list[int]], steps: int, **kwargs) -> list[dict]:
+    from afd.llm import LLM
+    from afd.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True, logprobs=0)
+    with LLM(str(model), dtype="bfloat16", device="cuda", num_kv_blocks=256, **kwargs) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    rows = []
+    for o in outs:
+        c = o.outputs[0]
+        lps = [lp[t] for lp, t in zip(c.logprobs or [], c.token_ids, strict=False)]
+        rows.append({"tokens": list(c.token_ids), "logprobs": lps})
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def correctness(workdir: Path, steps: int) -> dict:
+    start = time.time()
+    model = write_checkpoint(workdir / "step3w", layers=2, moe_layers="1")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 511, (n,), generator=g).tolist() for n in (7, 19, 33, 64)]
+    colo = generate(model, prompts, steps, colocated=True)
+    disagg = generate(model, prompts, steps, colocated=False, transport="nccl")
+    same = [a["tokens"] == b["tokens"] for a, b in zip(colo, disagg, strict=True)]
+    diffs = [
+        abs(x - y)
+        for a, b in zip(colo, disagg, strict=True)
+        for x, y, s, t in zip(a["logprobs"], b["logprobs"], a["tokens"], b["tokens"], strict=False)
+        if s == t
+    ]
+    return {
+        "model": "step3-width, 2 layers (0 dense, 1 MoE), random bf16",
+        "steps": steps,
+        "same_tokens": same,
+        "all_same": all(same),
+        "max_logprob_diff": max(diffs, default=None),
+        "colocated": colo,
+        "disaggregated": disagg,
+        "seconds": time.time() - start,
+    }
+
+
+def budget_table(colo: list[dict], disagg: list[dict], tpots_ms: list[float]) -> list[dict]:
+    """For each TPOT, the largest measured batch whose per-layer time x 61 fits, per mode."""
+    rows = []
+    for tpot in tpots_ms:
+        budget_us = 1e3 * tpot / FULL_LAYERS
+        row: dict = {"tpot_ms": tpot, "layer_budget_us": budget_us}
+        for mode, runs, gpus in (("colocated", colo, 1), ("disaggregated", disagg, 2)):
+            fits = [r for r in runs if r["layer_us"] <= budget_us]
+            best = max(fits, key=lambda r: r["batch"] / r["layer_us"], default=None)
+            row[mode] = None
+            if best is not None:
+                tps = best["batch"] / (FULL_LAYERS * best["layer_us"] * 1e-6) / gpus
+                row[mode] = {"batch": best["batch"], "m": best["m"], "tokens_s_gpu": tps}
+        rows.append(row)
+    return rows
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="afd-bench e2e", description=__doc__)
+    p.add_argument("--batches", default="256,1024,3072")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--layers", type=int, default=4, help="layers of the timed model")
+    p.add_argument("--steps", type=int, default=8, help="greedy tokens compared")
+    p.add_argument("--tpots-ms", default="50,100,200,400,800")
+    p.add_argument("--workdir", default="/tmp/afd-e2e")
+    p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument("--out", default="bench/results/e2e_h200x2.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    if torch.cuda.device_count() < 2:
+        print("afd-bench e2e needs two CUDA GPUs", file=sys.stderr)
+        return 2
+    result: dict = versions()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.skip_correctness:
+        try:
+            result["correctness"] = correctness(Path(args.workdir), args.steps)
+        except Exception as e:  # keep the timing part: it does not need the engine
+            result["correctness"] = {"error": f"{type(e).__name__}: {e}"}
+        out.write_text(json.dumps(result, indent=2))
+        print("correctness:", {k: v for k, v in result["correctness"].items() if "ocated" not in k})
+    cfg = step3_config(num_layers=args.layers)
+    batches = [int(b) for b in args.batches.split(",")]
+    with PipelineBench(cfg, max(batches), args.context) as bench:
+        rel = bench.rel_diff(min(batches), 3)  # NCCL pipeline vs colocated, one step
+        result["pipeline_rel_diff"] = {"batch": min(batches), "m": 3, "rel": rel}
+        colo = [bench.colocated(b) for b in batches]
+        disagg = [bench.disaggregated(b, m) for b in batches for m in (1, 2, 3, 4)]
+    tpots = [float(t) for t in args.tpots_ms.split(",")]
+    result |= {"context": args.context, "layers": args.layers, "colocated": colo}
+    result |= {"disaggregated": disagg, "budgets": budget_table(colo, disagg, tpots)}
+    out.write_text(json.dumps(result, indent=2))
+    print_tables(result)
+    return 0
+
+
+def print_tables(r: dict) -> None:
+    print(f"per-layer decode step, Step3 width, context {r['context']}, {r['layers']} layers")
+    head = ("mode", "B", "m", "layer µs", "attn µs", "ffn µs", "vs bound")
+    print("{:>8} {:>5} {:>2} {:>9} {:>8} {:>8} {:>8}".format(*head))
+    for x in r["colocated"] + r["disaggregated"]:
+        mode = "colo" if x in r["colocated"] else "disagg"
+        print(
+            f"{mode:>8} {x['batch']:>5} {x['m']:>2} {x['layer_us']:>9.0f} "
+            f"{x['attn_stage_us']:>8.0f} {x['ffn_stage_us']:>8.0f} {x['vs_bound']:>8.2f}"
+        )
+    print("tokens/s/GPU at TPOT budgets (61 layers)")
+    for b in r["budgets"]:
+        print(f"  {b['tpot_ms']:>5.0f} ms: colocated {b['colocated']}, disagg {b['disaggregated']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,165 @@
+"""The timed half of `afd-bench e2e`: this process is attention rank a0 on cuda:0 (the real
+AttnRunner pipeline with RemoteFFN over the nccl transport), a spawned process is FFN rank f0
+on cuda:1 (the real FFNServer). Colocated runs the same runner with LocalFFN on cuda:0."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import statistics
+import time
+
+import torch
+
+from afd.bench.layer import attention_stage, build, ffn_stage
+from afd.config import ModelConfig
+from afd.engine.messages import StepTimings
+from afd.models.step3 import AttentionSide, FFNShard, FFNSide
+from attn_worker.attention import BatchAttention, SeqView
+from attn_worker.ffn_client import LocalFFN
+from attn_worker.kv_cache import KVCache
+from attn_worker.model_runner import AttnRunner, MicroBatch
+from attn_worker.remote_ffn import RemoteFFN
+from ffn_worker.messages import StepShape
+from ffn_worker.worker import FFNServer
+from transport.base import create_transport
+
+BLOCK = 16
+WARM, TIMED = 2, 5
+
+
+def _ffn_rank(cfg: ModelConfig, backend: str, device: str, dtype, addresses, table, shapes):
+    t = create_transport("nccl", "f0", backend=backend, device=device)
+    addresses.put(("f0", t.address()))
+    t.connect(table.get(timeout=120))
+    side = build(lambda: FFNSide(cfg, FFNShard()), dtype, device, 2)
+    server = FFNServer(side, t, ["a0"], 300.0)
+    while (shape := shapes.get()) is not None:
+        server.serve_step(shape)
+    _sync(device)
+    t.close()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+class PipelineBench:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        max_batch: int,
+        context: int,
+        devices: tuple[str, str] = ("cuda:0", "cuda:1"),
+        backend: str = "nccl",
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        """devices: (attention rank, FFN rank); backend "gloo" with CPU devices for tests."""
+        self.cfg, self.context, self.step = cfg, context, 0
+        self.device, self.dtype = devices[0], dtype
+        ctx = mp.get_context("spawn")
+        addresses, table, self.shapes = ctx.Queue(), ctx.Queue(), ctx.Queue()
+        args = (cfg, backend, devices[1], dtype, addresses, table, self.shapes)
+        self.proc = ctx.Process(target=_ffn_rank, args=args)
+        self.proc.start()
+        self.transport = create_transport("nccl", "a0", backend=backend, device=self.device)
+        name, address = addresses.get(timeout=120)
+        table.put({"a0": self.transport.address()})
+        self.transport.connect({name: address})
+        self.side = build(lambda: AttentionSide(cfg), dtype, self.device, 1)
+        self.local = build(lambda: FFNSide(cfg, FFNShard()), dtype, self.device, 2)
+        per_seq = -(-context // BLOCK)
+        blocks = max_batch * per_seq
+        layers = cfg.num_hidden_layers
+        self.cache = KVCache(layers, blocks, BLOCK, cfg.head_dim, self.dtype, self.device)
+        self.cache.k.normal_()
+        self.cache.v.normal_()
+        self.tables = torch.randperm(blocks, device=self.device).view(max_batch, per_seq)
+        self.remote = AttnRunner(self.side, self.cache, RemoteFFN(self.transport, ["f0"], 300.0))
+        self.colo = AttnRunner(self.side, self.cache, LocalFFN(self.local))
+        self._stages: dict[int, tuple[float, float]] = {}
+
+    def _micro_batches(self, batch: int, m: int) -> list[MicroBatch]:
+        pos, scale = self.context - 1, self.cfg.head_dim**-0.5
+        mbs = []
+        for rows in torch.arange(batch).tensor_split(m):
+            tables = self.tables[rows.tolist()]  # [b, blocks]
+            slots = tables[:, pos // BLOCK] * BLOCK + pos % BLOCK  # [b]
+            views = [SeqView(i, 1, self.context, tables[i]) for i in range(len(rows))]
+            attn = BatchAttention(self.cache, views, slots, scale)
+            ids = torch.randint(0, self.cfg.vocab_size, (len(rows),), device=self.device)  # [b]
+            positions = torch.full((len(rows),), pos, dtype=torch.long, device=self.device)
+            mbs.append(MicroBatch(ids, positions, attn))
+        return mbs
+
+    def _time_steps(self, runner: AttnRunner, mbs: list[MicroBatch], remote: bool) -> float:
+        """Median ms of one decode step's pipeline (all layers), device work included."""
+        times = []
+        for i in range(WARM + TIMED):
+            self.step += 1
+            if remote:
+                self.shapes.put(StepShape(self.step, [[len(mb.token_ids) for mb in mbs]]))
+            _sync(self.device)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                runner._pipeline(self.step, mbs, StepTimings())
+            _sync(self.device)
+            if i >= WARM:
+                times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times)
+
+    def rel_diff(self, batch: int, m: int) -> float:
+        """‖disaggregated − colocated‖ / ‖colocated‖ of one step's final hidden states, same
+        micro-batches and weights (both FFN sides are drawn from one seed)."""
+        mbs = self._micro_batches(batch, m)
+        outs = []
+        for runner, remote in ((self.colo, False), (self.remote, True)):
+            self.step += 1
+            if remote:
+                self.shapes.put(StepShape(self.step, [[len(mb.token_ids) for mb in mbs]]))
+            with torch.inference_mode():
+                outs.append(torch.cat(runner._pipeline(self.step, mbs, StepTimings())).float())
+        return float((outs[1] - outs[0]).norm() / outs[0].norm())
+
+    def _stage_us(self, b: int) -> tuple[float, float]:
+        """Eager attention-stage and FFN-stage µs for a micro-batch of b, on this GPU."""
+        if b not in self._stages:
+            a = attention_stage(self.side.layer(0), self.cfg, b, self.context, self.dtype)
+            f = ffn_stage(self.local.model.layers[0], self.cfg, b, self.dtype)
+            self._stages[b] = (a["eager_us"], f["eager_us"])
+        return self._stages[b]
+
+    def _row(self, batch: int, m: int, step_ms: float, bound_us: float, a: float, f: float):
+        layer_us = 1e3 * step_ms / self.cfg.num_hidden_layers
+        return {
+            "batch": batch,
+            "m": m,
+            "step_ms": step_ms,
+            "layer_us": layer_us,
+            "attn_stage_us": a,
+            "ffn_stage_us": f,
+            "bound_us": bound_us,
+            "vs_bound": layer_us / bound_us,
+        }
+
+    def colocated(self, batch: int) -> dict:
+        """One GPU runs attention then FFN per layer: the bound is their sum."""
+        step_ms = self._time_steps(self.colo, self._micro_batches(batch, 1), remote=False)
+        a, f = self._stage_us(batch)
+        return self._row(batch, 1, step_ms, a + f, a, f)
+
+    def disaggregated(self, batch: int, m: int) -> dict:
+        """Bound: the slowest stage over the layer, m x max(attention(b), FFN(b)), b = B/m."""
+        step_ms = self._time_steps(self.remote, self._micro_batches(batch, m), remote=True)
+        a, f = self._stage_us(-(-batch // m))
+        return self._row(batch, m, step_ms, m * max(a, f), m * a, m * f)
+
+    def __enter__(self) -> PipelineBench:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shapes.put(None)
+        self.proc.join(60)
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.transport.close()

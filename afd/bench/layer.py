@@ -1,0 +1,232 @@
+"""`afd-bench layer`: one Step3-width layer's two stage times on one GPU, as the runner executes
+them (eager, median of CUDA-event timings; graph replay alongside): the attention rank's stage
+(attention block + router, decode, batch B at context C) and the FFN rank's (MoE for T tokens).
+Writes a table, a JSON of everything and a profile for `afd-plan deploy --profile`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from afd.config import ModelConfig
+from afd.models.layers import Rope
+from afd.models.step3 import AttnLayer, FFNLayer, FFNShard
+from afd.models.tiny import TINY_TEXT_CONFIG
+from attn_worker.attention import BatchAttention, SeqView
+from attn_worker.kv_cache import KVCache
+
+STEP3_WIDTH: dict[str, object] = {
+    "hidden_size": 7168,
+    "head_dim": 256,
+    "num_attention_heads": 64,
+    "share_q_dim": 2048,
+    "intermediate_size": 18432,
+    "moe_num_experts": 48,
+    "moe_top_k": 3,
+    "moe_intermediate_size": 5120,
+    "share_expert_dim": 5120,
+    "max_position_embedding": 65536,
+    "torch_dtype": "bfloat16",
+}
+
+
+def step3_config(num_layers: int = 1, moe_layers: str | None = None, **overrides) -> ModelConfig:
+    """A Step3-width config (every layer MoE unless told); `overrides` shrink it for CPU."""
+    raw = {**TINY_TEXT_CONFIG, **STEP3_WIDTH, "vocab_size": 512, **overrides}
+    raw["num_hidden_layers"] = num_layers
+    raw["moe_layers_enum"] = moe_layers or ",".join(map(str, range(num_layers)))
+    return ModelConfig.from_dict({"text_config": raw})
+
+
+def randomise(module: nn.Module, seed: int) -> nn.Module:
+    """Fills every parameter like afd.models.tiny.random_weights (norms near 1, weights
+    ~1/sqrt(fan_in), a peaked router), but on the module's device: 10 GB per layer is quick."""
+    g = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                scale = 3.0 if name.endswith("moe.gate.weight") else 1.0
+                p.copy_(noise * (scale / math.sqrt(p.shape[-1])))
+    return module
+
+
+def build(make: Callable[[], nn.Module], dtype: torch.dtype, device: str, seed: int) -> nn.Module:
+    """Builds on the meta device (no host copy of the weights), then allocates on `device`."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            module = make()
+    finally:
+        torch.set_default_dtype(default)
+    return randomise(module.to_empty(device=device), seed).eval()
+
+
+def decode_batch(
+    cfg: ModelConfig, batch: int, context: int, layers: int, dtype: torch.dtype, device: str
+) -> tuple[BatchAttention, torch.Tensor]:
+    """A decode micro-batch of `batch` sequences at `context` tokens over a random paged KV
+    cache (shuffled blocks); returns its attention and positions [B]."""
+    bs = 16
+    per_seq = -(-context // bs)
+    cache = KVCache(layers, batch * per_seq, bs, cfg.head_dim, dtype, device)
+    cache.k.normal_()
+    cache.v.normal_()
+    tables = torch.randperm(batch * per_seq, device=device).view(batch, per_seq)  # [B, nb]
+    pos = context - 1
+    slots = tables[:, pos // bs] * bs + pos % bs  # [B]
+    views = [SeqView(i, 1, context, tables[i]) for i in range(batch)]
+    attn = BatchAttention(cache, views, slots, cfg.head_dim**-0.5)
+    return attn, torch.full((batch,), pos, dtype=torch.long, device=device)
+
+
+def time_us(fn: Callable[[], object], graph: bool) -> float:
+    """Median µs. Eager is what the runner does today; graph replay shows the launch cost."""
+    if not torch.cuda.is_available():  # CPU smoke runs: wall clock, no graphs
+        return float("nan") if graph else 1e6 * _wall_median(fn)
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    if graph:
+        try:
+            return 1e3 * float(do_bench_cudagraph(fn, rep=100, return_mode="median"))
+        except RuntimeError:
+            return float("nan")  # capture failed (a host sync on the path); eager stands
+    return 1e3 * float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _wall_median(fn: Callable[[], object], reps: int = 5) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[reps // 2]
+
+
+@torch.inference_mode()
+def attention_stage(
+    layer: AttnLayer, cfg: ModelConfig, batch: int, context: int, dtype: torch.dtype
+) -> dict[str, float]:
+    device = str(next(layer.parameters()).device)
+    attn, positions = decode_batch(cfg, batch, context, 1, dtype, device)
+    cos, sin = Rope(cfg.head_dim, cfg.rope_theta).cos_sin(positions)
+    h = torch.randn(batch, cfg.hidden_size, dtype=dtype, device=device)  # [B, H]
+    fn = lambda: layer(h, cos, sin, attn.at(0))  # noqa: E731
+    kv_bytes = 2 * batch * context * cfg.head_dim * h.element_size()
+    row = {"batch": batch, "context": context, "kv_bytes": kv_bytes}
+    return row | {"eager_us": time_us(fn, False), "graph_us": time_us(fn, True)}
+
+
+def routing(cfg: ModelConfig, tokens: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(3 * torch.randn(tokens, cfg.moe_num_experts, device=device), -1)
+    weights, ids = torch.topk(probs, cfg.moe_top_k, dim=-1)  # [T, k]
+    return ids.to(torch.int32), weights
+
+
+@torch.inference_mode()
+def ffn_stage(layer: FFNLayer, cfg: ModelConfig, tokens: int, dtype: torch.dtype) -> dict:
+    device = str(next(layer.parameters()).device)
+    x = torch.randn(tokens, cfg.hidden_size, dtype=dtype, device=device)  # [T, H]
+    ids, weights = routing(cfg, tokens, device)
+    fn = lambda: layer(x, ids, weights.to(dtype))  # noqa: E731
+    return {"tokens": tokens, "eager_us": time_us(fn, False), "graph_us": time_us(fn, True)}
+
+
+def versions() -> dict[str, str]:
+    import triton
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+    return {"device": name, "torch": torch.__version__, "triton": triton.__version__}
+
+
+def write_profile(path: Path, env: dict, attn: list[dict], ffn: list[dict], rt: list[dict]) -> None:
+    """The afd/planner/profile.py schema: eager stage times (what afd runs)."""
+    profile = {
+        "device": env["device"],
+        "model": "step3-width (random weights)",
+        "hidden_size": STEP3_WIDTH["hidden_size"],
+        "dtype": "bfloat16",
+        "attention": [
+            {"batch": r["batch"], "context": r["context"], "us_per_layer": r["eager_us"]}
+            for r in attn
+        ],
+        "ffn": [{"tokens": r["tokens"], "us_per_layer": r["eager_us"]} for r in ffn],
+        "transfer": [{"tokens": r["tokens"], "us_round_trip": r["transport_us"]} for r in rt],
+    }
+    path.write_text(json.dumps(profile, indent=2))
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="afd-bench layer", description=__doc__)
+    p.add_argument("--batches", default="32,64,128,256,512")
+    p.add_argument("--contexts", default="4096,8192")
+    p.add_argument("--tokens", default="32,64,128,256,512,1024,2048,4096")
+    p.add_argument("--out", default="bench/results/layer_h200.json")
+    p.add_argument("--profile", default="bench/results/profile_h200.json")
+    p.add_argument("--no-transfer", action="store_true", help="skip the 2-GPU round trip")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    if not torch.cuda.is_available():
+        print("afd-bench layer needs a CUDA GPU", file=sys.stderr)
+        return 2
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    cfg, dtype, start = step3_config(), torch.bfloat16, time.time()
+    attn_layer = build(lambda: AttnLayer(cfg, 0), dtype, "cuda:0", 1)
+    attn = [
+        attention_stage(attn_layer, cfg, b, c, dtype)
+        for c in ints(args.contexts)
+        for b in ints(args.batches)
+    ]
+    del attn_layer
+    ffn_layer = build(lambda: FFNLayer(cfg, 0, FFNShard()), dtype, "cuda:0", 2)
+    ffn = [ffn_stage(ffn_layer, cfg, t, dtype) for t in ints(args.tokens)]
+    del ffn_layer
+    torch.cuda.empty_cache()
+    rt: list[dict] = []
+    if not args.no_transfer and torch.cuda.device_count() >= 2:
+        from afd.bench.roundtrip import measure_round_trips
+
+        rt = measure_round_trips(ints(args.tokens), cfg.hidden_size, cfg.moe_top_k)
+    env = versions()
+    print_tables(attn, ffn, rt)
+    result = {**env, "seconds": time.time() - start, "attention": attn, "ffn": ffn}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result | {"transfer": rt}, indent=2))
+    if rt:
+        write_profile(Path(args.profile), env, attn, ffn, rt)
+    return 0
+
+
+def print_tables(attn: list[dict], ffn: list[dict], rt: list[dict]) -> None:
+    print("attention stage (attention block + router, decode)")
+    print(f"{'B':>5} {'C':>6} {'eager µs':>9} {'graph µs':>9}")
+    for r in attn:
+        print(f"{r['batch']:>5} {r['context']:>6} {r['eager_us']:>9.1f} {r['graph_us']:>9.1f}")
+    print("FFN stage (MoE layer: 48 experts top-3 + shared expert)")
+    print(f"{'T':>5} {'eager µs':>9} {'graph µs':>9}")
+    for r in ffn:
+        print(f"{r['tokens']:>5} {r['eager_us']:>9.1f} {r['graph_us']:>9.1f}")
+    if rt:
+        print("A->F->A round trip over NCCL (x, ids, weights there; x back)")
+        print(f"{'T':>5} {'transport µs':>12} {'raw µs':>8}")
+        for r in rt:
+            print(f"{r['tokens']:>5} {r['transport_us']:>12.1f} {r['raw_us']:>8.1f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

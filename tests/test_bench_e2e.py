@@ -1,0 +1,33 @@
+"""CPU smoke test of the e2e/layer benchmark logic: tiny shapes, gloo instead of NCCL."""
+
+from __future__ import annotations
+
+import torch
+
+from afd.bench.e2e import budget_table
+from afd.bench.e2e_pipeline import PipelineBench
+from afd.bench.layer import step3_config
+
+TINY = dict(
+    hidden_size=64,
+    head_dim=16,
+    num_attention_heads=4,
+    share_q_dim=32,
+    intermediate_size=96,
+    moe_num_experts=6,
+    moe_intermediate_size=32,
+    share_expert_dim=32,
+)
+
+
+def test_pipeline_bench_runs_on_cpu_with_gloo() -> None:
+    cfg = step3_config(num_layers=2, **TINY)
+    with PipelineBench(cfg, 6, 40, ("cpu", "cpu"), "gloo", torch.float32) as bench:
+        colo = [bench.colocated(6)]
+        disagg = [bench.disaggregated(6, m) for m in (1, 3)]
+        assert bench.rel_diff(6, 3) < 1e-5
+    for row in colo + disagg:
+        assert row["layer_us"] > 0 and row["bound_us"] > 0
+    assert [r["m"] for r in disagg] == [1, 3]
+    table = budget_table(colo, disagg, [1e9, 1e-9])
+    assert table[0]["colocated"]["batch"] == 6 and table[1]["disaggregated"] is None
