@@ -9,6 +9,7 @@ import queue
 import pytest
 import torch
 
+from tests.conftest import PROMPTS
 from transport.base import TransportTimeout, create_transport
 from transport.nccl_backend import decode_header, encode_header
 
@@ -61,9 +62,7 @@ def _run_pair(backend: str) -> None:
     ctx = mp.get_context("spawn")
     addresses, out = ctx.Queue(), ctx.Queue()
     tables = {n: ctx.Queue() for n in NAMES}
-    procs = [
-        ctx.Process(target=_rank, args=(n, backend, addresses, tables[n], out)) for n in NAMES
-    ]
+    procs = [ctx.Process(target=_rank, args=(n, backend, addresses, tables[n], out)) for n in NAMES]
     for p in procs:
         p.start()
     try:
@@ -92,3 +91,19 @@ def test_gloo_pair_exchanges_out_of_order() -> None:
 )
 def test_nccl_pair_exchanges_out_of_order() -> None:
     _run_pair("nccl")
+
+
+@pytest.mark.slow
+def test_llm_over_nccl_transport_matches_colocated(tiny_ckpt) -> None:
+    """The launcher path end to end: workers build the transport from its name alone (gloo on
+    a machine without CUDA), rendezvous through the peer table, and reproduce colocated."""
+    from afd import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=1, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    kwargs = dict(dtype="float32", num_kv_blocks=128, block_size=4)
+    with LLM(str(tiny_ckpt), **kwargs) as llm:
+        want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    with LLM(str(tiny_ckpt), colocated=False, ffn="2x1", transport="nccl", **kwargs) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == want

@@ -146,17 +146,18 @@ class _RecvHandle(Handle):
 
 @register_transport("nccl")
 class NcclTransport(Transport):
-    """Options: backend "nccl" (default; tensors on `device`, default the current CUDA device)
-    or "gloo" (CPU tensors); host to advertise; timeout_s for the rendezvous."""
+    """Options: backend "nccl" (tensors on `device`, default the current CUDA device) or "gloo"
+    (CPU tensors); default nccl where CUDA exists; host to advertise; timeout_s: rendezvous."""
 
     def __init__(
         self,
         name: str,
-        backend: str = "nccl",
+        backend: str | None = None,
         host: str = "127.0.0.1",
         device: str | None = None,
         timeout_s: float = 120.0,
     ) -> None:
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend not in ("nccl", "gloo"):
             raise ValueError(f"nccl transport backend must be 'nccl' or 'gloo', got {backend!r}")
         if backend == "nccl" and not torch.cuda.is_available():
@@ -225,7 +226,11 @@ class NcclTransport(Transport):
     def send(self, peer: str, key: Key, tensors: list[torch.Tensor]) -> Handle:
         dst, group = self._rank(peer), self._group(self.name, peer)
         tensors = [t.detach().contiguous() for t in tensors]
-        header = torch.tensor(encode_header(key, tensors), device=self.device)  # [HEADER_LEN]
+        header = torch.tensor(encode_header(key, tensors))  # [HEADER_LEN]
+        if self.backend == "nccl":
+            # pinned + non_blocking: a pageable copy would sync the current stream, making the
+            # host wait for the attention work queued ahead of this send
+            header = header.pin_memory().to(self.device, non_blocking=True)
         works = [dist.isend(header, dst=dst, group=group)]
         works += [dist.isend(t, dst=dst, group=group) for t in tensors if t.numel()]
         works = [self._track(w) for w in works]

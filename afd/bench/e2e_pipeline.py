@@ -124,8 +124,8 @@ class PipelineBench:
     def _stage_us(self, b: int) -> tuple[float, float]:
         """Eager attention-stage and FFN-stage µs for a micro-batch of b, on this GPU."""
         if b not in self._stages:
-            a = attention_stage(self.side.layer(0), self.cfg, b, self.context, self.dtype)
-            f = ffn_stage(self.local.model.layers[0], self.cfg, b, self.dtype)
+            a = attention_stage(self.side.layer(0), self.cfg, b, self.context, self.dtype, False)
+            f = ffn_stage(self.local.model.layers[0], self.cfg, b, self.dtype, False)
             self._stages[b] = (a["eager_us"], f["eager_us"])
         return self._stages[b]
 
