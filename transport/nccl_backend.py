@@ -146,8 +146,8 @@ class _RecvHandle(Handle):
 
 @register_transport("nccl")
 class NcclTransport(Transport):
-    """Options: backend "nccl" (tensors on `device`, default the current CUDA device) or "gloo"
-    (CPU tensors); default nccl where CUDA exists; host to advertise; timeout_s: rendezvous."""
+    """Options: device (default the current CUDA device, else cpu); backend "nccl" or "gloo"
+    (CPU tensors), default by the device's type; host to advertise; timeout_s: rendezvous."""
 
     def __init__(
         self,
@@ -157,14 +157,16 @@ class NcclTransport(Transport):
         device: str | None = None,
         timeout_s: float = 120.0,
     ) -> None:
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if device is None:
+            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        backend = backend or ("nccl" if torch.device(device).type == "cuda" else "gloo")
         if backend not in ("nccl", "gloo"):
             raise ValueError(f"nccl transport backend must be 'nccl' or 'gloo', got {backend!r}")
         if backend == "nccl" and not torch.cuda.is_available():
             raise RuntimeError("nccl transport needs CUDA; use backend='gloo' on CPU")
         self.name, self.backend, self._timeout_s = name, backend, timeout_s
         if backend == "nccl":
-            self.device = torch.device(device or f"cuda:{torch.cuda.current_device()}")
+            self.device = torch.device(device)
             torch.cuda.set_device(self.device)
             self._side = torch.cuda.Stream(self.device)
         else:

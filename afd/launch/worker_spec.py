@@ -53,7 +53,9 @@ class WorkerSpec:
         if self.torch_device().type == "cuda":
             torch.cuda.set_device(self.torch_device())  # the nccl transport uses this device
         channel = WorkerChannel(self.coordinator, self.name, self.heartbeat_s)
-        transport = create_transport(self.transport, self.name)
+        # the nccl transport must know the rank's device: on a CUDA host a CPU rank uses gloo
+        options = {"device": str(self.torch_device())} if self.transport == "nccl" else {}
+        transport = create_transport(self.transport, self.name, **options)
         try:
             yield channel, transport
         except Exception:
