@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, str] = {
     "kernels": "afd.bench.kernels",
     "layer": "afd.bench.layer",
     "e2e": "afd.bench.e2e",
+    "sweep": "afd.bench.sweep",
 }
 
 
