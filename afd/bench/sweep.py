@@ -243,8 +243,8 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    plot(result, Path(args.plot) if args.plot else out.with_suffix(".png"))
     print_table(result)
+    plot(result, Path(args.plot) if args.plot else out.with_suffix(".png"))
     return 0
 
 
