@@ -72,7 +72,10 @@ def server(tiny_ckpt) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def client(server: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+    # strict: every response must parse into the SDK's models exactly
+    return openai.OpenAI(
+        base_url=f"{server}/v1", api_key="none", max_retries=0, _strict_response_validation=True
+    )
 
 
 def test_chat_and_completions(client: openai.OpenAI) -> None:
@@ -87,7 +90,25 @@ def test_chat_and_completions(client: openai.OpenAI) -> None:
     )
     assert len(chat.choices) == 2 and chat.usage.completion_tokens > 0
     assert chat.choices[0].logprobs.content[0].top_logprobs
-    stream = client.completions.create(
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Hello there"}],
+            max_tokens=6,
+            temperature=0,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(c.index for c in finishes) == [0, 1]
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    # the SDK types completion chunks' finish_reason as non-null, while servers (OpenAI's
+    # included) stream null until the last chunk: validate that one call loosely
+    loose = openai.OpenAI(base_url=client.base_url, api_key="none", max_retries=0)
+    stream = loose.completions.create(
         model="tiny",
         prompt="Once upon a time",
         max_tokens=8,
