@@ -189,3 +189,29 @@ def test_200_disconnecting_clients_leave_no_kv_blocks(server: str) -> None:
         assert time.monotonic() < deadline, f"KV still in use: {kv_usage(server)}"
         time.sleep(0.25)
     assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_coordinator_death_fails_in_flight_streams(server: str) -> None:
+    """Runs last: it takes the engine down. A stream in flight must end with an error, not
+    hang, and /health must turn 503."""
+    found = subprocess.run(
+        ["pgrep", "-f", "afd.engine.coordinator"], capture_output=True, text=True
+    ).stdout.split()
+    assert found, "no coordinator process"
+    body = {
+        "model": "tiny",
+        "prompt": "a long one",
+        "max_tokens": 1500,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    start = time.monotonic()
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        for pid in found:
+            subprocess.run(["kill", "-9", pid], check=False)
+        rest = list(lines)
+    assert time.monotonic() - start < 30
+    assert any('"error"' in line for line in rest)
+    assert httpx.get(f"{server}/health").status_code == 503

@@ -62,8 +62,11 @@ class TPOTAdmission(Admission):
             # an empty step always makes progress, so a pessimistic model cannot stall the
             # engine (and it keeps calibrating)
             return max(chunk, min(num_tokens, MIN_PROGRESS_TOKENS))
-        if new and not self._decode_fits(rank, seq):
-            return 0
+        if new:
+            if not self._decode_fits(rank, seq):
+                return 0
+            # later candidates this step see this one in the rank's decode batch
+            self.decode.add(rank, 1, seq.num_tokens)
         return chunk
 
     def _decode_fits(self, rank: int, seq: Sequence) -> bool:
@@ -74,13 +77,11 @@ class TPOTAdmission(Admission):
         also keeps to its fair share (the step as if every rank carried its load), so the
         first rank scheduled cannot spend the whole step's budget on its own prefill."""
         num_ranks, tokens, work = len(shape.tokens), shape.tokens[rank], shape.work[rank]
-        w = self.model.weights
 
         def fits(n: int) -> bool:
             t, wk = tokens + n, work + n * (start + n)
-            share = w[0] + w[1] * t + w[2] * wk + w[3] * num_ranks * t
-            step = self.model.predict(shape, rank, n, n * (start + n))
-            return max(share, step) <= self.target_s
+            share = self.model.predict_uniform(t, wk, num_ranks)
+            return max(share, self.model.predict(shape, rank, n, wk - work)) <= self.target_s
 
         lo, hi = 0, limit
         while lo < hi:

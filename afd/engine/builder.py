@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from attn_worker.model_runner import AttnRunner
 
 CPU_KV_BYTES = 2 << 30  # default KV pool on CPU when num_kv_blocks is not given
 GPU_MEMORY_UTILIZATION = 0.9
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ def build_engine(settings: EngineSettings) -> EngineCore:
         from afd.launch.local import build_disaggregated
 
         executor, num_blocks = build_disaggregated(settings, cfg)
+    max_len = fit_model_len(settings, max_len, num_blocks)
     sched = SchedulerConfig(
         num_ranks=executor.num_ranks,
         num_kv_blocks=num_blocks,
@@ -132,6 +135,26 @@ def build_engine(settings: EngineSettings) -> EngineCore:
         TPOTAdmission(model, settings.tpot_slo_ms / 1000) if settings.tpot_slo_ms else AdmitAll()
     )
     return EngineCore(Scheduler(sched, admission), executor, cfg.eos_token_ids, max_len, model)
+
+
+def fit_model_len(settings: EngineSettings, max_len: int, num_blocks: int) -> int:
+    """A sequence must fit one rank's KV pool, or it could never be (re)admitted."""
+    pool = num_blocks * settings.block_size
+    if max_len <= pool:
+        return max_len
+    if settings.max_model_len is not None:
+        raise ConfigError(
+            f"--max-model-len {max_len} needs {-(-max_len // settings.block_size)} "
+            f"KV blocks per attention rank; the pool holds {num_blocks} "
+            f"({pool} tokens): lower it or raise --num-kv-blocks"
+        )
+    logger.warning(
+        "max model length lowered to %d tokens: what %d KV blocks of %d hold",
+        pool,
+        num_blocks,
+        settings.block_size,
+    )
+    return pool
 
 
 def parse_roles(settings: EngineSettings) -> tuple[RoleShape, RoleShape]:

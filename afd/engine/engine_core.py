@@ -55,7 +55,7 @@ class EngineCore:
         start = time.perf_counter()
         out = self.scheduler.schedule()
         self.last_output, self.last_schedule_s = out, time.perf_counter() - start
-        if not out.scheduled and not out.decodes:
+        if not out.scheduled and not out.decodes and not any(p.freed_seq_ids for p in out.plans):
             return []
         self.last_predicted_s = self.step_model.predict(out.shape)
         t0 = self.clock()

@@ -117,8 +117,10 @@ class OutputProcessor:
             CompletionOutput(
                 index=c.seq.index,
                 text=_visible(c, req.params),
-                token_ids=list(c.seq.output_token_ids),
-                logprobs=list(c.seq.output_logprobs) if req.params.logprobs is not None else None,
+                token_ids=c.seq.output_token_ids[: c.num_seen],
+                logprobs=(
+                    c.seq.output_logprobs[: c.num_seen] if req.params.logprobs is not None else None
+                ),
                 finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason,
             )

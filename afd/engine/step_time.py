@@ -63,6 +63,10 @@ class StepTimeModel:
     ) -> float:
         return float(shape.features(self.weights, rank, tokens, work) @ self.weights)
 
+    def predict_uniform(self, tokens: int, work: int, num_ranks: int) -> float:
+        """The step if every rank carried this load (a rank's fair share of the target)."""
+        return float(np.array([1.0, tokens, work, num_ranks * tokens]) @ self.weights)
+
     def predict_features(self, x: np.ndarray) -> float:
         return float(x @ self.weights)
 

@@ -86,27 +86,33 @@ class DisaggregatedExecutor(Executor):
         self.router.send_multipart([name.encode(), encode(msg)])
 
     def _collect(self, into: dict, kind: type, count: int, timeout_s: float, what: str) -> None:
-        """Gathers `count` messages of `kind`; fails fast on a dead, silent or failing rank."""
+        """Gathers `count` messages of `kind`; fails fast on a dead, silent or failing rank.
+        Liveness is checked every 0.1 s even while messages keep arriving: with many ranks
+        the heartbeats alone would otherwise keep the poll from ever timing out."""
         deadline = time.monotonic() + timeout_s
+        next_check = 0.0
         while len(into) < count:
             if self.router.poll(100):
-                ident, data = self.router.recv_multipart()
-                name = ident.decode().removesuffix(".hb")
-                self.last_beat[name] = time.monotonic()
-                msg = decode(data)
-                if isinstance(msg, WorkerError):
-                    self._fail(msg.message)
-                if isinstance(msg, FFNStepDone):
-                    self.ffn_compute_s[msg.step] = max(
-                        msg.compute_s, self.ffn_compute_s.get(msg.step, 0.0)
-                    )
-                if isinstance(msg, kind):
-                    into[name] = msg
-                continue
-            self._check_alive(what)
-            if time.monotonic() > deadline:
+                self._handle(into, kind)
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + 0.1
+                self._check_alive(what)
+            if now > deadline:
                 missing = sorted(set(self.procs) - set(into))
                 self._fail(f"{what}: ranks {missing} did not answer within {timeout_s:.0f}s")
+
+    def _handle(self, into: dict, kind: type) -> None:
+        ident, data = self.router.recv_multipart()
+        name = ident.decode().removesuffix(".hb")
+        self.last_beat[name] = time.monotonic()
+        msg = decode(data)
+        if isinstance(msg, WorkerError):
+            self._fail(msg.message)
+        if isinstance(msg, FFNStepDone):
+            self.ffn_compute_s[msg.step] = max(msg.compute_s, self.ffn_compute_s.get(msg.step, 0.0))
+        if isinstance(msg, kind):
+            into[name] = msg
 
     def _check_alive(self, what: str) -> None:
         now = time.monotonic()

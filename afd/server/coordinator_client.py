@@ -140,8 +140,17 @@ class CoordinatorClient:
                 await self.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
-        await self.outbox.send(encode(AbortRequest(request_id)))
         self.processor.fail(request_id, "abort")
+        await self._tell(AbortRequest(request_id))
+
+    async def _tell(self, msg: object) -> None:
+        """Sends to the coordinator unless it is gone: a PUSH to no peer would block forever."""
+        if not self.is_healthy():
+            return
+        try:
+            await self.outbox.send(encode(msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self._fail_waiting("the coordinator is not taking messages")
 
     def _drop(self, request_id: str, n: int) -> None:
         self.queues.pop(request_id, None)
@@ -189,7 +198,7 @@ class CoordinatorClient:
         for seq_id in stop_hits:  # a stop string ended these choices: free their KV now
             seq = next((s for s in changed if s.seq_id == seq_id), None)
             if seq is not None:
-                await self.outbox.send(encode(AbortRequest(seq.request_id, [seq.index])))
+                await self._tell(AbortRequest(seq.request_id, [seq.index]))
 
 
 def _error_output(request_id: str, message: str) -> RequestOutput:
