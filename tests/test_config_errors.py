@@ -8,9 +8,9 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from afd import LLM
+from afd import LLM, SamplingParams
 from afd.config import ConfigError, ModelConfig, RoleShape
-from afd.models.loader import CheckpointError
+from afd.models.loader import CheckpointError, checkpoint_files
 
 
 def write_config(tmp_path, **changes):
@@ -117,8 +117,10 @@ def test_vision_tensors_are_skipped(tiny_ckpt, tmp_path):
     ckpt = copy_ckpt(tiny_ckpt, tmp_path)
     key = "model.norm.weight"
     edit_tensor(ckpt, key, lambda t: t.update({"vision_model.patch.weight": t[key].clone()}))
+    assert "vision_model.patch.weight" not in checkpoint_files(ckpt)
     llm = LLM(str(ckpt), dtype="float32", num_kv_blocks=8)
-    assert llm.max_model_len == 2048
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=2))
+    assert len(out[0].outputs[0].token_ids) == 2
 
 
 def test_bad_dtype_flag(tiny_ckpt):
