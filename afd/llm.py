@@ -9,7 +9,7 @@ from typing import Any
 
 from afd.engine.builder import EngineSettings, build_engine
 from afd.engine.output_processor import OutputProcessor
-from afd.engine.sequence import Sequence
+from afd.engine.sequence import request_sequences
 from afd.outputs import RequestOutput
 from afd.sampling_params import SamplingParams
 from afd.tokenizer import Tokenizer
@@ -77,24 +77,11 @@ class LLM:
                 f"length is {self.max_model_len} tokens"
             )
         request_id = str(next(self._ids))
-        seqs = [
-            Sequence(
-                seq_id=self._seq_id(),
-                request_id=request_id,
-                index=i,
-                prompt_token_ids=list(ids),
-                params=params,
-                seed=None if params.seed is None else params.seed + i,
-            )
-            for i in range(params.n)
-        ]
+        seqs = request_sequences(request_id, ids, params, self._ids)
         processor.add(request_id, text, ids, params, seqs)
         for seq in seqs:
             self.engine.add(seq)
         return request_id
-
-    def _seq_id(self) -> int:
-        return next(self._ids)
 
     def _tokens(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from transport.codec import message
+
 
 class SamplingError(ValueError):
     """A sampling parameter is out of range; the message names the parameter."""
 
 
+@message
 @dataclass
 class SamplingParams:
     n: int = 1

@@ -14,6 +14,7 @@ from afd.engine.engine_core import EngineCore
 from afd.engine.executor import Executor, ExecutorError
 from afd.engine.messages import AddRequest, StepResult
 from afd.engine.scheduler import Scheduler, SchedulerConfig
+from afd.sampling_params import SamplingParams
 from afd.server.messages import EngineRestarted, StepOutputs
 from attn_worker.messages import StepPlan
 from tests.fake_executor import FakeExecutor, VirtualClock
@@ -37,7 +38,8 @@ def engine(executor: Executor) -> EngineCore:
 
 
 def request(request_id: str) -> AddRequest:
-    return AddRequest(request_id, [5, 6, 7], 1, 3, 0.0, 1.0, 0, None, 0.0, 0.0, [], True, None)
+    params = SamplingParams(n=1, max_tokens=3, temperature=0.0, ignore_eos=True)
+    return AddRequest(request_id, [5, 6, 7], params)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ engine core, takes requests from the API server over zmq and streams token updat
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -14,9 +15,8 @@ from afd.engine.builder import EngineSettings, build_engine
 from afd.engine.engine_core import EngineCore
 from afd.engine.executor import ExecutorError
 from afd.engine.messages import AbortRequest, AddRequest
-from afd.engine.sequence import Sequence
+from afd.engine.sequence import Sequence, request_sequences
 from afd.engine.stats import engine_stats
-from afd.sampling_params import SamplingParams
 from afd.server.messages import EngineReady, EngineRestarted, SeqUpdate, StepOutputs
 from transport.codec import decode, encode
 
@@ -37,7 +37,7 @@ class Coordinator:
         self.by_request: dict[str, list[Sequence]] = {}
         self.sent: dict[int, int] = {}  # seq_id -> output tokens already streamed
         self.error: str | None = None
-        self._ids = 0
+        self._ids = itertools.count(1)
         self.aborted_idle = False
 
     def run(self, parent_pid: int) -> None:
@@ -64,39 +64,14 @@ class Coordinator:
             self._send(
                 [
                     SeqUpdate(req.request_id, i, [], None, "error", None, self.error)
-                    for i in range(req.n)
+                    for i in range(req.params.n)
                 ]
             )
             return
-        params = SamplingParams(
-            n=req.n,
-            max_tokens=req.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            seed=req.seed,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            stop_token_ids=req.stop_token_ids,
-            ignore_eos=req.ignore_eos,
-            logprobs=req.logprobs,
-        )
-        seqs = []
-        for i in range(req.n):
-            self._ids += 1
-            seqs.append(
-                Sequence(
-                    self._ids,
-                    req.request_id,
-                    i,
-                    list(req.prompt_token_ids),
-                    params,
-                    seed=None if req.seed is None else req.seed + i,
-                )
-            )
-            if req.arrival_time:
-                seqs[-1].arrival_time = req.arrival_time
-            self.engine.add(seqs[-1])
+        seqs = request_sequences(req.request_id, req.prompt_token_ids, req.params, self._ids)
+        for seq in seqs:
+            seq.arrival_time = req.arrival_time or seq.arrival_time
+            self.engine.add(seq)
         self.by_request[req.request_id] = seqs
 
     def _abort(self, msg: AbortRequest) -> None:

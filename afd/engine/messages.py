@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from afd.sampling_params import SamplingParams
 from transport.codec import message
 
 
@@ -77,21 +78,11 @@ class WorkerReady:
 @message
 @dataclass
 class AddRequest:
-    """From the API server: a tokenized request (its n choices are sequences here)."""
+    """From the API server: a tokenized request (its n choices become sequences here)."""
 
     request_id: str
     prompt_token_ids: list[int]
-    n: int
-    max_tokens: int | None
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    presence_penalty: float
-    frequency_penalty: float
-    stop_token_ids: list[int]
-    ignore_eos: bool
-    logprobs: int | None
+    params: SamplingParams
     arrival_time: float = 0.0
 
 

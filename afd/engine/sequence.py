@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from afd.sampling_params import SamplingParams
@@ -61,3 +62,20 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+
+def request_sequences(
+    request_id: str, prompt_token_ids: list[int], params: SamplingParams, ids: Iterator[int]
+) -> list[Sequence]:
+    """One sequence per choice; choice i samples with seed + i, so choices differ and repeat."""
+    return [
+        Sequence(
+            next(ids),
+            request_id,
+            i,
+            list(prompt_token_ids),
+            params,
+            seed=None if params.seed is None else params.seed + i,
+        )
+        for i in range(params.n)
+    ]

@@ -5,6 +5,7 @@ applied) for each waiting request."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import zmq.asyncio
 from afd.engine.builder import EngineSettings
 from afd.engine.messages import AbortRequest, AddRequest
 from afd.engine.output_processor import OutputProcessor
-from afd.engine.sequence import SeqStatus, Sequence
+from afd.engine.sequence import SeqStatus, Sequence, request_sequences
 from afd.outputs import RequestOutput
 from afd.sampling_params import SamplingParams
 from afd.server.engine_client import EngineError
@@ -51,7 +52,7 @@ class CoordinatorClient:
         self.seqs: dict[tuple[str, int], Sequence] = {}
         self.queues: dict[str, asyncio.Queue[RequestOutput]] = {}
         self.proc: subprocess.Popen | None = None
-        self._ids = 0
+        self._ids = itertools.count(1)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, timeout_s: float = 600.0) -> EngineReady:
@@ -119,13 +120,13 @@ class CoordinatorClient:
             raise EngineError(f"the engine is down: {self.error or 'coordinator exited'}")
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.queues[request_id] = queue
-        seqs = []
-        for i in range(params.n):
-            self._ids += 1
-            seqs.append(Sequence(self._ids, request_id, i, prompt_token_ids, params))
-            self.seqs[(request_id, i)] = seqs[-1]
+        seqs = request_sequences(request_id, prompt_token_ids, params, self._ids)
+        for seq in seqs:
+            self.seqs[(request_id, seq.index)] = seq
         self.processor.add(request_id, None, prompt_token_ids, params, seqs)
-        await self.outbox.send(encode(_add_request(request_id, prompt_token_ids, params)))
+        await self.outbox.send(
+            encode(AddRequest(request_id, list(prompt_token_ids), params, time.monotonic()))
+        )
         finished = False
         try:
             while not finished:
@@ -215,22 +216,3 @@ def _apply_update(seq: Sequence, u: SeqUpdate) -> None:
             u.finish_reason,
             u.stop_reason,
         )
-
-
-def _add_request(request_id: str, ids: list[int], p: SamplingParams) -> AddRequest:
-    return AddRequest(
-        request_id,
-        list(ids),
-        p.n,
-        p.max_tokens,
-        p.temperature,
-        p.top_p,
-        p.top_k,
-        p.seed,
-        p.presence_penalty,
-        p.frequency_penalty,
-        list(p.stop_token_ids),
-        p.ignore_eos,
-        p.logprobs,
-        time.monotonic(),
-    )
