@@ -36,6 +36,32 @@ class Handle(ABC):
         """True once wait() would return without blocking."""
 
 
+Take = Callable[[str, Key, "float | None"], "list[torch.Tensor] | None"]
+
+
+class TakeRecv(Handle):
+    """A recv handle over a backend's `take(peer, key, timeout)`, which returns the tensors
+    once that message is there and None when the timeout passes first."""
+
+    __slots__ = ("_take", "_peer", "_key", "_result")
+
+    def __init__(self, take: Take, peer: str, key: Key) -> None:
+        self._take, self._peer, self._key = take, peer, key
+        self._result: list[torch.Tensor] | None = None
+
+    def done(self) -> bool:
+        if self._result is None:
+            self._result = self._take(self._peer, self._key, 0.0)
+        return self._result is not None
+
+    def wait(self, timeout: float | None = None) -> list[torch.Tensor]:
+        if self._result is None:
+            self._result = self._take(self._peer, self._key, timeout)
+            if self._result is None:
+                raise TransportTimeout(self._peer, self._key, timeout)
+        return self._result
+
+
 class Transport(ABC):
     """Point-to-point, keyed, non-blocking exchange of tensor lists between named ranks."""
 

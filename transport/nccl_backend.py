@@ -27,7 +27,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from transport.base import Handle, Key, Transport, TransportTimeout, register_transport
+from transport.base import (
+    Handle,
+    Key,
+    TakeRecv,
+    Transport,
+    TransportTimeout,
+    register_transport,
+)
 
 HEADER_LEN = 64
 _MAX_DIMS = 6
@@ -122,26 +129,6 @@ class _SendHandle(Handle):
         if not _poll(self._works, _deadline(timeout)):
             raise TransportTimeout(self._peer, self._key, timeout, "send")
         return []
-
-
-class _RecvHandle(Handle):
-    __slots__ = ("_transport", "_peer", "_key", "_result")
-
-    def __init__(self, transport: NcclTransport, peer: str, key: Key) -> None:
-        self._transport, self._peer, self._key = transport, peer, key
-        self._result: list[torch.Tensor] | None = None
-
-    def done(self) -> bool:
-        if self._result is None:
-            self._result = self._transport._take(self._peer, self._key, 0.0)
-        return self._result is not None
-
-    def wait(self, timeout: float | None = None) -> list[torch.Tensor]:
-        if self._result is None:
-            self._result = self._transport._take(self._peer, self._key, timeout)
-            if self._result is None:
-                raise TransportTimeout(self._peer, self._key, timeout)
-        return self._result
 
 
 @register_transport("nccl")
@@ -244,7 +231,7 @@ class NcclTransport(Transport):
 
     def recv(self, peer: str, key: Key) -> Handle:
         self._rank(peer)
-        return _RecvHandle(self, peer, key)
+        return TakeRecv(self._take, peer, key)
 
     def _take(self, peer: str, key: Key, timeout: float | None) -> list[torch.Tensor] | None:
         """Read headers from `peer` in send order, posting each payload, until `key` arrives."""

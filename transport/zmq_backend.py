@@ -19,7 +19,14 @@ import numpy as np
 import torch
 import zmq
 
-from transport.base import Handle, Key, Transport, TransportTimeout, register_transport
+from transport.base import (
+    Handle,
+    Key,
+    TakeRecv,
+    Transport,
+    TransportTimeout,
+    register_transport,
+)
 
 DTYPES: dict[str, torch.dtype] = {
     str(dt).removeprefix("torch."): dt
@@ -107,28 +114,6 @@ class _SendHandle(Handle):
             except zmq.NotDone:
                 raise TransportTimeout(self._peer, self._key, timeout, "send") from None
         return []
-
-
-class _RecvHandle(Handle):
-    __slots__ = ("_transport", "_peer", "_key", "_result")
-
-    def __init__(self, transport: ZmqTransport, peer: str, key: Key) -> None:
-        self._transport = transport
-        self._peer = peer
-        self._key = key
-        self._result: list[torch.Tensor] | None = None
-
-    def done(self) -> bool:
-        if self._result is None:
-            self._result = self._transport._take(self._peer, self._key, 0.0)
-        return self._result is not None
-
-    def wait(self, timeout: float | None = None) -> list[torch.Tensor]:
-        if self._result is None:
-            self._result = self._transport._take(self._peer, self._key, timeout)
-            if self._result is None:
-                raise TransportTimeout(self._peer, self._key, timeout)
-        return self._result
 
 
 @register_transport("zmq")
@@ -220,7 +205,7 @@ class ZmqTransport(Transport):
         return _SendHandle(tracker, peer, key)
 
     def recv(self, peer: str, key: Key) -> Handle:
-        return _RecvHandle(self, peer, key)
+        return TakeRecv(self._take, peer, key)
 
     def _take(self, peer: str, key: Key, timeout: float | None) -> list[torch.Tensor] | None:
         """The tensors `peer` sent under `key`, reading the socket until they arrive;
