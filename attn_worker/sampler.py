@@ -22,15 +22,44 @@ class SeqSamplingState:
 def sample(
     logits: torch.Tensor, seq_ids: list[int], states: dict[int, SeqSamplingState]
 ) -> list[SampledToken]:
-    """logits [S, V] float32 (raw model output) -> one token per row."""
+    """logits [S, V] float32 (raw model output) -> one token per row.
+
+    Rows that need nothing but argmax (greedy, no penalties) are picked in one batched op and
+    moved to the host together: a per-row loop would sync with the GPU once per sequence."""
     logprobs = torch.log_softmax(logits, dim=-1)  # logprobs of the raw distribution, as vLLM
+    specs = [states[i].spec for i in seq_ids]
+    tokens = torch.argmax(logits, dim=-1).tolist()  # [S]
+    chosen = torch.gather(logprobs, 1, torch.tensor(tokens, device=logits.device)[:, None])
+    values = chosen[:, 0].tolist()  # [S]
     out = []
-    for row, seq_id in enumerate(seq_ids):
+    for row, (seq_id, spec) in enumerate(zip(seq_ids, specs, strict=True)):
         state = states[seq_id]
-        token = _pick(logits[row], state)
-        state.output_token_ids.append(token)
-        out.append(_with_logprobs(seq_id, token, logprobs[row], state.spec.num_logprobs))
+        if not _plain_greedy(spec):
+            tokens[row] = _pick(logits[row], state)
+            values[row] = float(logprobs[row, tokens[row]])
+        state.output_token_ids.append(tokens[row])
+        out.append(SampledToken(seq_id, tokens[row], values[row]))
+    _add_top_logprobs(out, logprobs, specs)
     return out
+
+
+def _plain_greedy(spec: SamplingSpec) -> bool:
+    return spec.temperature == 0.0 and spec.presence_penalty == 0 and spec.frequency_penalty == 0
+
+
+def _add_top_logprobs(
+    out: list[SampledToken], logprobs: torch.Tensor, specs: list[SamplingSpec]
+) -> None:
+    """Top-k logprobs for the rows that asked, from one topk over the largest k."""
+    k = max((s.num_logprobs or 0 for s in specs), default=0)
+    if k == 0:
+        return
+    values, ids = torch.topk(logprobs, k, dim=-1)  # [S, k]
+    values, ids = values.tolist(), ids.tolist()
+    for row, (token, spec) in enumerate(zip(out, specs, strict=True)):
+        if spec.num_logprobs:
+            token.top_ids = ids[row][: spec.num_logprobs]
+            token.top_logprobs = values[row][: spec.num_logprobs]
 
 
 def _pick(logits: torch.Tensor, state: SeqSamplingState) -> int:
@@ -66,11 +95,3 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # always keeps the most likely token
     sorted_p = sorted_p * keep
     return torch.zeros_like(probs).scatter_(0, order, sorted_p)
-
-
-def _with_logprobs(seq_id: int, token: int, logprobs: torch.Tensor, k: int | None) -> SampledToken:
-    result = SampledToken(seq_id, token, float(logprobs[token]))
-    if k:
-        values, ids = torch.topk(logprobs, k)
-        result.top_ids, result.top_logprobs = ids.tolist(), values.tolist()
-    return result
