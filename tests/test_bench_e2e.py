@@ -7,17 +7,9 @@ import torch
 from afd.bench.e2e import budget_table
 from afd.bench.e2e_pipeline import PipelineBench
 from afd.bench.layer import step3_config
+from afd.models.tiny import TINY_DIMS
 
-TINY = dict(
-    hidden_size=64,
-    head_dim=16,
-    num_attention_heads=4,
-    share_q_dim=32,
-    intermediate_size=96,
-    moe_num_experts=6,
-    moe_intermediate_size=32,
-    share_expert_dim=32,
-)
+TINY = TINY_DIMS
 
 
 def test_pipeline_bench_runs_on_cpu_with_gloo() -> None:

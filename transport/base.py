@@ -10,6 +10,20 @@ import torch
 
 Key = tuple[int, int, int]  # (step, layer, micro_batch)
 
+# Tensor dtypes every backend carries; the order is part of the nccl header (dtype codes).
+WIRE_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
+
 
 class TransportTimeout(TimeoutError):
     """A wait() ran out of time; the message names the peer and the key it waited for."""

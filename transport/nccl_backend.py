@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from transport.base import (
+    WIRE_DTYPES,
     Handle,
     Key,
     TakeRecv,
@@ -38,18 +39,7 @@ from transport.base import (
 
 HEADER_LEN = 64
 _MAX_DIMS = 6
-_DTYPES: list[torch.dtype] = [
-    torch.float32,
-    torch.bfloat16,
-    torch.float16,
-    torch.float64,
-    torch.int64,
-    torch.int32,
-    torch.int16,
-    torch.int8,
-    torch.uint8,
-    torch.bool,
-]
+_DTYPES = WIRE_DTYPES
 _CODES = {dt: i for i, dt in enumerate(_DTYPES)}
 
 

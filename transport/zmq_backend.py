@@ -20,6 +20,7 @@ import torch
 import zmq
 
 from transport.base import (
+    WIRE_DTYPES,
     Handle,
     Key,
     TakeRecv,
@@ -28,21 +29,7 @@ from transport.base import (
     register_transport,
 )
 
-DTYPES: dict[str, torch.dtype] = {
-    str(dt).removeprefix("torch."): dt
-    for dt in (
-        torch.float32,
-        torch.bfloat16,
-        torch.float16,
-        torch.float64,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-        torch.bool,
-    )
-}
+DTYPES: dict[str, torch.dtype] = {str(dt).removeprefix("torch."): dt for dt in WIRE_DTYPES}
 _DTYPE_NAMES: dict[torch.dtype, str] = {dt: name for name, dt in DTYPES.items()}
 
 # Below this many bytes a frame is copied: zero-copy costs a tracker and a free callback

@@ -21,18 +21,10 @@ import torch
 
 from afd.bench.layer import step3_config, versions
 from afd.bench.sweep_ranks import RankGroup, RankSetup
+from afd.models.tiny import TINY_DIMS
 
 FULL_LAYERS = 61
-TINY = dict(
-    hidden_size=64,
-    head_dim=16,
-    num_attention_heads=4,
-    share_q_dim=32,
-    intermediate_size=96,
-    moe_num_experts=6,
-    moe_intermediate_size=32,
-    share_expert_dim=32,
-)
+TINY = TINY_DIMS
 
 
 def layouts(k: int) -> list[tuple[int, int]]:

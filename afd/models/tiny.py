@@ -33,6 +33,22 @@ TINY_TEXT_CONFIG: dict = {
 }
 
 
+# the widths of the tiny model, for benches that shrink a Step3-shaped config to test it on CPU
+TINY_DIMS: dict = {
+    k: TINY_TEXT_CONFIG[k]
+    for k in (
+        "hidden_size",
+        "head_dim",
+        "num_attention_heads",
+        "share_q_dim",
+        "intermediate_size",
+        "moe_num_experts",
+        "moe_intermediate_size",
+        "share_expert_dim",
+    )
+}
+
+
 def make_tiny_model(
     out_dir: str | Path,
     seed: int = 0,
