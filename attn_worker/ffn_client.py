@@ -3,11 +3,11 @@ summed partial outputs later. Colocated mode computes in place; disaggregated mo
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 
 import torch
 
+from afd.engine.stage_clock import StageClock
 from afd.models.step3 import FFNSide
 
 Routing = tuple[torch.Tensor, torch.Tensor] | None  # (expert ids [T, k], weights [T, k])
@@ -24,6 +24,11 @@ class FFNClient(ABC):
     def submit(
         self, step: int, layer: int, micro_batch: int, x: torch.Tensor, routing: Routing
     ) -> PendingFFN: ...
+
+    @abstractmethod
+    def settle(self) -> None:
+        """Block until every transfer of this step has completed; TransportTimeout if one
+        does not in time (a dead or stuck peer)."""
 
     def take_compute_s(self) -> float:
         """FFN compute seconds done in this process since the last call (remote: none)."""
@@ -43,17 +48,18 @@ class LocalFFN(FFNClient):
 
     def __init__(self, side: FFNSide) -> None:
         self.side = side
-        self.compute_s = 0.0
+        self.clock = StageClock(next(side.parameters()).device)
 
     def submit(
         self, step: int, layer: int, micro_batch: int, x: torch.Tensor, routing: Routing
     ) -> PendingFFN:
         ids, weights = routing if routing is not None else (None, None)
-        start = time.perf_counter()
-        out = self.side(layer, x, ids, weights)
-        self.compute_s += time.perf_counter() - start
+        with self.clock.span():
+            out = self.side(layer, x, ids, weights)
         return _Ready(out)
 
+    def settle(self) -> None:
+        """Nothing in flight: the work is queued in order on this device."""
+
     def take_compute_s(self) -> float:
-        seconds, self.compute_s = self.compute_s, 0.0
-        return seconds
+        return self.clock.take_s()

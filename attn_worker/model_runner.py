@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from afd.engine.messages import StepResult, StepTimings
+from afd.engine.stage_clock import StageClock
 from afd.models.step3 import AttentionSide
 from attn_worker.attention import BatchAttention, SeqView
 from attn_worker.ffn_client import FFNClient, PendingFFN
@@ -39,6 +40,8 @@ class AttnRunner:
         self.device = cache.k.device
         self.seqs: dict[int, _Seq] = {}
         self.scale = side.cfg.head_dim**-0.5
+        # device time of the attention blocks, and how long the stream stalled for FFN output
+        self.attn_clock, self.wait_clock = StageClock(self.device), StageClock(self.device)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -49,8 +52,8 @@ class AttnRunner:
             self._micro_batch([c for c in work if c.micro_batch == k])
             for k in range(plan.num_micro_batches)
         ]
-        timings = StepTimings()
-        hidden = self._pipeline(plan.step, mbs, timings)
+        hidden = self.forward(plan.step, mbs)
+        timings = StepTimings(attention=self.attn_clock.take_s(), ffn_wait=self.wait_clock.take_s())
         t0 = time.perf_counter()
         sampled = []
         for mb, h in zip(mbs, hidden, strict=True):
@@ -112,10 +115,17 @@ class AttnRunner:
         attention = BatchAttention(self.cache, views, as_long(slots), self.scale)
         return MicroBatch(as_long(tokens), as_long(positions), attention, rows, seq_ids)
 
-    def _pipeline(
-        self, step: int, mbs: list[MicroBatch | None], timings: StepTimings
-    ) -> list[torch.Tensor | None]:
-        """Attention of micro-batch k overlaps the FFN work and transfers of the others."""
+    def forward(self, step: int, mbs: list[MicroBatch | None]) -> list[torch.Tensor | None]:
+        """The final hidden states of each micro-batch after every layer, all transfers of
+        the step complete (a peer that never answers raises TransportTimeout)."""
+        hidden = self._pipeline(step, mbs)
+        self.ffn.settle()
+        return hidden
+
+    def _pipeline(self, step: int, mbs: list[MicroBatch | None]) -> list[torch.Tensor | None]:
+        """Attention of micro-batch k overlaps the FFN work and transfers of the others. On a
+        GPU with the nccl transport nothing here waits on the host: the step is queued and
+        the stream orders each block after the FFN output it adds."""
         side = self.side
         hidden = [None if mb is None else side.embed(mb.token_ids) for mb in mbs]
         rope = [None if mb is None else side.rope.cos_sin(mb.positions) for mb in mbs]
@@ -125,21 +135,18 @@ class AttnRunner:
                 if mb is None:
                     continue
                 if pending[k] is not None:
-                    hidden[k] = self._add_ffn(hidden[k], pending[k], timings)
-                t0 = time.perf_counter()
+                    hidden[k] = self._add_ffn(hidden[k], pending[k])
                 cos, sin = rope[k]
-                h, x, routing = side.layer(layer)(hidden[k], cos, sin, mb.attention.at(layer))
-                hidden[k] = h
-                timings.attention += time.perf_counter() - t0
+                with self.attn_clock.span():
+                    block = side.layer(layer)
+                    hidden[k], x, routing = block(hidden[k], cos, sin, mb.attention.at(layer))
                 pending[k] = self.ffn.submit(step, layer, k, x, routing)
         for k, p in enumerate(pending):
             if p is not None:
-                hidden[k] = self._add_ffn(hidden[k], p, timings)
+                hidden[k] = self._add_ffn(hidden[k], p)
         return hidden
 
-    @staticmethod
-    def _add_ffn(h: torch.Tensor, pending: PendingFFN, timings: StepTimings) -> torch.Tensor:
-        t0 = time.perf_counter()
-        out = pending.wait()
-        timings.ffn_wait += time.perf_counter() - t0
+    def _add_ffn(self, h: torch.Tensor, pending: PendingFFN) -> torch.Tensor:
+        with self.wait_clock.span():
+            out = pending.wait()
         return h + out

@@ -10,16 +10,21 @@ import torch
 
 from afd.config import ModelConfig
 from afd.engine.messages import FFNStepDone, WorkerError, WorkerReady
+from afd.engine.stage_clock import StageClock
 from afd.envs import stage_delays_s
 from afd.launch.worker_spec import WorkerSpec, worker_loop
 from afd.models.build import load_ffn_side, resolve_dtype
 from afd.models.step3 import FFNShard, FFNSide
 from ffn_worker.messages import StepShape
-from transport.base import Transport, TransportTimeout
+from transport.base import Handle, TensorSpec, Transport, TransportTimeout, settle
 
 
 class FFNServer:
-    """Stateless between steps: a step shape in, one partial output per attention rank out."""
+    """Stateless between steps: a step shape in, one partial output per attention rank out.
+
+    The step shape gives every message's shapes, so each receive is posted before its data
+    arrives; on the nccl transport the whole step is queued without the host waiting on the
+    network, and the closing `settle` is where a dead attention rank shows as a timeout."""
 
     def __init__(
         self, side: FFNSide, transport: Transport, attn_ranks: list[str], timeout_s: float
@@ -27,21 +32,43 @@ class FFNServer:
         self.side, self.transport = side, transport
         self.attn_ranks, self.timeout_s = attn_ranks, timeout_s
         _, self.delay_s = stage_delays_s()
-        self.compute_s = 0.0  # this step's FFN compute
+        cfg = side.cfg
+        self.dtype = next(side.parameters()).dtype
+        self.routed = [cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)]
+        self.clock = StageClock(next(side.parameters()).device)  # FFN compute
 
     @torch.inference_mode()
     def serve_step(self, shape: StepShape) -> None:
         num_mb = max((len(t) for t in shape.tokens), default=0)
+        sends: list[Handle] = []
         for layer in range(self.side.cfg.num_hidden_layers):
             for k in range(num_mb):
-                sources = [a for a, t in enumerate(shape.tokens) if t[k] > 0]
-                if sources:
-                    self._serve(shape.step, layer, k, sources)
+                rows = {a: t[k] for a, t in enumerate(shape.tokens) if k < len(t) and t[k] > 0}
+                if rows:
+                    sends += self._serve(shape.step, layer, k, rows)
+        settle(sends, self.timeout_s)
 
-    def _serve(self, step: int, layer: int, k: int, sources: list[int]) -> None:
+    def take_compute_s(self) -> float:
+        """Device seconds of FFN compute since the last call."""
+        return self.clock.take_s()
+
+    def _like(self, layer: int, rows: int) -> list[TensorSpec]:
+        """The message an attention rank sends: x [T, H] (+ expert ids, weights [T, k])."""
+        cfg = self.side.cfg
+        like = [((rows, cfg.hidden_size), self.dtype)]
+        if self.routed[layer]:
+            top_k = cfg.moe_top_k
+            like += [((rows, top_k), torch.int32), ((rows, top_k), self.dtype)]
+        return like
+
+    def _serve(self, step: int, layer: int, k: int, rows: dict[int, int]) -> list[Handle]:
         key = (step, layer, k)
-        names = [self.attn_ranks[a] for a in sources]
-        parts = [self.transport.recv(n, key).wait(self.timeout_s) for n in names]
+        names = [self.attn_ranks[a] for a in rows]
+        recvs = [
+            self.transport.recv(n, key, self._like(layer, r))
+            for n, r in zip(names, rows.values(), strict=True)
+        ]
+        parts = [h.wait(self.timeout_s) for h in recvs]
         x = torch.cat([p[0] for p in parts])  # [T, H]
         routing = (
             (torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]))
@@ -50,12 +77,13 @@ class FFNServer:
         )
         if self.delay_s:  # test hook: stands in for FFN compute
             time.sleep(self.delay_s * x.shape[0])
-        start = time.perf_counter()
-        out = self.side(layer, x, *routing)  # [T, H] partial sum
-        self.compute_s += time.perf_counter() - start
-        rows = [p[0].shape[0] for p in parts]
-        for name, piece in zip(names, out.split(rows), strict=True):
+        with self.clock.span():
+            out = self.side(layer, x, *routing)  # [T, H] partial sum
+        pieces = out.split(list(rows.values()))
+        return [
             self.transport.send(name, key, [piece.contiguous()])
+            for name, piece in zip(names, pieces, strict=True)
+        ]
 
 
 def main(argv: list[str]) -> int:
@@ -73,8 +101,7 @@ def main(argv: list[str]) -> int:
                 server.serve_step(shape)
             except TransportTimeout as e:
                 return WorkerError(spec.name, f"FFN rank {spec.name}: {e}")
-            compute_s, server.compute_s = server.compute_s, 0.0
-            return FFNStepDone(spec.name, shape.step, compute_s)
+            return FFNStepDone(spec.name, shape.step, server.take_compute_s())
 
         worker_loop(spec, channel, transport, {StepShape: on_shape})
     return 0

@@ -12,7 +12,7 @@ import torch
 import zmq
 
 from afd.bench.transport import echo_peer
-from transport import Transport, TransportTimeout, create_transport, known_kinds
+from transport import Transport, TransportTimeout, create_transport, known_kinds, settle
 from transport.zmq_backend import ZERO_COPY_MIN
 
 PROTOCOLS = ["tcp", "ipc"]
@@ -95,6 +95,25 @@ def test_keys_out_of_order(pair: tuple[Transport, Transport]) -> None:
     for key, handle in handles.items():
         assert handle.wait(5)[0].tolist() == list(key)
         assert handle.wait(0)[0].tolist() == list(key)  # a second wait returns the same
+
+
+def test_like_is_checked_on_arrival(pair: tuple[Transport, Transport]) -> None:
+    a, f = pair
+    a.send("f0", (0, 0, 0), [torch.ones(3, 2)])
+    a.send("f0", (0, 0, 1), [torch.ones(3, 2)])
+    assert f.recv("a0", (0, 0, 0), [((3, 2), torch.float32)]).wait(5)[0].shape == (3, 2)
+    with pytest.raises(ValueError, match=r"\(0, 0, 1\).*expected \[\(\(4, 2\)"):
+        f.recv("a0", (0, 0, 1), [((4, 2), torch.float32)]).wait(5)
+
+
+def test_settle_bounds_a_batch_of_handles(pair: tuple[Transport, Transport]) -> None:
+    a, f = pair
+    sends = [a.send("f0", (1, 0, k), [torch.full((2,), float(k))]) for k in range(2)]
+    recvs = [f.recv("a0", (1, 0, k)) for k in range(3)]  # the third is never sent
+    settle(sends + recvs[:2], 5)
+    assert [r.wait(0)[0].tolist() for r in recvs[:2]] == [[0.0, 0.0], [1.0, 1.0]]
+    with pytest.raises(TransportTimeout, match=r"'a0'.*\(1, 0, 2\)"):
+        settle(recvs, 0.05)
 
 
 def test_done_polls_without_blocking(pair: tuple[Transport, Transport]) -> None:

@@ -10,17 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import PROMPTS
-from transport.base import TransportTimeout, create_transport
-from transport.nccl_backend import decode_header, encode_header
+from transport.base import TransportTimeout, create_transport, settle
 
 NAMES = ("a0", "f0")
-
-
-def test_header_round_trip() -> None:
-    tensors = [torch.zeros(3, 5, dtype=torch.bfloat16), torch.zeros(0, dtype=torch.int64)]
-    key, specs = decode_header(encode_header((7, 2, 1), tensors))
-    assert key == (7, 2, 1)
-    assert specs == [(torch.bfloat16, [3, 5]), (torch.int64, [0])]
 
 
 def _rank(name: str, backend: str, addresses: mp.Queue, table: mp.Queue, out: mp.Queue) -> None:
@@ -36,23 +28,32 @@ def _rank(name: str, backend: str, addresses: mp.Queue, table: mp.Queue, out: mp
 
 
 def _exchange(t, name: str, device: torch.device) -> str:
-    """a0 sends three micro-batches then claims the replies out of order; f0 echoes x * 2."""
+    """a0 sends three micro-batches, posts the replies' receives in key order and claims them
+    out of order; f0 receives into buffers shaped from what it knows, echoes x * 2."""
     g = torch.Generator().manual_seed(0)
     if name == "a0":
         xs = [torch.randn(4 + k, 8, generator=g).to(torch.bfloat16) for k in range(3)]
         ids = torch.arange(6).view(3, 2)
         for k, x in enumerate(xs):
             t.send("f0", (0, 0, k), [x.to(device), ids.to(device), torch.empty(0, 2).to(device)])
+        handles = [t.recv("f0", (0, 0, k), [((4 + k, 8), torch.bfloat16)]) for k in range(3)]
         for k in (2, 0, 1):
-            (y,) = t.recv("f0", (0, 0, k)).wait(20)
+            (y,) = handles[k].wait(20)
             assert y.device == device and torch.equal(y.cpu(), xs[k] * 2), k
+        settle(handles, 20)
+        with pytest.raises(ValueError, match="increasing key order"):
+            t.recv("f0", (0, 0, 1), [((5, 8), torch.bfloat16)])
+        with pytest.raises(ValueError, match="like="):
+            t.recv("f0", (1, 0, 0))
+        late = t.recv("f0", (9, 9, 9), [((1,), torch.float32)])  # never sent
         try:
-            t.recv("f0", (9, 9, 9)).wait(0.2)
+            settle([late], 0.2)
             return "no timeout"
-        except TransportTimeout:
-            return "ok"
+        except TransportTimeout as e:
+            return "ok" if "(9, 9, 9)" in str(e) else str(e)
     for k in range(3):
-        x, ids, empty = t.recv("a0", (0, 0, k)).wait(20)
+        like = [((4 + k, 8), torch.bfloat16), ((3, 2), torch.int64), ((0, 2), torch.float32)]
+        x, ids, empty = t.recv("a0", (0, 0, k), like).wait(20)
         assert ids.tolist() == [[0, 1], [2, 3], [4, 5]] and empty.shape == (0, 2)
         t.send("a0", (0, 0, k), [x * 2]).wait(20)
     return "ok"

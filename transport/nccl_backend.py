@@ -11,10 +11,11 @@ in order on one stream, so with both directions on one group an A->F send queued
 attention work can wait on an F->A send that waits on it (deadlock once messages exceed NCCL's
 buffers). Per direction, each stream only ever carries one side of each pair.
 
-Wire: per message an int64 header tensor [HEADER_LEN] (step, layer, micro_batch, n, then per
-tensor dtype code, ndim, dims), then each non-empty tensor. The receiver does not know shapes
-in advance, so it polls the header (cudaEventQuery through Work.is_completed, no host sync on
-compute streams), copies it to the host, then posts the payload irecvs.
+Wire: no header. The receiver knows each message's shapes from the step shape (`like`) and
+posts its irecvs at once, on a side stream that carries no compute, so the transfer starts as
+soon as the peer sends and the host never waits for the network. NCCL matches messages
+between a pair by order, so both sides post one peer's messages in increasing key order;
+the transport checks that and raises on a key that goes backwards.
 """
 
 from __future__ import annotations
@@ -22,45 +23,19 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from transport.base import (
-    WIRE_DTYPES,
     Handle,
     Key,
-    TakeRecv,
+    TensorSpec,
     Transport,
-    TransportTimeout,
     register_transport,
 )
-
-HEADER_LEN = 64
-_MAX_DIMS = 6
-_DTYPES = WIRE_DTYPES
-_CODES = {dt: i for i, dt in enumerate(_DTYPES)}
-
-
-def encode_header(key: Key, tensors: list[torch.Tensor]) -> list[int]:
-    vals = [*key, len(tensors)]
-    for t in tensors:
-        if t.dtype not in _CODES or t.dim() > _MAX_DIMS:
-            raise ValueError(f"nccl transport cannot send {t.dtype} of {t.dim()} dims")
-        vals += [_CODES[t.dtype], t.dim(), *t.shape]
-    if len(vals) > HEADER_LEN:
-        raise ValueError(f"nccl transport: {len(tensors)} tensors do not fit one header")
-    return vals + [0] * (HEADER_LEN - len(vals))
-
-
-def decode_header(vals: list[int]) -> tuple[Key, list[tuple[torch.dtype, list[int]]]]:
-    key, n, pos, specs = (vals[0], vals[1], vals[2]), vals[3], 4, []
-    for _ in range(n):
-        ndim = vals[pos + 1]
-        specs.append((_DTYPES[vals[pos]], vals[pos + 2 : pos + 2 + ndim]))
-        pos += 2 + ndim
-    return key, specs
 
 
 def _free_port(host: str) -> int:
@@ -107,18 +82,48 @@ def _deadline(timeout: float | None) -> float | None:
 
 
 class _SendHandle(Handle):
-    __slots__ = ("_works", "_peer", "_key")
+    __slots__ = ("_works",)
+    what = "send"
 
-    def __init__(self, works: list[dist.Work], peer: str, key: Key) -> None:
-        self._works, self._peer, self._key = works, peer, key
+    def __init__(self, works: list, peer: str, key: Key) -> None:
+        super().__init__(peer, key)
+        self._works = works
 
     def done(self) -> bool:
         return all(w.is_completed() for w in self._works)
 
     def wait(self, timeout: float | None = None) -> list[torch.Tensor]:
         if not _poll(self._works, _deadline(timeout)):
-            raise TransportTimeout(self._peer, self._key, timeout, "send")
+            raise self.timed_out(timeout)
         return []
+
+
+class _RecvHandle(Handle):
+    """Buffers posted at recv() time. NCCL: wait() orders the current stream after the
+    transfer (and marks the buffers as used there for the caching allocator); gloo: the host
+    waits, up to the timeout."""
+
+    __slots__ = ("_works", "_tensors", "_stream_ordered")
+
+    def __init__(self, works: list, tensors: list[torch.Tensor], peer: str, key: Key, nccl: bool):
+        super().__init__(peer, key)
+        self._works, self._tensors, self._stream_ordered = works, tensors, nccl
+
+    def done(self) -> bool:
+        return all(w.is_completed() for w in self._works)
+
+    def wait(self, timeout: float | None = None) -> list[torch.Tensor]:
+        if not self._stream_ordered:
+            if not _poll(self._works, _deadline(timeout)):
+                raise self.timed_out(timeout)
+            return self._tensors
+        stream = torch.cuda.current_stream(self._tensors[0].device) if self._tensors else None
+        for w in self._works:
+            w.wait()  # the current stream waits for the transfer; the host does not
+        for t in self._tensors:
+            if t.numel():
+                t.record_stream(stream)
+        return self._tensors
 
 
 @register_transport("nccl")
@@ -145,16 +150,15 @@ class NcclTransport(Transport):
         if backend == "nccl":
             self.device = torch.device(device)
             torch.cuda.set_device(self.device)
-            self._side = torch.cuda.Stream(self.device)
+            self._recv_stream = torch.cuda.Stream(self.device)
         else:
             self.device = torch.device("cpu")
         self._address = f"{host}:{_free_port(host)}"
         self._ranks: dict[str, int] = {}
         self._groups: tuple[dist.ProcessGroup, dist.ProcessGroup] | None = None
-        self._header_work: dict[str, tuple[dist.Work, torch.Tensor]] = {}
-        # (source, key) -> (payload works, tensors) whose header has been read
-        self._arrived: dict[tuple[str, Key], tuple[list[dist.Work], list[torch.Tensor]]] = {}
-        self._inflight: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
+        # last key posted per (peer, "send" | "recv"): NCCL matches by order, so keys only grow
+        self._last_key: dict[tuple[str, str], Key] = {}
+        self._inflight: list[tuple[list, list[torch.Tensor]]] = []
 
     def address(self) -> str:
         return self._address
@@ -202,70 +206,45 @@ class NcclTransport(Transport):
             raise ValueError(f"{self.name}: no connection to peer {peer!r}; call connect() first")
         return rank
 
+    def _in_order(self, peer: str, what: str, key: Key) -> None:
+        last = self._last_key.get((peer, what))
+        if last is not None and key <= last:
+            raise ValueError(
+                f"{self.name}: nccl transport {what} of key {key} to/from {peer!r} after "
+                f"{last}; messages to and from one peer must be posted in increasing key order"
+            )
+        self._last_key[(peer, what)] = key
+
     def send(self, peer: str, key: Key, tensors: list[torch.Tensor]) -> Handle:
         dst, group = self._rank(peer), self._group(self.name, peer)
+        self._in_order(peer, "send", key)
         tensors = [t.detach().contiguous() for t in tensors]
-        header = torch.tensor(encode_header(key, tensors))  # [HEADER_LEN]
-        if self.backend == "nccl":
-            # pinned + non_blocking: a pageable copy would sync the current stream, making the
-            # host wait for the attention work queued ahead of this send
-            header = header.pin_memory().to(self.device, non_blocking=True)
-        works = [dist.isend(header, dst=dst, group=group)]
-        works += [dist.isend(t, dst=dst, group=group) for t in tensors if t.numel()]
-        works = [self._track(w) for w in works]
-        # keep the tensors alive until sent even if the caller drops the handle (gloo needs it;
-        # NCCL's own record_stream covers the GPU allocator)
+        works = [self._track(dist.isend(t, dst=dst, group=group)) for t in tensors if t.numel()]
+        # keep the tensors alive until sent even if the caller drops the handle
         self._inflight = [f for f in self._inflight if not all(w.is_completed() for w in f[0])]
-        self._inflight.append((works, [header, *tensors]))
+        self._inflight.append((works, tensors))
         return _SendHandle(works, peer, key)
 
-    def recv(self, peer: str, key: Key) -> Handle:
-        self._rank(peer)
-        return TakeRecv(self._take, peer, key)
-
-    def _take(self, peer: str, key: Key, timeout: float | None) -> list[torch.Tensor] | None:
-        """Read headers from `peer` in send order, posting each payload, until `key` arrives."""
-        deadline = _deadline(timeout)
-        while (peer, key) not in self._arrived:
-            if not self._read_header(peer, deadline):
-                return None
-        works, tensors = self._arrived[(peer, key)]
-        if self.backend == "gloo" and not _poll(works, deadline):  # NCCL: the stream waits
-            return None  # payload still in flight; try again on the next call
-        del self._arrived[(peer, key)]
-        for w in works:
-            w.wait()  # NCCL: the current stream waits for the payload, the host does not
-        return tensors
-
-    def _read_header(self, peer: str, deadline: float | None) -> bool:
+    def recv(self, peer: str, key: Key, like: Sequence[TensorSpec] | None = None) -> Handle:
+        if like is None:
+            raise ValueError(
+                f"{self.name}: the nccl transport receives into buffers posted in advance; "
+                f"pass like=[(shape, dtype), ...] for the message {key} from {peer!r}"
+            )
         src, group = self._rank(peer), self._group(peer, self.name)
-        if peer not in self._header_work:
-            buf = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)  # [HEADER_LEN]
-            self._header_work[peer] = (self._track(dist.irecv(buf, src=src, group=group)), buf)
-        work, buf = self._header_work[peer]
-        if not _poll([work], deadline):
-            return False
-        del self._header_work[peer]
-        got, specs = decode_header(self._to_host(work, buf))
-        tensors = [torch.empty(shape, dtype=dt, device=self.device) for dt, shape in specs]
-        works = [self._track(dist.irecv(t, src=src, group=group)) for t in tensors if t.numel()]
-        if (peer, got) in self._arrived:
-            raise RuntimeError(f"{self.name}: peer {peer!r} sent key {got} twice")
-        self._arrived[(peer, got)] = (works, tensors)
-        return True
-
-    def _track(self, work: dist.Work) -> dist.Work:
-        return _GlooWork(work) if self.backend == "gloo" else work
-
-    def _to_host(self, work: dist.Work, buf: torch.Tensor) -> list[int]:
-        """The header's values; on GPU through a side stream so that the host waits for this
-        header only, not for compute queued on the current stream."""
+        self._in_order(peer, "recv", key)
         if self.backend == "gloo":
-            work.wait()
-            return buf.tolist()
-        with torch.cuda.stream(self._side):
-            work.wait()
-            return buf.cpu().tolist()
+            tensors = [torch.empty(shape, dtype=dt) for shape, dt in like]
+            works = [self._track(dist.irecv(t, src=src, group=group)) for t in tensors if t.numel()]
+            return _RecvHandle(works, tensors, peer, key, nccl=False)
+        # a side stream: NCCL's stream then waits for nothing queued on the compute stream
+        with torch.cuda.stream(self._recv_stream):
+            tensors = [torch.empty(shape, dtype=dt, device=self.device) for shape, dt in like]
+            works = [dist.irecv(t, src=src, group=group) for t in tensors if t.numel()]
+        return _RecvHandle(works, tensors, peer, key, nccl=True)
+
+    def _track(self, work: dist.Work) -> dist.Work | _GlooWork:
+        return _GlooWork(work) if self.backend == "gloo" else work
 
     def close(self) -> None:
         if self._groups is not None and dist.is_initialized():

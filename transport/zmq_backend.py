@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 
 import msgpack
 import numpy as np
@@ -20,15 +21,27 @@ import torch
 import zmq
 
 from transport.base import (
-    WIRE_DTYPES,
     Handle,
     Key,
     TakeRecv,
+    TensorSpec,
     Transport,
-    TransportTimeout,
     register_transport,
 )
 
+# Tensor dtypes the wire format carries, by name.
+WIRE_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
 DTYPES: dict[str, torch.dtype] = {str(dt).removeprefix("torch."): dt for dt in WIRE_DTYPES}
 _DTYPE_NAMES: dict[torch.dtype, str] = {dt: name for name, dt in DTYPES.items()}
 
@@ -84,12 +97,12 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 
 class _SendHandle(Handle):
-    __slots__ = ("_tracker", "_peer", "_key")
+    __slots__ = ("_tracker",)
+    what = "send"
 
     def __init__(self, tracker: zmq.MessageTracker | None, peer: str, key: Key) -> None:
+        super().__init__(peer, key)
         self._tracker = tracker
-        self._peer = peer
-        self._key = key
 
     def done(self) -> bool:
         return self._tracker is None or self._tracker.done
@@ -99,7 +112,7 @@ class _SendHandle(Handle):
             try:
                 self._tracker.wait(-1 if timeout is None else timeout)
             except zmq.NotDone:
-                raise TransportTimeout(self._peer, self._key, timeout, "send") from None
+                raise self.timed_out(timeout) from None
         return []
 
 
@@ -191,8 +204,8 @@ class ZmqTransport(Transport):
         tracker = trackers[0] if len(trackers) == 1 else zmq.MessageTracker(*trackers)
         return _SendHandle(tracker, peer, key)
 
-    def recv(self, peer: str, key: Key) -> Handle:
-        return TakeRecv(self._take, peer, key)
+    def recv(self, peer: str, key: Key, like: Sequence[TensorSpec] | None = None) -> Handle:
+        return TakeRecv(self._take, peer, key, like)
 
     def _take(self, peer: str, key: Key, timeout: float | None) -> list[torch.Tensor] | None:
         """The tensors `peer` sent under `key`, reading the socket until they arrive;

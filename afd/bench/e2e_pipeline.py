@@ -12,7 +12,6 @@ import torch
 
 from afd.bench.layer import attention_stage, build, ffn_stage
 from afd.config import ModelConfig
-from afd.engine.messages import StepTimings
 from afd.models.step3 import AttentionSide, FFNShard, FFNSide
 from attn_worker.attention import BatchAttention, SeqView
 from attn_worker.ffn_client import LocalFFN
@@ -102,7 +101,7 @@ class PipelineBench:
             _sync(self.device)
             start = time.perf_counter()
             with torch.inference_mode():
-                runner._pipeline(self.step, mbs, StepTimings())
+                runner.forward(self.step, mbs)
             _sync(self.device)
             if i >= WARM:
                 times.append(time.perf_counter() - start)
@@ -118,7 +117,7 @@ class PipelineBench:
             if remote:
                 self.shapes.put(StepShape(self.step, [[len(mb.token_ids) for mb in mbs]]))
             with torch.inference_mode():
-                outs.append(torch.cat(runner._pipeline(self.step, mbs, StepTimings())).float())
+                outs.append(torch.cat(runner.forward(self.step, mbs)).float())
         return float((outs[1] - outs[0]).norm() / outs[0].norm())
 
     def _stage_us(self, b: int) -> tuple[float, float]:

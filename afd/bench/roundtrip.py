@@ -1,6 +1,6 @@
-"""A->F->A round trip between two GPUs over the nccl transport (shape header included) and
-over raw torch.distributed send/recv with shapes known in advance (no header): the header's
-cost is the difference. Two spawned processes, cuda:0 and cuda:1."""
+"""A->F->A round trip between two GPUs over the nccl transport and over raw torch.distributed
+send/recv on the default stream: the transport's own cost (side-stream receives, bookkeeping)
+is the difference. Two spawned processes, cuda:0 and cuda:1."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from transport.base import Transport, create_transport
+from transport.base import Key, Transport, create_transport
 
 ITERS, WARM = 50, 5
 
@@ -41,18 +41,19 @@ def _rank(i: int, tokens: list[int], hidden: int, top_k: int, addresses, table, 
     addresses.put((name, t.address()))
     t.connect({k: v for k, v in table.get(timeout=120).items() if k != name})
     rows = []
-    for n in tokens:
+    for j, n in enumerate(tokens):  # keys (j, s, 0): increasing, as the transport needs
         x = torch.randn(n, hidden, dtype=torch.bfloat16, device=t.device)  # [T, H]
         ids = torch.randint(0, 48, (n, top_k), dtype=torch.int32, device=t.device)  # [T, k]
         w = torch.rand(n, top_k, dtype=torch.bfloat16, device=t.device)  # [T, k]
         if i == 0:
-            via = _time(lambda s, x=x, ids=ids, w=w: _ping(t, s, [x, ids, w]))
+            via = _time(lambda s, j=j, x=x, ids=ids, w=w: _ping(t, (j, s, 0), [x, ids, w]))
             raw = _time(lambda s, x=x, ids=ids, w=w: _ping_raw(1, [x, ids, w], x))
             rows.append({"tokens": n, "transport_us": via, "raw_us": raw})
         else:
+            like = [(tuple(b.shape), b.dtype) for b in (x, ids, w)]
             for s in range(ITERS + WARM):
-                (y, _, _) = t.recv("a0", (s, 0, 0)).wait(60)
-                t.send("a0", (s, 0, 0), [y])
+                (y, _, _) = t.recv("a0", (j, s, 0), like).wait(60)
+                t.send("a0", (j, s, 0), [y])
             for _ in range(ITERS + WARM):
                 for buf in (x, ids, w):
                     dist.recv(buf, src=0)
@@ -76,9 +77,9 @@ def _time(fn) -> float:
     return 1e6 * statistics.median(times)
 
 
-def _ping(t: Transport, step: int, tensors: list[torch.Tensor]) -> None:
-    t.send("f0", (step, 0, 0), tensors)
-    t.recv("f0", (step, 0, 0)).wait(60)
+def _ping(t: Transport, key: Key, tensors: list[torch.Tensor]) -> None:
+    t.send("f0", key, tensors)
+    t.recv("f0", key, [(tuple(tensors[0].shape), tensors[0].dtype)]).wait(60)
 
 
 def _ping_raw(peer: int, tensors: list[torch.Tensor], back: torch.Tensor) -> None:

@@ -21,7 +21,6 @@ import torch
 
 from afd.bench.layer import build
 from afd.config import ModelConfig
-from afd.engine.messages import StepTimings
 from afd.models.step3 import AttentionSide, FFNShard, FFNSide
 from attn_worker.attention import BatchAttention, SeqView
 from attn_worker.ffn_client import LocalFFN
@@ -98,7 +97,7 @@ class _Attention:
             _sync(self.device)
             start = time.perf_counter()
             with torch.inference_mode():
-                self.runner._pipeline(self.step, mbs, StepTimings())
+                self.runner.forward(self.step, mbs)
             _sync(self.device)
             if i >= WARM:
                 times.append(time.perf_counter() - start)
