@@ -22,13 +22,20 @@ from attn_worker.kernels.decode_attention import (
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> (dtype, head_dim, page, seq_lens, num_splits, tolerance). bf16 is left to the GPU
-# test: Triton 3.9's interpreter computes bf16 tl.dot wrongly on CPU (fp16/fp32 are exact).
+# name -> (dtype, heads, head_dim, page, seq_lens, num_splits, partial dtype, tolerance). bf16
+# inputs are left to the GPU test: Triton 3.9's interpreter computes bf16 tl.dot wrongly on CPU
+# (fp16/fp32 are exact); bf16 partials involve no dot, so they are covered here.
 CASES = {
-    "fp16_heuristic_splits": (torch.float16, 32, 16, [1, 37, 64], None, 1e-2),
-    "fp16_splits_some_empty": (torch.float16, 16, 8, [20, 3, 33], 3, 1e-2),
-    "fp32_one_split_direct": (torch.float32, 32, 16, [40, 17], 1, 1e-3),
-}
+    "fp16_heuristic_splits": (torch.float16, 4, 32, 16, [1, 37, 64], None, torch.float32, 1e-2),
+    # 3 splits of 16 tokens: 2 live + 1 empty, 1 live (stored directly), 3 live
+    "fp16_splits_some_empty": (torch.float16, 4, 16, 8, [20, 3, 33], 3, torch.float32, 1e-2),
+    # 5 splits (BLOCK_S 8, 3 masked); 32 heads x D 64 merge in two head chunks
+    "fp16_many_splits_chunked_merge": (
+        torch.float16, 32, 64, 16, [70, 1, 64, 17], 5, torch.float32, 1e-2,
+    ),
+    "fp16_bf16_partials": (torch.float16, 4, 32, 16, [50, 64, 9], 4, torch.bfloat16, 1e-2),
+    "fp32_one_split_direct": (torch.float32, 4, 32, 16, [40, 17], 1, torch.float32, 1e-3),
+}  # fmt: skip
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -75,13 +82,14 @@ def test_cpu_dispatch_uses_reference() -> None:
     assert torch.equal(out, paged_decode_attention_ref(q, k, v, tables, lens, 0.25))
 
 
-def run_case(name: str) -> float:
-    dtype, dim, page, lens, num_splits, _ = CASES[name]
-    q, k, v, tables, seq_lens = _inputs(len(lens), 4, dim, page, lens, dtype, seed=dim + page)
+def run_case(name: str, seed: int) -> float:
+    dtype, heads, dim, page, lens, num_splits, part_dtype, _ = CASES[name]
+    q, k, v, tables, seq_lens = _inputs(len(lens), heads, dim, page, lens, dtype, seed=seed)
     out = torch.full_like(q, float("nan"))  # poisoned: unwritten elements show
     paged_decode_attention_triton(
-        q, k, v, tables, seq_lens, dim**-0.5, num_splits=num_splits, block_n=16, out=out
-    )
+        q, k, v, tables, seq_lens, dim**-0.5, num_splits=num_splits, block_n=16, out=out,
+        partial_dtype=part_dtype,
+    )  # fmt: skip
     return _rel_err(out, _naive_f64(q, k, v, tables, seq_lens, dim**-0.5))  # NaN fails
 
 
@@ -116,6 +124,16 @@ def test_triton_matches_float64(interpreted: dict[str, float], name: str) -> Non
     assert interpreted[name] < CASES[name][-1]
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_second_call_reuses_counters(interpreted: dict[str, float], name: str) -> None:
+    # fresh inputs through the same cached partials and counters the first call left behind
+    assert interpreted[name + "_again"] < CASES[name][-1]
+
+
+def test_merge_leaves_counters_at_zero(interpreted: dict[str, float]) -> None:
+    assert interpreted["counters_nonzero"] == 0
+
+
 def test_triton_fp8_kv_matches_reference(interpreted: dict[str, float]) -> None:
     assert interpreted["fp8"] < 1e-2
 
@@ -127,19 +145,84 @@ def test_split_count_fills_waves() -> None:
     assert choose_num_splits(1, 64, 64, 132) == 1
 
 
+def _gpu_inputs(lens: list[int], dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    q, k, v, tables, seq_lens = _inputs(len(lens), 64, 256, 64, lens, dtype, seed=seed)
+    return tuple(t.cuda() for t in (q, k, v, tables, seq_lens))
+
+
+def _gpu_ref(q, k, v, tables, lens, k_scale=None, v_scale=None) -> torch.Tensor:
+    args = [t.cpu() if t is not None else None for t in (q, k, v, tables, lens)]
+    scales = [t.cpu() if t is not None else None for t in (k_scale, v_scale)]
+    return paged_decode_attention_ref(*args, 256**-0.5, *scales)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_step3_shape(dtype) -> None:
-    q, k, v, tables, lens = _inputs(4, 64, 256, 64, [1, 300, 4096, 2500], dtype, seed=3)
-    q, k, v, tables, lens = (t.cuda() for t in (q, k, v, tables, lens))
+    q, k, v, tables, lens = _gpu_inputs([1, 300, 4096, 2500], dtype, seed=3)
     out = torch.full_like(q, float("nan"))
     paged_decode_attention_triton(q, k, v, tables, lens, 256**-0.5, out=out)
-    ref = paged_decode_attention_ref(q.cpu(), k.cpu(), v.cpu(), tables.cpu(), lens.cpu(), 256**-0.5)
-    assert _rel_err(out.cpu(), ref) < 1e-2
+    assert _rel_err(out.cpu(), _gpu_ref(q, k, v, tables, lens)) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("part_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_uneven_splits_repeated(part_dtype) -> None:
+    # 8 splits of 512: short sequences leave splits empty or fit in one; run twice, fresh inputs
+    for seed in (4, 5):
+        q, k, v, tables, lens = _gpu_inputs([4096, 1, 513, 3000, 64, 4095], torch.bfloat16, seed)
+        out = torch.full_like(q, float("nan"))
+        paged_decode_attention_triton(
+            q, k, v, tables, lens, 256**-0.5, 4096, num_splits=8, out=out,
+            partial_dtype=part_dtype,
+        )  # fmt: skip
+        assert _rel_err(out.cpu(), _gpu_ref(q, k, v, tables, lens)) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fp8_kv() -> None:
+    q, k, v, tables, lens = _gpu_inputs([2048, 700, 1500], torch.bfloat16, seed=6)
+    k_scale = torch.rand(k.shape[0], device="cuda") + 0.5  # [NB] float32
+    v_scale = torch.rand(k.shape[0], device="cuda") + 0.5
+    k8, v8 = (k.float() / 2).to(torch.float8_e4m3fn), (v.float() / 2).to(torch.float8_e4m3fn)
+    out = paged_decode_attention_triton(
+        q, k8, v8, tables, lens, 256**-0.5, k_scale=k_scale, v_scale=v_scale
+    )
+    assert _rel_err(out.cpu(), _gpu_ref(q, k8, v8, tables, lens, k_scale, v_scale)) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_graph_replay() -> None:
+    q, k, v, tables, lens = _gpu_inputs([3000, 17, 2048, 1200], torch.bfloat16, seed=7)
+    out = torch.full_like(q, float("nan"))
+    call = lambda: paged_decode_attention_triton(  # noqa: E731
+        q, k, v, tables, lens, 256**-0.5, 4096, num_splits=6, out=out
+    )
+    call()  # warm-up: compile and size the cached workspace outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for seed in (8, 9):  # replays with new inputs copied in, counters reused
+        fresh = _gpu_inputs([3000, 17, 2048, 1200], torch.bfloat16, seed)
+        for dst, src in zip((q, k, v, tables, lens), fresh, strict=True):
+            dst.copy_(src)
+        out.fill_(float("nan"))
+        graph.replay()
+        assert _rel_err(out.cpu(), _gpu_ref(q, k, v, tables, lens)) < 1e-2
 
 
 if __name__ == "__main__":  # the interpreted child of the `interpreted` fixture
-    results = {name: run_case(name) for name in CASES}
+    from attn_worker.kernels.decode_attention import _WORKSPACES
+
+    results = {name: run_case(name, seed=i) for i, name in enumerate(CASES)}
+    results.update({name + "_again": run_case(name, seed=100 + i) for i, name in enumerate(CASES)})
     results["fp8"] = run_fp8_case()
+    results["counters_nonzero"] = sum(int(ws[2].count_nonzero()) for ws in _WORKSPACES.values())
     print(json.dumps(results))

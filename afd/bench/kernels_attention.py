@@ -1,23 +1,34 @@
 """`afd-bench kernels`, attention part: MFA paged decode attention (Triton) against SDPA over
-a contiguous copy of the same KV, as fractions of the measured copy bandwidth."""
+a contiguous copy of the same KV, as fractions of the measured copy bandwidth.
+`python -m afd.bench.kernels_attention --sweep --out PATH` times split counts, tile configs
+and kernel variants at the shapes that decide the defaults."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from afd.bench.kernel_timing import cycle, ms_of, rel_err, rotate
+from afd.bench.kernel_timing import ceilings, cycle, ms_of, rel_err, rotate
 from attn_worker.kernels.decode_attention import paged_decode_attention_ref as attn_ref
 from attn_worker.kernels.decode_attention import paged_decode_attention_triton as attn_triton
 
 HQ, HEAD_DIM, PAGE = 64, 256, 64
-# (block_n, num_warps, num_stages, programs the split heuristic assumes per SM)
-ATTN_SWEEP = [(64, 4, 2, 1), (64, 4, 3, 1), (64, 8, 2, 1), (32, 4, 2, 1), (32, 4, 2, 2),
-              (32, 4, 3, 2), (64, 4, 2, 2), (16, 4, 3, 2)]  # fmt: skip
-ATTN_SWEEP_SHAPES = [(32, 4096), (64, 32768)]
-SPLIT_SWEEP_SHAPES = [(32, 4096), (64, 4096), (128, 4096), (32, 8192)]
+# sweep: shape (B, L) -> split counts tried, with each (block_n, num_warps, num_stages)
+SWEEP_SPLITS = {(32, 4096): (2, 3, 4, 6, 8), (64, 4096): (1, 2, 3, 4), (128, 4096): (1, 2, 3),
+                (32, 8192): (3, 4, 6, 8), (64, 8192): (1, 2), (128, 32768): (1, 2)}  # fmt: skip
+SWEEP_CONFIGS = [(64, 4, 2), (32, 4, 3)]
+# variants timed on top of each shape's fastest config and split count
+SWEEP_VARIANTS = {
+    "bf16_partials": {"partial_dtype": torch.bfloat16},
+    "kv_evict_first": {"kv_evict": "evict_first"},
+    "bf16_partials+kv_evict_first": {"partial_dtype": torch.bfloat16, "kv_evict": "evict_first"},
+}
 
 
 def _attn_inputs(batch: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -33,23 +44,11 @@ def _attn_inputs(batch: int, seq_len: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _attn_triton(t: dict, seq_len: int, cfg: tuple, splits: int | None = None) -> Callable:
-    bn, warps, stages, per_sm = cfg
+def _attn_triton(t: dict, seq_len: int, **knobs) -> Callable:
     scale = HEAD_DIM**-0.5
     return lambda out=None: attn_triton(
-        t["q"], t["k"], t["v"], t["bt"], t["lens"], scale, seq_len, num_splits=splits,
-        block_n=bn, num_warps=warps, num_stages=stages, programs_per_sm=per_sm, out=out,
-    )  # fmt: skip
-
-
-def _split_sweep(cfg: tuple, log: list) -> None:
-    """Time per split count, to check the split heuristic against measurement."""
-    for batch, seq_len in SPLIT_SWEEP_SHAPES:
-        sets = rotate(lambda b=batch, n=seq_len: _attn_inputs(b, n), batch * seq_len * 1024)
-        for splits in (1, 2, 3, 4, 6, 8, 12, 16):
-            ms = ms_of(cycle([_attn_triton(t, seq_len, cfg, splits) for t in sets]))
-            log.append({"B": batch, "L": seq_len, "splits": splits, "ms": ms})
-            print("split sweep", log[-1], flush=True)
+        t["q"], t["k"], t["v"], t["bt"], t["lens"], scale, seq_len, out=out, **knobs
+    )
 
 
 def _attn_check(t: dict[str, torch.Tensor], run: Callable) -> float:
@@ -68,38 +67,17 @@ def _sdpa(t: dict[str, torch.Tensor], batch: int, seq_len: int) -> Callable:
 
 
 def attention(copy_bw: float, results: dict) -> None:
-    sweep: list[dict] = []
-    for batch, seq_len in ATTN_SWEEP_SHAPES:
-        sets = rotate(lambda b=batch, n=seq_len: _attn_inputs(b, n), batch * seq_len * 1024)
-        for cfg in ATTN_SWEEP:
-            entry: dict = {"B": batch, "L": seq_len, "cfg": cfg}
-            try:
-                runs = [_attn_triton(t, seq_len, cfg) for t in sets]
-                entry["err"] = _attn_check(sets[0], runs[0])
-                entry["ms"] = ms_of(cycle(runs)) if entry["err"] < 1e-2 else float("inf")
-            except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result
-                entry.update(error=repr(exc)[:200], ms=float("inf"))
-            sweep.append(entry)
-            print("attn sweep", entry, flush=True)
-        del sets
-    # one config for all shapes: the smallest sum of time over the best time at each shape
-    best_ms = {(e["B"], e["L"]): e["ms"] for e in sorted(sweep, key=lambda e: -e["ms"])}
-    score = {
-        c: sum(e["ms"] / best_ms[(e["B"], e["L"])] for e in sweep if e["cfg"] == c)
-        for c in ATTN_SWEEP
-    }
-    best = min(ATTN_SWEEP, key=lambda c: score[c])
-    results["attention_sweep"], results["attention_config"] = sweep, best
-    _split_sweep(best, results.setdefault("split_sweep", []))
+    """The kernel as serving calls it (its default split count and tile config) beside SDPA."""
     rows = results.setdefault("attention", [])
     for batch in (32, 64, 128):
         for seq_len in (4096, 8192, 32768):
             torch.cuda.empty_cache()
             kv_bytes = 2 * batch * seq_len * HEAD_DIM * 2
             sets = rotate(lambda b=batch, n=seq_len: _attn_inputs(b, n), kv_bytes)
-            runs = [_attn_triton(t, seq_len, best) for t in sets]
+            runs = [_attn_triton(t, seq_len) for t in sets]
             row = {"B": batch, "L": seq_len, "kv_bytes": kv_bytes, "input_sets": len(sets)}
             row["err"] = _attn_check(sets[0], runs[0])
+            row["err_again"] = _attn_check(sets[-1], runs[-1])  # counters reused
             sdpas = [_sdpa(t, batch, seq_len) for t in sets]
             row["sdpa_err"] = rel_err(sdpas[0]().float(), runs[0]().float())
             for name, fns in (("sdpa", sdpas), ("triton", runs)):
@@ -108,3 +86,66 @@ def attention(copy_bw: float, results: dict) -> None:
             del sets, runs, sdpas
             rows.append(row)
             print("attn", row, flush=True)
+
+
+def _timed(sets: list[dict], seq_len: int, kv_bytes: int, copy_bw: float, **knobs) -> dict:
+    entry = {k: str(v) for k, v in knobs.items()}
+    try:
+        runs = [_attn_triton(t, seq_len, **knobs) for t in sets]
+        entry["err"] = max(_attn_check(sets[0], runs[0]), _attn_check(sets[-1], runs[-1]))
+        ok = entry["err"] < 1e-2  # NaN (unwritten output) fails too
+        entry["ms"] = ms_of(cycle(runs), rep=50) if ok else float("inf")
+    except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result
+        entry.update(error=repr(exc)[:200], ms=float("inf"))
+    entry["frac_copy"] = kv_bytes / (entry["ms"] * 1e-3) / copy_bw
+    return entry
+
+
+def sweep(copy_bw: float, results: dict, out_path: Path) -> None:
+    for (batch, seq_len), splits in SWEEP_SPLITS.items():
+        torch.cuda.empty_cache()
+        kv_bytes = 2 * batch * seq_len * HEAD_DIM * 2
+        sets = rotate(lambda b=batch, n=seq_len: _attn_inputs(b, n), kv_bytes)
+        log = results.setdefault(f"B{batch}_L{seq_len}", [])
+        grid = [dict(block_n=bn, num_warps=w, num_stages=st, num_splits=s)
+                for bn, w, st in SWEEP_CONFIGS for s in splits]  # fmt: skip
+        for knobs in grid:
+            log.append(_timed(sets, seq_len, kv_bytes, copy_bw, **knobs))
+            print(batch, seq_len, log[-1], flush=True)
+        best = grid[min(range(len(grid)), key=lambda i: log[i]["ms"])]
+        for name, extra in SWEEP_VARIANTS.items():
+            log.append(
+                {"variant": name, **_timed(sets, seq_len, kv_bytes, copy_bw, **best, **extra)}
+            )
+            print(batch, seq_len, log[-1], flush=True)
+        log.append({"variant": "defaults", **_timed(sets, seq_len, kv_bytes, copy_bw)})
+        print(batch, seq_len, log[-1], flush=True)
+        out_path.write_text(json.dumps(results, indent=1, default=str))
+        del sets
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m afd.bench.kernels_attention")
+    parser.add_argument("--sweep", action="store_true", help="split/config/variant sweep")
+    parser.add_argument("--out", type=Path, required=True, help="JSON path")
+    args = parser.parse_args(argv)
+    results: dict = {"command": " ".join(["kernels_attention", *argv])}
+    results["device"] = torch.cuda.get_device_name()
+    results["ceilings"] = ceilings()
+    copy_bw = results["ceilings"]["copy_bytes_per_s"]
+    print("ceilings", results["ceilings"], flush=True)
+    if args.sweep:
+        sweep(copy_bw, results, args.out)
+    else:
+        attention(copy_bw, results)
+    args.out.write_text(json.dumps(results, indent=1, default=str))
+    for key, log in results.items():  # the fastest entry per shape, last: the reply's tail
+        if key.startswith("B") and log:
+            best = min(log, key=lambda e: e["ms"])
+            print(key, f"best {best['ms'] * 1e3:.1f} us frac {best['frac_copy']:.3f}", best)
+            print(key, "defaults", log[-1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,5 +1,6 @@
 """Paged MFA decode attention: all query heads share one KV head, so each KV block is read once
-per sequence and the heads form the M side of the matrix products (flash-decoding split-K)."""
+per sequence and the heads form the M side of the matrix products (flash-decoding split-K,
+with the merge of the splits done by the last split of each sequence to finish)."""
 
 from __future__ import annotations
 
@@ -15,36 +16,26 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _split_kernel(
-    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, po_ptr, pm_ptr, pl_ptr,
-    out_ptr, qk_scale, split_tokens, stride_qb, stride_qh, stride_btb, stride_kblk, num_splits,
-    stride_ob, stride_oh,
-    HQ: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IS_FP8: tl.constexpr, DIRECT: tl.constexpr,
+def _attend_split(
+    q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, start, end, qk_scale,
+    stride_kblk, offs_d, mask_d,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+    D: tl.constexpr, IS_FP8: tl.constexpr, KV_EVICT: tl.constexpr,
 ):  # fmt: skip
-    pid_s = tl.program_id(0)
-    b = tl.program_id(1)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_h = offs_h < HQ
-    mask_d = offs_d < D
-    seq_len = tl.load(lens_ptr + b)
-    start = pid_s * split_tokens
-    end = tl.minimum(start + split_tokens, seq_len)
-    q_ptrs = q_ptr + b * stride_qb + offs_h[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)  # [BH, BD]
+    """Online softmax over tokens [start, end): unnormalised acc [BH, BD], max m and sum l [BH]
+    (log2 domain). An empty range leaves m=-inf, l=0."""
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        blk = tl.load(bt_ptr + b * stride_btb + offs_n // PAGE, mask=mask_n, other=0)  # [BN]
+        blk = tl.load(bt_row + offs_n // PAGE, mask=mask_n, other=0)  # [BN]
         rows = blk.to(tl.int64) * stride_kblk + (offs_n % PAGE) * D  # [BN] element offsets
         kv_off = rows[:, None] + offs_d[None, :]  # [BN, BD]
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # [BN, BD]
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)  # [BN, BD]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
         if IS_FP8:
             # e4m3 values are exact in bf16/fp16; the per-block scales ride on the scores and
             # on P, so the tiles themselves never get multiplied.
@@ -64,50 +55,121 @@ def _split_kernel(
             p = p * v_scale[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # [BH, BD]
         m_i = m_new
-    if DIRECT:  # one split: no partials, no reduce launch
-        out_ptrs = out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :]
-        out = acc / l_i[:, None]
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
-        return
-    # Unnormalised partials: an empty split (start >= seq_len) leaves m=-inf, l=0, acc=0,
-    # which the reduce weights to zero.
-    row = (b * num_splits + pid_s) * HQ + offs_h  # [BH]
-    tl.store(pm_ptr + row, m_i, mask=mask_h)
-    tl.store(pl_ptr + row, l_i, mask=mask_h)
-    po_ptrs = po_ptr + row[:, None] * D + offs_d[None, :]
-    tl.store(po_ptrs, acc, mask=mask_h[:, None] & mask_d[None, :])
+    return acc, m_i, l_i
 
 
 @triton.jit
-def _reduce_kernel(
-    po_ptr, pm_ptr, pl_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+def _merge_splits(
+    po_ptr, pm_ptr, pl_ptr, out_ptr, b, num_splits, live_splits, stride_ob, stride_oh,
     HQ: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_HR: tl.constexpr,
 ):  # fmt: skip
-    # All splits in one load each (no loop): this kernel is short and latency-bound.
-    b = tl.program_id(0)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    """out[b] = sum_s w_s o_s / sum_s w_s with w_s = l_s 2^(m_s - max m), over the sequence's
+    non-empty splits, BLOCK_HR heads at a time so all splits load at once. Loads bypass L1
+    (.cg): the partials were written by other SMs during this launch."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_sh = (offs_s[:, None] < num_splits) & (offs_h[None, :] < HQ)  # [BS, BH]
-    row = (b * num_splits + offs_s[:, None]) * HQ + offs_h[None, :]  # [BS, BH]
-    m_s = tl.load(pm_ptr + row, mask=mask_sh, other=float("-inf"))  # [BS, BH]
-    l_s = tl.load(pl_ptr + row, mask=mask_sh, other=0.0)  # [BS, BH]
-    w = tl.exp2(m_s - tl.max(m_s, 0)[None, :])  # [BS, BH]; empty splits weigh 0
-    l_sum = tl.sum(w * l_s, 0)  # [BH]
-    mask_shd = mask_sh[:, :, None] & (offs_d[None, None, :] < D)
-    part = tl.load(po_ptr + row[:, :, None] * D + offs_d[None, None, :], mask=mask_shd, other=0.0)
-    out = tl.sum(w[:, :, None] * part, 0) / l_sum[:, None]  # [BH, BD]
+    for h0 in tl.static_range(0, BLOCK_H, BLOCK_HR):
+        offs_h = h0 + tl.arange(0, BLOCK_HR)
+        mask_sh = (offs_s[:, None] < live_splits) & (offs_h[None, :] < HQ)  # [BS, BHR]
+        row = (b * num_splits + offs_s[:, None]) * HQ + offs_h[None, :]  # [BS, BHR]
+        m_s = tl.load(pm_ptr + row, mask=mask_sh, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(pl_ptr + row, mask=mask_sh, other=0.0, cache_modifier=".cg")
+        w = l_s * tl.exp2(m_s - tl.max(m_s, 0)[None, :])  # [BS, BHR]; masked splits weigh 0
+        mask_shd = mask_sh[:, :, None] & (offs_d[None, None, :] < D)
+        part_ptrs = po_ptr + row[:, :, None] * D + offs_d[None, None, :]
+        part = tl.load(part_ptrs, mask=mask_shd, other=0.0, cache_modifier=".cg")
+        out = tl.sum(w[:, :, None] * part.to(tl.float32), 0) / tl.sum(w, 0)[:, None]
+        out_ptrs = out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :]
+        mask = (offs_h[:, None] < HQ) & (offs_d[None, :] < D)
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr,
+    out_ptr, qk_scale, split_tokens, stride_qb, stride_qh, stride_btb, stride_kblk, num_splits,
+    stride_ob, stride_oh,
+    HQ: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IS_FP8: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_HR: tl.constexpr, KV_EVICT: tl.constexpr,
+):  # fmt: skip
+    pid_s = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < HQ
+    mask_d = offs_d < D
+    seq_len = tl.load(lens_ptr + b)
+    start = pid_s * split_tokens
+    end = tl.minimum(start + split_tokens, seq_len)
+    q_ptrs = q_ptr + b * stride_qb + offs_h[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)  # [BH, BD]
+    acc, m_i, l_i = _attend_split(
+        q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr + b * stride_btb, start, end, qk_scale,
+        stride_kblk, offs_d, mask_d, BLOCK_H, BLOCK_D, BLOCK_N, PAGE, D, IS_FP8, KV_EVICT,
+    )  # fmt: skip
     out_ptrs = out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :]
-    mask = (offs_h[:, None] < HQ) & (offs_d[None, :] < D)
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    mask_hd = mask_h[:, None] & mask_d[None, :]
+    if not SPLIT:  # one split per sequence: no partials, no merge
+        tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_hd)
+        return
+    live_splits = tl.cdiv(seq_len, split_tokens)  # the rest of this sequence's splits are empty
+    if start < seq_len:
+        if live_splits == 1:  # a sequence shorter than one split stores directly
+            tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_hd)
+        else:
+            row = (b * num_splits + pid_s) * HQ + offs_h  # [BH]
+            tl.store(pm_ptr + row, m_i, mask=mask_h)
+            tl.store(pl_ptr + row, l_i, mask=mask_h)
+            po_ptrs = po_ptr + row[:, None] * D + offs_d[None, :]
+            o = acc / l_i[:, None]  # normalised, so a bf16 partial keeps a bounded range
+            tl.store(po_ptrs, o.to(po_ptr.dtype.element_ty), mask=mask_hd)
+            # Every thread's partial stores happen before the barrier, the barrier before the
+            # release; the last split to arrive sees all partials and merges them.
+            tl.debug_barrier()
+            done = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
+            if done == live_splits - 1:
+                tl.atomic_xchg(cnt_ptr + b, 0, sem="relaxed", scope="gpu")  # ready for reuse
+                _merge_splits(
+                    po_ptr, pm_ptr, pl_ptr, out_ptr, b, num_splits, live_splits,
+                    stride_ob, stride_oh, HQ, D, BLOCK_H, BLOCK_D, BLOCK_S, BLOCK_HR,
+                )  # fmt: skip
 
 
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
-        return 4  # the interpreter: a few splits still exercise the reduce
+        return 4  # the interpreter: a few splits still exercise the merge
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# (device, partial dtype) -> (partials [rows * D], m and l [2, rows] fp32, counters [B] int32)
+_WORKSPACES: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _workspace(
+    device: torch.device, dtype: torch.dtype, rows: int, head_dim: int, batch: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Partial buffers and per-sequence arrival counters, kept per device (so calls on one
+    device must be ordered on one stream, as serving's are). The kernel leaves counters at 0.
+    Grown outside graph capture only: a capture that needs more gets its own buffers, whose
+    zeroing it then captures too."""
+    key = (device, dtype)
+    ws = _WORKSPACES.get(key)
+    fits = ws is not None and ws[0].numel() >= rows * head_dim and ws[1].shape[1] >= rows
+    if fits and ws[2].numel() >= batch:
+        return ws
+    if ws is not None:  # grow to the larger of old and new in both dimensions
+        rows, batch = max(rows, ws[1].shape[1]), max(batch, ws[2].numel())
+    ws = (
+        torch.empty(rows * head_dim, device=device, dtype=dtype),  # [B, S, Hq, D]
+        torch.empty(2, rows, device=device, dtype=torch.float32),  # m, l [B, S, Hq]
+        torch.zeros(batch, device=device, dtype=torch.int32),  # [B]
+    )
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        _WORKSPACES[key] = ws
+    return ws
 
 
 @functools.lru_cache(maxsize=4096)
@@ -115,7 +177,7 @@ def choose_num_splits(batch: int, max_seq_len: int, block_n: int, slots: int) ->
     """Splits per sequence minimising waves x (tiles per split + fixed cost), `slots` being
     the programs the GPU runs at once. Too few programs idle SMs, one program past a full wave
     costs a whole wave, and each split pays a fixed cost (q load, pipeline fill, a [Hq, D]
-    fp32 partial written and read back) of about two KV tiles."""
+    partial written and merged) of about two KV tiles."""
     tiles = max(1, triton.cdiv(max_seq_len, block_n))
     best_cost, best = float("inf"), 1
     for splits in range(1, min(tiles, 64) + 1):
@@ -137,15 +199,18 @@ def paged_decode_attention_triton(
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
     num_splits: int | None = None,
-    block_n: int = 32,
+    block_n: int = 64,
     num_warps: int = 4,
-    num_stages: int = 3,
-    programs_per_sm: int = 2,
+    num_stages: int = 2,
+    programs_per_sm: int = 1,
     out: Tensor | None = None,
+    partial_dtype: torch.dtype = torch.float32,
+    kv_evict: str = "",
 ) -> Tensor:
     """Triton path; see `paged_decode_attention`. `max_seq_len` avoids a device sync when the
-    caller knows it; `num_splits`/`block_n`/warps/stages are tuning knobs for the benchmark;
-    `out` [B, Hq, D] lets callers (and tests, with a poisoned buffer) own the output."""
+    caller knows it; `num_splits`/`block_n`/warps/stages/`partial_dtype`/`kv_evict` (a load
+    eviction policy) are tuning knobs for the benchmark; `out` [B, Hq, D] lets callers (and
+    tests, with a poisoned buffer) own the output. One launch, no host sync: graph-capturable."""
     batch, num_heads, head_dim = q.shape  # [B, Hq, D]
     _, page, _ = k_cache.shape  # [num_blocks, page, D]
     assert page & (page - 1) == 0, "KV block_size must be a power of two"
@@ -162,32 +227,22 @@ def paged_decode_attention_triton(
     split_tokens = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_seq_len, split_tokens)
     out = torch.empty_like(q) if out is None else out  # [B, Hq, D]
-    f32 = dict(device=q.device, dtype=torch.float32)
-    # one split stores straight to `out`; one element keeps the unused pointers non-null
-    parts = 1 if num_splits == 1 else batch * num_splits * num_heads
-    part_out = torch.empty(parts * head_dim, **f32)  # [B, S, Hq, D]
-    part_m = torch.empty(parts, **f32)  # [B, S, Hq]
-    part_l = torch.empty(parts, **f32)  # [B, S, Hq]
-    dummy = out  # scale pointers are unused unless fp8
-    _split_kernel[(num_splits, batch)](
-        q, k_cache, v_cache, dummy if k_scale is None else k_scale,
-        dummy if v_scale is None else v_scale, block_tables, seq_lens,
-        part_out, part_m, part_l, out, scale * _LOG2E, split_tokens,
+    # one split stores straight to `out`; one row keeps the unused pointers valid
+    rows = 1 if num_splits == 1 else batch * num_splits * num_heads
+    part_o, part_ml, counters = _workspace(q.device, partial_dtype, rows, head_dim, batch)
+    block_s = triton.next_power_of_2(num_splits)
+    # the merge loads [S, BLOCK_HR, D] at once: about 8K values keeps that in registers
+    block_hr = min(block_h, max(1, 8192 // (block_s * block_d)))
+    _decode_kernel[(num_splits, batch)](
+        q, k_cache, v_cache, out if k_scale is None else k_scale,
+        out if v_scale is None else v_scale, block_tables, seq_lens,
+        part_o, part_ml[0], part_ml[1], counters, out, scale * _LOG2E, split_tokens,
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), num_splits,
         out.stride(0), out.stride(1),
         HQ=num_heads, D=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
-        PAGE=page, IS_FP8=is_fp8, DIRECT=num_splits == 1,
-        num_warps=num_warps, num_stages=num_stages,
+        PAGE=page, IS_FP8=is_fp8, SPLIT=num_splits > 1, BLOCK_S=block_s, BLOCK_HR=block_hr,
+        KV_EVICT=kv_evict, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if num_splits > 1:
-        block_s = triton.next_power_of_2(num_splits)
-        # about 8K fp32 partial values per program keeps the one-shot load in registers
-        block_hr = min(16, triton.next_power_of_2(num_heads), max(1, 8192 // (block_s * block_d)))
-        _reduce_kernel[(batch, triton.cdiv(num_heads, block_hr))](
-            part_out, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
-            HQ=num_heads, D=head_dim, BLOCK_H=block_hr, BLOCK_D=block_d, BLOCK_S=block_s,
-            num_warps=4,
-        )  # fmt: skip
     return out
 
 
