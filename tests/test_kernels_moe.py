@@ -24,27 +24,40 @@ from ffn_worker.kernels.moe_gemm import GemmConfig, MoeConfig, align_by_expert, 
 ROOT = Path(__file__).resolve().parents[1]
 TOPK = 3
 
-# name -> (tokens, hidden, inter, local experts, expert_start, global experts, config).
+# name -> (tokens, hidden, inter, local experts, expert_start, global experts, config, skew).
 # fp16 only under the interpreter: Triton 3.9's interpreter computes bf16 tl.dot wrongly on CPU.
+# skew > 0 routes unevenly (expert e scores + skew * e): some experts get many rows, some none.
 G = GemmConfig
 CASES = {
-    "all_local": (9, 32, 16, 4, 0, 4, MoeConfig(16, G(16, 16, 4, 2), G(16, 16, 4, 2))),
-    "shard_of_8": (13, 32, 16, 4, 2, 8, MoeConfig(16, G(16, 32, 4, 2), G(16, 16, 4, 2))),
-    "ragged_k_wrap_n": (16, 48, 24, 4, 4, 8, MoeConfig(16, G(16, 32, 4, 2), G(32, 16, 4, 2))),
-}
+    "all_local": (9, 32, 16, 4, 0, 4, MoeConfig(16, G(16, 16, 4, 2), G(16, 16, 4, 2)), 0.0),
+    "shard_of_8": (13, 32, 16, 4, 2, 8, MoeConfig(16, G(16, 32, 4, 2), G(16, 16, 4, 2)), 0.0),
+    "ragged_k_wrap_n": (
+        16, 48, 24, 4, 4, 8, MoeConfig(16, G(16, 32, 4, 2), G(32, 16, 4, 2)), 0.0
+    ),
+    # rows per local expert [0, 2, 16, 45]: an empty expert, full tiles, short last tiles on
+    # the small path
+    "tail_tiles_uneven": (
+        60, 32, 32, 4, 2, 8, MoeConfig(32, G(16, 16, 4, 2), G(16, 32, 4, 2), small_m=16), 0.3
+    ),
+    # rows [1, 2, 21, 52]: last tiles over small_m on the full-size path; weights through TMA
+    "tma_weights": (
+        72, 48, 32, 4, 2, 8,
+        MoeConfig(32, G(16, 32, 4, 2, tma=True), G(32, 16, 4, 2, tma=True), small_m=16), 0.3,
+    ),
+}  # fmt: skip
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
-def _inputs(tokens, hidden, inter, experts, global_experts, dtype, seed):
+def _inputs(tokens, hidden, inter, experts, global_experts, dtype, seed, skew=0.0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, hidden, generator=g).to(dtype)  # [T, H]
     w_gate = (torch.randn(experts, inter, hidden, generator=g) / hidden**0.5).to(dtype)
     w_up = (torch.randn(experts, inter, hidden, generator=g) / hidden**0.5).to(dtype)
     w_down = (torch.randn(experts, hidden, inter, generator=g) / inter**0.5).to(dtype)
-    scores = torch.rand(tokens, global_experts, generator=g)
+    scores = torch.rand(tokens, global_experts, generator=g) + skew * torch.arange(global_experts)
     weights, ids = scores.topk(TOPK, dim=-1)  # [T, k] distinct GLOBAL ids per token
     return x, w_gate, w_up, w_down, ids.to(torch.int32), weights.to(dtype)
 
@@ -62,8 +75,9 @@ def _naive_f64(x, w_gate, w_up, w_down, ids, weights, start) -> torch.Tensor:
 
 
 def run_case(name: str) -> float:
-    tokens, hidden, inter, experts, start, global_experts, cfg = CASES[name]
-    args = _inputs(tokens, hidden, inter, experts, global_experts, torch.float16, seed=tokens)
+    tokens, hidden, inter, experts, start, global_experts, cfg, skew = CASES[name]
+    dtype = torch.float16
+    args = _inputs(tokens, hidden, inter, experts, global_experts, dtype, tokens, skew)
     out = fused_moe_triton(*args, start, cfg)
     return _rel_err(out, _naive_f64(*args, start))
 
@@ -104,26 +118,67 @@ def test_no_local_expert_gives_zero() -> None:
     assert torch.equal(fused_moe(x, wg, wu, wd, ids, weights, 0), torch.zeros_like(x))
 
 
-def test_align_pads_each_expert_run() -> None:
+def test_align_tiles_each_expert_run() -> None:
     ids = torch.tensor([[0, 2, 5], [2, 1, 3]], dtype=torch.int32)  # pairs 0..5, expert 5 remote
-    sorted_ids, block_expert = align_by_expert(ids, 0, 4, 2)
-    pad = 6  # T*k marks padding
-    assert sorted_ids.tolist()[:8] == [0, pad, 4, pad, 1, 3, 5, pad]
-    assert block_expert.tolist()[:4] == [0, 1, 2, 3]
-    assert (block_expert[4:] == 4).all()  # unused blocks of the upper-bound grid
+    tiles = align_by_expert(ids, 0, 4, 2)
+    assert tiles.sorted_ids.tolist() == [0, 4, 1, 3, 5, 2]  # by expert, the remote pair last
+    # (expert, its first tile, its first row, its rows) per tile; expert 4 = past the last tile
+    meta = tiles.tile_meta.tolist()
+    assert meta[:4] == [[0, 0, 0, 1], [1, 1, 1, 1], [2, 2, 2, 2], [3, 3, 4, 1]]
+    assert all(row[0] == 4 for row in meta[4:])
+
+
+def test_align_tile_count_bound() -> None:
+    """The upper-bound tile list holds every tile, whatever the routing."""
+    g = torch.Generator().manual_seed(0)
+    for block_m in (1, 4, 16):
+        for skew in (0.0, 1.0, 10.0):
+            scores = torch.rand(50, 8, generator=g) + skew * torch.arange(8)
+            ids = scores.topk(TOPK, dim=-1).indices.to(torch.int32)
+            tiles = align_by_expert(ids, 2, 4, block_m)
+            local = ((ids >= 2) & (ids < 6)).flatten()
+            counts = torch.bincount(ids.flatten()[local].long() - 2, minlength=4)
+            expert = tiles.tile_meta[:, 0]
+            assert int((expert < 4).sum()) == int(((counts + block_m - 1) // block_m).sum())
+            assert (expert[expert < 4].diff() >= 0).all()
+
+
+GPU_CONFIGS = {
+    "default": None,
+    "small_tail": MoeConfig(64, G(64, 64, 4, 3), G(64, 64, 4, 3), small_m=16),
+    "tma_8warps": MoeConfig(128, G(128, 64, 8, 3, True), G(128, 64, 8, 3, True), small_m=32),
+}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("tokens", [3, 64, 300])
-def test_gpu_paths_match_float64(tokens: int) -> None:
-    args = _inputs(tokens, 256, 128, 8, 16, torch.bfloat16, seed=tokens)
+@pytest.mark.parametrize("cfg", list(GPU_CONFIGS))
+def test_gpu_paths_match_float64(tokens: int, cfg: str) -> None:
+    args = _inputs(tokens, 256, 128, 8, 16, torch.bfloat16, tokens, skew=0.2)
     ref = _naive_f64(*args, 4)
     gpu = [t.cuda() for t in args]
-    assert _rel_err(fused_moe_triton(*gpu, 4).cpu(), ref) < 1e-2
-    assert _rel_err(fused_moe(*gpu, 4).cpu(), ref) < 1e-2
-    if has_grouped_mm():
-        assert _rel_err(fused_moe_grouped_mm(*gpu, 4).cpu(), ref) < 1e-2
+    assert _rel_err(fused_moe_triton(*gpu, 4, GPU_CONFIGS[cfg]).cpu(), ref) < 1e-2
+    if cfg == "default":
+        assert _rel_err(fused_moe(*gpu, 4).cpu(), ref) < 1e-2
+        if has_grouped_mm():
+            assert _rel_err(fused_moe_grouped_mm(*gpu, 4).cpu(), ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_triton_graph_capture() -> None:
+    """No host sync: the whole layer captures into a CUDA graph, and replays with new routing."""
+    args = [t.cuda() for t in _inputs(200, 256, 128, 8, 16, torch.bfloat16, 1, skew=0.2)]
+    fused_moe_triton(*args, 4)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe_triton(*args, 4)
+    fresh = _inputs(200, 256, 128, 8, 16, torch.bfloat16, 2, skew=0.2)
+    for dst, src in zip(args, fresh, strict=True):
+        dst.copy_(src)
+    graph.replay()
+    assert _rel_err(out.cpu(), _naive_f64(*fresh, 4)) < 1e-2
 
 
 if __name__ == "__main__":  # the interpreted child of the `interpreted` fixture

@@ -1,8 +1,9 @@
-"""`afd-bench kernels`, MoE part: the fused MoE layer (Triton, tuned per token count) against
+"""`afd-bench kernels`, MoE part: the fused MoE layer (Triton, tiles per token count) against
 the per-expert loop and `torch._grouped_mm`, as fractions of copy bandwidth and matmul peak."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import partial
 
@@ -13,59 +14,44 @@ from ffn_worker.kernels import moe_gemm as mg
 from ffn_worker.kernels.fused_moe import fused_moe_grouped_mm, fused_moe_ref, has_grouped_mm
 
 NUM_EXPERTS, TOPK, HIDDEN, INTER = 48, 3, 7168, 5120
-GEMM_SWEEP = [mg.GemmConfig(*c) for c in (
-    (64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 5), (128, 128, 8, 4),
-    (256, 64, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4), (256, 64, 8, 4),
-)]  # fmt: skip
+DEVICE, DTYPE = "cuda", torch.bfloat16
+G, M = mg.GemmConfig, mg.MoeConfig
+# Timed beside the default per token count (rows per expert = 3T/48): the runners-up of the
+# tile sweep (`python -m afd.bench.kernels_moe --sweep`), so the table shows the margin.
+CANDIDATES: dict[int, list[mg.MoeConfig]] = {
+    64: [M(16, G(64, 256, 4, 3, True), G(64, 256, 4, 3, True))],
+    256: [M(32, G(128, 128, 4, 3), G(128, 128, 4, 3), 16)],
+    1024: [M(128, G(128, 64, 8, 3), G(256, 64, 8, 4), 64)],
+    4096: [M(128, G(128, 64, 8, 4, True), G(256, 64, 8, 3, True), 32)],
+}
 
 
 def _moe_inputs(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    probs = torch.softmax(torch.randn(tokens, NUM_EXPERTS, device="cuda"), dim=-1)
+    x = torch.randn(tokens, HIDDEN, device=DEVICE, dtype=DTYPE)
+    probs = torch.softmax(torch.randn(tokens, NUM_EXPERTS, device=DEVICE), dim=-1)
     weights, ids = probs.topk(TOPK, dim=-1)  # Step3: not renormalised
-    return x, ids.to(torch.int32), weights.to(torch.bfloat16)
+    return x, ids.to(torch.int32), weights.to(DTYPE)
 
 
-def _best_gemm(run: Callable[[mg.GemmConfig], object], log: list, tag: str) -> mg.GemmConfig | None:
-    best, best_ms = None, float("inf")
-    for cfg in GEMM_SWEEP:
-        try:
-            ms = ms_of(lambda c=cfg: run(c), rep=40)
-        except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result
-            log.append({"kernel": tag, "cfg": cfg.__dict__, "error": repr(exc)[:120]})
-            continue
-        log.append({"kernel": tag, "cfg": cfg.__dict__, "ms": ms})
-        print("moe sweep", log[-1], flush=True)
-        best, best_ms = (cfg, ms) if ms < best_ms else (best, best_ms)
-    return best
+def _weights() -> list[torch.Tensor]:
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    shape_gu, shape_d = (NUM_EXPERTS, INTER, HIDDEN), (NUM_EXPERTS, HIDDEN, INTER)
+    return [torch.randn(s, device=DEVICE, dtype=DTYPE, generator=g) * 0.02
+            for s in (shape_gu, shape_gu, shape_d)]  # fmt: skip
 
 
-def _tune_moe(x: torch.Tensor, w: list, ids: torch.Tensor, weights: torch.Tensor, log: list):
-    """Per BLOCK_M, the fastest gate-up and the fastest down tile, each timed on its own."""
-    rows = x.shape[0] * TOPK / NUM_EXPERTS
-    block_ms = (
-        [16] if rows <= 8 else [16, 32] if rows <= 24 else [32, 64] if rows <= 96 else [64, 128]
-    )
-    found: list[mg.MoeConfig] = []
-    for bm in block_ms:
-        sids, bexp = mg.align_by_expert(ids, 0, NUM_EXPERTS, bm)
-        gu = _best_gemm(
-            partial(mg.moe_gate_up, x, w[0], w[1], sids, bexp, TOPK, bm), log, f"gu{bm}"
-        )
-        if gu is None:
-            continue
-        act = mg.moe_gate_up(x, w[0], w[1], sids, bexp, TOPK, bm, gu)  # [P, I]
-        dn = _best_gemm(partial(mg.moe_down, act, w[2], sids, bexp, weights, bm), log, f"down{bm}")
-        if dn is not None:
-            found.append(mg.MoeConfig(bm, gu, dn))
-    return found
+def mma_rows(tiles: mg.ExpertTiles, small_m: int) -> int:
+    """Rows the tensor cores compute (tiles rounded up to their size) vs T*k real rows."""
+    meta = tiles.tile_meta.cpu()
+    meta = meta[meta[:, 0] < NUM_EXPERTS]
+    local = torch.arange(len(meta)) - meta[:, 1]  # tile index in its expert
+    rows = (meta[:, 3] - local * tiles.block_m).clamp(max=tiles.block_m)
+    small = (rows <= small_m) if small_m else torch.zeros_like(rows, dtype=torch.bool)
+    return int(torch.where(small, small_m, tiles.block_m).sum())
 
 
 def moe(peaks: dict[str, float], results: dict, token_counts: list[int]) -> None:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    shape_gu, shape_d = (NUM_EXPERTS, INTER, HIDDEN), (NUM_EXPERTS, HIDDEN, INTER)
-    w = [torch.randn(s, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
-         for s in (shape_gu, shape_gu, shape_d)]  # fmt: skip
+    w = _weights()
     w32 = [t.float() for t in w]  # fp32 weights for the reference: 21 GB, fits in 80
     rows = results.setdefault("moe", [])
     for tokens in token_counts:
@@ -76,16 +62,15 @@ def moe(peaks: dict[str, float], results: dict, token_counts: list[int]) -> None
         nbytes = touched * 3 * INTER * HIDDEN * 2
         flops = 2 * tokens * TOPK * 3 * INTER * HIDDEN
         row: dict = {"T": tokens, "touched_experts": touched, "weight_bytes": nbytes,
-                     "flops": flops, "configs": [], "sweep": []}  # fmt: skip
+                     "flops": flops, "configs": []}  # fmt: skip
         loop = ("loop", lambda a=args: fused_moe_ref(*a), None)  # host syncs: no graph
         variants: list[tuple[str, Callable, mg.MoeConfig | None]] = [loop]
         if has_grouped_mm():
             variants.append(("grouped_mm", lambda a=args: fused_moe_grouped_mm(*a), None))
-        variants.append(("triton_default", lambda a=args: mg.fused_moe_triton(*a), None))
-        for cfg in _tune_moe(x, w, ids, weights, row["sweep"]):
-            variants.append(
-                (f"triton {cfg}", lambda a=args, c=cfg: mg.fused_moe_triton(*a, c), cfg)
-            )
+        default = mg.default_config(tokens * TOPK, NUM_EXPERTS)
+        for cfg in [default] + CANDIDATES.get(tokens, []):
+            tag = "triton_default" if cfg is default else "triton"
+            variants.append((f"{tag} {cfg}", lambda a=args, c=cfg: mg.fused_moe_triton(*a, c), cfg))
         for name, fn, cfg in variants:
             try:
                 err = rel_err(fn(), ref)
@@ -110,13 +95,119 @@ def moe(peaks: dict[str, float], results: dict, token_counts: list[int]) -> None
 
 def _moe_breakdown(x, w: list, ids, weights, cfg: mg.MoeConfig) -> dict[str, float]:
     """The fused path's stages timed alone: where the time over the weight-streaming floor goes."""
-    sids, bexp = mg.align_by_expert(ids, 0, NUM_EXPERTS, cfg.block_m)
-    act = mg.moe_gate_up(x, w[0], w[1], sids, bexp, TOPK, cfg.block_m, cfg.gate_up)  # [P, I]
+    tiles = mg.align_by_expert(ids, 0, NUM_EXPERTS, cfg.block_m)
+    act = mg.moe_gate_up(x, w[0], w[1], tiles, TOPK, cfg.gate_up, cfg.small_m)  # [P, I]
     return {
-        "padded_rows": float((bexp < NUM_EXPERTS).sum()) * cfg.block_m,  # vs T*k real rows
+        "mma_rows": float(mma_rows(tiles, cfg.small_m)),  # vs T*k real rows
+        "real_rows": float(ids.numel()),
         "align": ms_of(lambda: mg.align_by_expert(ids, 0, NUM_EXPERTS, cfg.block_m)),
         "gate_up": ms_of(
-            lambda: mg.moe_gate_up(x, w[0], w[1], sids, bexp, TOPK, cfg.block_m, cfg.gate_up)
+            lambda: mg.moe_gate_up(x, w[0], w[1], tiles, TOPK, cfg.gate_up, cfg.small_m)
         ),
-        "down": ms_of(lambda: mg.moe_down(act, w[2], sids, bexp, weights, cfg.block_m, cfg.down)),
+        "down": ms_of(lambda: mg.moe_down(act, w[2], tiles, weights, cfg.down, cfg.small_m)),
     }
+
+
+# Tile sweep, per token count: (block_m, small_m, tile) for gate-up and for down, each timed
+# alone (graph replay) and checked through the whole layer against the fp32 reference.
+SWEEP: dict[int, tuple[list, list]] = {
+    4096: (
+        [(128, 0, G(128, 64, 8, 3)), (128, 32, G(128, 64, 8, 3)), (128, 64, G(128, 64, 8, 3)),
+         (128, 32, G(128, 64, 8, 4)), (128, 32, G(128, 64, 8, 3, True)),
+         (128, 32, G(128, 64, 8, 4, True))],
+        [(128, 0, G(256, 64, 8, 4)), (128, 32, G(256, 64, 8, 4)), (128, 64, G(256, 64, 8, 4)),
+         (128, 32, G(256, 64, 8, 3, True)), (128, 32, G(256, 64, 8, 4, True)),
+         (128, 32, G(128, 128, 8, 3))],
+    ),
+    1024: (
+        [(64, 0, G(64, 128, 4, 4)), (64, 16, G(64, 128, 4, 4)), (128, 64, G(128, 64, 8, 3)),
+         (128, 64, G(128, 64, 8, 3, True)), (64, 16, G(128, 64, 8, 3)),
+         (64, 16, G(128, 64, 4, 4, True))],
+        [(64, 0, G(256, 64, 8, 3)), (64, 16, G(256, 64, 8, 3)), (128, 64, G(256, 64, 8, 4)),
+         (128, 64, G(256, 64, 8, 3, True)), (64, 16, G(128, 128, 4, 3)),
+         (64, 16, G(256, 64, 8, 3, True))],
+    ),
+    256: (
+        [(32, 0, G(128, 128, 4, 3)), (32, 16, G(128, 128, 4, 3)), (32, 0, G(128, 64, 4, 4, True)),
+         (16, 0, G(64, 256, 4, 3))],
+        [(32, 0, G(128, 128, 4, 3)), (32, 16, G(128, 128, 4, 3)), (32, 0, G(128, 64, 4, 4, True)),
+         (16, 0, G(64, 256, 4, 3))],
+    ),
+    64: (
+        [(16, 0, G(64, 256, 4, 3)), (16, 0, G(64, 64, 4, 4, True))],
+        [(16, 0, G(64, 256, 4, 3)), (16, 0, G(64, 64, 4, 4, True))],
+    ),
+}  # fmt: skip
+
+
+def _sweep_entry(entry: dict, run: Callable, check: Callable, ref: torch.Tensor) -> dict:
+    try:
+        entry["err"] = rel_err(check(), ref)
+        entry["ms"] = ms_of(run, rep=60)
+    except Exception as exc:  # noqa: BLE001 - a config that fails is a result
+        entry["error"] = repr(exc)[:300]
+    print(entry, flush=True)
+    return entry
+
+
+def _sweep_tokens(tokens: int, w: list, w32: list, log: list, deadline: float) -> None:
+    x, ids, weights = _moe_inputs(tokens)
+    ref = fused_moe_ref(x.float(), *w32, ids, weights.float(), 0)
+    log.append(
+        {
+            "T": tokens,
+            "kernel": "grouped_mm",
+            "ms": ms_of(partial(fused_moe_grouped_mm, x, *w, ids, weights, 0), rep=60),
+        }
+    )
+    tiles = {bm: mg.align_by_expert(ids, 0, NUM_EXPERTS, bm) for bm in (16, 32, 64, 128)}
+    gu_list, dn_list = SWEEP[tokens]
+    (bm0, sm0, gu0), (bmd, smd, dn0) = gu_list[0], dn_list[0]
+    act0 = mg.moe_gate_up(x, w[0], w[1], tiles[bm0], TOPK, gu0, sm0)  # [P, I]
+    best: dict = {}
+    for kind, items in (("gate_up", gu_list), ("down", dn_list)):
+        for bm, sm, cfg in items:
+            if time.time() > deadline:
+                return
+            entry = {"T": tokens, "kernel": kind, "block_m": bm, "small_m": sm,
+                     "cfg": cfg.__dict__, "mma_rows": mma_rows(tiles[bm], sm)}  # fmt: skip
+            if kind == "gate_up":
+                run = partial(mg.moe_gate_up, x, w[0], w[1], tiles[bm], TOPK, cfg, sm)
+                check = lambda r=run: mg.moe_down(r(), w[2], tiles[bmd], weights, dn0, smd)  # noqa: E731
+            else:
+                run = check = partial(mg.moe_down, act0, w[2], tiles[bm], weights, cfg, sm)
+            log.append(_sweep_entry(entry, run, check, ref))
+            if entry.get("err", 1) < 1e-2 and entry["ms"] < best.get((kind, bm, sm), (9e9,))[0]:
+                best[(kind, bm, sm)] = (entry["ms"], cfg)
+    for (kind, bm, sm), (_, gu) in list(best.items()):
+        if kind == "gate_up" and ("down", bm, sm) in best:
+            cfg = mg.MoeConfig(bm, gu, best[("down", bm, sm)][1], sm)
+            run = partial(mg.fused_moe_triton, x, *w, ids, weights, 0, cfg)
+            log.append(
+                _sweep_entry({"T": tokens, "kernel": "layer", "cfg": str(cfg)}, run, run, ref)
+            )
+
+
+def sweep(token_counts: list[int], log: list, budget_s: float) -> None:
+    """Every SWEEP tile at each token count; stops at the time budget (device time is scarce)."""
+    deadline = time.time() + budget_s
+    w = _weights()
+    w32 = [t.float() for t in w]
+    for tokens in token_counts:
+        _sweep_tokens(tokens, w, w32, log, deadline)
+
+
+if __name__ == "__main__":  # the tile sweep: python -m afd.bench.kernels_moe OUT.json [T ...]
+    import json
+    import sys
+
+    found: list = []
+    try:
+        sweep([int(t) for t in sys.argv[2:]] or [4096, 1024, 256, 64], found, budget_s=260)
+    finally:
+        with open(sys.argv[1], "w") as f:
+            json.dump(found, f, indent=1, default=str)
+    for e in found:
+        if "ms" in e:
+            cells = [e["T"], e["kernel"], e.get("block_m", ""), e.get("small_m", ""), e.get("cfg")]
+            print(*cells, e.get("mma_rows", ""), f"{e['ms']:.3f}", f"{e.get('err', 0):.1e}")
