@@ -59,30 +59,43 @@ def _attend_split(
 
 
 @triton.jit
-def _merge_splits(
-    po_ptr, pm_ptr, pl_ptr, out_ptr, b, num_splits, live_splits, stride_ob, stride_oh,
-    HQ: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_HR: tl.constexpr,
+def _merge_chunk(
+    po_ptr, pm_ptr, pl_ptr, out_ptr, b, h0, num_splits, live_splits, stride_ob, stride_oh,
+    HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_HR: tl.constexpr, CACHE: tl.constexpr,
 ):  # fmt: skip
-    """out[b] = sum_s w_s o_s / sum_s w_s with w_s = l_s 2^(m_s - max m), over the sequence's
-    non-empty splits, BLOCK_HR heads at a time so all splits load at once. Loads bypass L1
-    (.cg): the partials were written by other SMs during this launch."""
+    """out[b, h0:h0+BLOCK_HR] = sum_s w_s o_s / sum_s w_s, w_s = l_s 2^(m_s - max m), over the
+    sequence's non-empty splits, all loaded at once."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    for h0 in tl.static_range(0, BLOCK_H, BLOCK_HR):
-        offs_h = h0 + tl.arange(0, BLOCK_HR)
-        mask_sh = (offs_s[:, None] < live_splits) & (offs_h[None, :] < HQ)  # [BS, BHR]
-        row = (b * num_splits + offs_s[:, None]) * HQ + offs_h[None, :]  # [BS, BHR]
-        m_s = tl.load(pm_ptr + row, mask=mask_sh, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(pl_ptr + row, mask=mask_sh, other=0.0, cache_modifier=".cg")
-        w = l_s * tl.exp2(m_s - tl.max(m_s, 0)[None, :])  # [BS, BHR]; masked splits weigh 0
-        mask_shd = mask_sh[:, :, None] & (offs_d[None, None, :] < D)
-        part_ptrs = po_ptr + row[:, :, None] * D + offs_d[None, None, :]
-        part = tl.load(part_ptrs, mask=mask_shd, other=0.0, cache_modifier=".cg")
-        out = tl.sum(w[:, :, None] * part.to(tl.float32), 0) / tl.sum(w, 0)[:, None]
-        out_ptrs = out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :]
-        mask = (offs_h[:, None] < HQ) & (offs_d[None, :] < D)
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    offs_h = h0 + tl.arange(0, BLOCK_HR)
+    mask_sh = (offs_s[:, None] < live_splits) & (offs_h[None, :] < HQ)  # [BS, BHR]
+    row = (b * num_splits + offs_s[:, None]) * HQ + offs_h[None, :]  # [BS, BHR]
+    m_s = tl.load(pm_ptr + row, mask=mask_sh, other=float("-inf"), cache_modifier=CACHE)
+    l_s = tl.load(pl_ptr + row, mask=mask_sh, other=0.0, cache_modifier=CACHE)
+    w = l_s * tl.exp2(m_s - tl.max(m_s, 0)[None, :])  # [BS, BHR]; masked splits weigh 0
+    mask_shd = mask_sh[:, :, None] & (offs_d[None, None, :] < D)
+    part_ptrs = po_ptr + row[:, :, None] * D + offs_d[None, None, :]
+    part = tl.load(part_ptrs, mask=mask_shd, other=0.0, cache_modifier=CACHE)
+    out = tl.sum(w[:, :, None] * part.to(tl.float32), 0) / tl.sum(w, 0)[:, None]
+    out_ptrs = out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :]
+    mask = (offs_h[:, None] < HQ) & (offs_d[None, :] < D)
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reduce_kernel(
+    po_ptr, pm_ptr, pl_ptr, out_ptr, lens_ptr, split_tokens, num_splits, stride_ob, stride_oh,
+    HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_HR: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    live_splits = tl.cdiv(tl.load(lens_ptr + b), split_tokens)
+    if live_splits > 1:  # one live split stored the output itself
+        _merge_chunk(
+            po_ptr, pm_ptr, pl_ptr, out_ptr, b, tl.program_id(1) * BLOCK_HR, num_splits,
+            live_splits, stride_ob, stride_oh, HQ, D, BLOCK_D, BLOCK_S, BLOCK_HR, "",
+        )  # fmt: skip
 
 
 @triton.jit
@@ -93,6 +106,7 @@ def _decode_kernel(
     HQ: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IS_FP8: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_HR: tl.constexpr, KV_EVICT: tl.constexpr,
+    MERGE: tl.constexpr, UNROLL: tl.constexpr, CACHE: tl.constexpr,
 ):  # fmt: skip
     pid_s = tl.program_id(0)
     b = tl.program_id(1)
@@ -127,14 +141,27 @@ def _decode_kernel(
             tl.store(po_ptrs, o.to(po_ptr.dtype.element_ty), mask=mask_hd)
             # Every thread's partial stores happen before the barrier, the barrier before the
             # release; the last split to arrive sees all partials and merges them.
-            tl.debug_barrier()
-            done = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
-            if done == live_splits - 1:
-                tl.atomic_xchg(cnt_ptr + b, 0, sem="relaxed", scope="gpu")  # ready for reuse
-                _merge_splits(
-                    po_ptr, pm_ptr, pl_ptr, out_ptr, b, num_splits, live_splits,
-                    stride_ob, stride_oh, HQ, D, BLOCK_H, BLOCK_D, BLOCK_S, BLOCK_HR,
-                )  # fmt: skip
+            if MERGE != "kernel":
+                tl.debug_barrier()
+                done = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
+                if (done == live_splits - 1) and (MERGE == "fused"):
+                    tl.atomic_xchg(cnt_ptr + b, 0, sem="relaxed", scope="gpu")  # for reuse
+                    if UNROLL:
+                        for h0 in tl.static_range(0, BLOCK_H, BLOCK_HR):
+                            _merge_chunk(
+                                po_ptr, pm_ptr, pl_ptr, out_ptr, b, h0, num_splits,
+                                live_splits, stride_ob, stride_oh, HQ, D, BLOCK_D, BLOCK_S,
+                                BLOCK_HR, CACHE,
+                            )  # fmt: skip
+                    else:
+                        for h0 in range(0, BLOCK_H, BLOCK_HR):
+                            _merge_chunk(
+                                po_ptr, pm_ptr, pl_ptr, out_ptr, b, h0, num_splits,
+                                live_splits, stride_ob, stride_oh, HQ, D, BLOCK_D, BLOCK_S,
+                                BLOCK_HR, CACHE,
+                            )  # fmt: skip
+                if (done == live_splits - 1) and (MERGE == "none"):
+                    tl.atomic_xchg(cnt_ptr + b, 0, sem="relaxed", scope="gpu")
 
 
 @functools.cache
@@ -206,6 +233,10 @@ def paged_decode_attention_triton(
     out: Tensor | None = None,
     partial_dtype: torch.dtype = torch.float32,
     kv_evict: str = "",
+    merge: str = "fused",
+    merge_unroll: bool = False,
+    merge_cache: str = ".cg",
+    merge_values: int = 8192,
 ) -> Tensor:
     """Triton path; see `paged_decode_attention`. `max_seq_len` avoids a device sync when the
     caller knows it; `num_splits`/`block_n`/warps/stages/`partial_dtype`/`kv_evict` (a load
@@ -232,7 +263,7 @@ def paged_decode_attention_triton(
     part_o, part_ml, counters = _workspace(q.device, partial_dtype, rows, head_dim, batch)
     block_s = triton.next_power_of_2(num_splits)
     # the merge loads [S, BLOCK_HR, D] at once: about 8K values keeps that in registers
-    block_hr = min(block_h, max(1, 8192 // (block_s * block_d)))
+    block_hr = min(block_h, max(1, merge_values // (block_s * block_d)))
     _decode_kernel[(num_splits, batch)](
         q, k_cache, v_cache, out if k_scale is None else k_scale,
         out if v_scale is None else v_scale, block_tables, seq_lens,
@@ -241,8 +272,15 @@ def paged_decode_attention_triton(
         out.stride(0), out.stride(1),
         HQ=num_heads, D=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE=page, IS_FP8=is_fp8, SPLIT=num_splits > 1, BLOCK_S=block_s, BLOCK_HR=block_hr,
-        KV_EVICT=kv_evict, num_warps=num_warps, num_stages=num_stages,
+        KV_EVICT=kv_evict, MERGE=merge, UNROLL=merge_unroll, CACHE=merge_cache,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    if merge == "kernel" and num_splits > 1:
+        _reduce_kernel[(batch, triton.cdiv(num_heads, block_hr))](
+            part_o, part_ml[0], part_ml[1], out, seq_lens, split_tokens, num_splits,
+            out.stride(0), out.stride(1),
+            HQ=num_heads, D=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, BLOCK_HR=block_hr,
+        )  # fmt: skip
     return out
 
 
