@@ -7,12 +7,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ffn_worker.kernels.moe_gemm import count_per_bucket, fused_moe_triton
+from ffn_worker.kernels.moe_gemm import fused_moe_triton
 
 # From `afd-bench kernels` (bench/results/kernels_h100.json): the path that measured fastest,
 # by token count T (first entry whose bound T fits; None = no bound). On an H100 the Triton
 # path beat torch._grouped_mm at every T measured (64, 256, 1024, 4096).
 _PATH_BY_TOKENS: list[tuple[int | None, str]] = [(None, "triton")]
+
+
+def count_per_bucket(bucket: Tensor, num_buckets: int) -> Tensor:
+    """Like torch.bincount, which syncs with the host on CUDA (sizing its output), so CUDA
+    graph capture fails; scatter_add into a fixed size does not."""
+    counts = torch.zeros(num_buckets, dtype=torch.long, device=bucket.device)
+    return counts.scatter_add_(0, bucket, torch.ones_like(bucket))
 
 
 def _local_pairs(topk_ids: Tensor, expert_start: int, num_experts: int) -> tuple[Tensor, Tensor]:
