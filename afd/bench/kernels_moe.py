@@ -17,12 +17,14 @@ NUM_EXPERTS, TOPK, HIDDEN, INTER = 48, 3, 7168, 5120
 DEVICE, DTYPE = "cuda", torch.bfloat16
 G, M = mg.GemmConfig, mg.MoeConfig
 # Timed beside the default per token count (rows per expert = 3T/48): the runners-up of the
-# tile sweep (`python -m afd.bench.kernels_moe --sweep`), so the table shows the margin.
+# tile sweep (`python -m afd.bench.kernels_moe OUT.json`), so the table shows the margin.
 CANDIDATES: dict[int, list[mg.MoeConfig]] = {
-    64: [M(16, G(64, 256, 4, 3, True), G(64, 256, 4, 3, True))],
-    256: [M(32, G(128, 128, 4, 3), G(128, 128, 4, 3), 16)],
-    1024: [M(128, G(128, 64, 8, 3), G(256, 64, 8, 4), 64)],
-    4096: [M(128, G(128, 64, 8, 4, True), G(256, 64, 8, 3, True), 32)],
+    1024: [M(128, G(128, 64, 8, 3, True), G(256, 64, 8, 3, True), 64)],
+    4096: [
+        M(128, G(128, 64, 8, 4), G(256, 64, 8, 4), 32),
+        M(128, G(128, 64, 8, 4, True), G(256, 64, 8, 4, True), 32),
+        M(128, G(128, 64, 8, 4), G(256, 64, 8, 4, True), 16),
+    ],
 }
 
 

@@ -9,9 +9,9 @@ from torch import Tensor
 
 from ffn_worker.kernels.moe_gemm import fused_moe_triton
 
-# From `afd-bench kernels` (bench/results/kernels_h100.json): the path that measured fastest,
-# by token count T (first entry whose bound T fits; None = no bound). On an H100 the Triton
-# path beat torch._grouped_mm at every T measured (64, 256, 1024, 4096).
+# From `afd-bench kernels` (bench/results/kernels_moe_h100.json): the path that measured
+# fastest, by token count T (first entry whose bound T fits; None = no bound). On an H100 the
+# Triton path beat torch._grouped_mm at every T measured (64, 256, 1024, 4096).
 _PATH_BY_TOKENS: list[tuple[int | None, str]] = [(None, "triton")]
 
 
