@@ -15,6 +15,7 @@ import torch
 
 from attn_worker.kernels.decode_attention import (
     choose_num_splits,
+    graph_num_splits,
     paged_decode_attention,
     paged_decode_attention_ref,
     paged_decode_attention_triton,
@@ -22,20 +23,21 @@ from attn_worker.kernels.decode_attention import (
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> (dtype, heads, head_dim, page, seq_lens, num_splits, partial dtype, tolerance). bf16
-# inputs are left to the GPU test: Triton 3.9's interpreter computes bf16 tl.dot wrongly on CPU
-# (fp16/fp32 are exact); bf16 partials involve no dot, so they are covered here.
+# name -> (dtype, heads, head_dim, page, seq_lens, num_splits, max_seq_len passed, tolerance).
+# A given num_splits without max_seq_len sizes splits on the device (the graph-capture path).
+# bf16 is left to the GPU test: Triton 3.9's interpreter computes bf16 tl.dot wrongly on CPU
+# (fp16/fp32 are exact).
 CASES = {
-    "fp16_heuristic_splits": (torch.float16, 4, 32, 16, [1, 37, 64], None, torch.float32, 1e-2),
-    # 3 splits of 16 tokens: 2 live + 1 empty, 1 live (stored directly), 3 live
-    "fp16_splits_some_empty": (torch.float16, 4, 16, 8, [20, 3, 33], 3, torch.float32, 1e-2),
-    # 5 splits (BLOCK_S 8, 3 masked); 32 heads x D 64 merge in two head chunks
-    "fp16_many_splits_chunked_merge": (
-        torch.float16, 32, 64, 16, [70, 1, 64, 17], 5, torch.float32, 1e-2,
-    ),
-    "fp16_bf16_partials": (torch.float16, 4, 32, 16, [50, 64, 9], 4, torch.bfloat16, 1e-2),
-    "fp32_one_split_direct": (torch.float32, 4, 32, 16, [40, 17], 1, torch.float32, 1e-3),
-}  # fmt: skip
+    "fp16_heuristic_splits": (torch.float16, 4, 32, 16, [1, 37, 64], None, True, 1e-2),
+    # each sequence cuts itself into 3 splits of whole 16-token tiles: 20 -> 2 live + 1 empty,
+    # 3 -> 1 live (stored directly), 33 -> 3 live
+    "fp16_splits_some_empty": (torch.float16, 4, 16, 8, [20, 3, 33], 3, False, 1e-2),
+    # 5 splits (BLOCK_S 8); 32 heads x D 64 reduce in two head chunks
+    "fp16_many_splits": (torch.float16, 32, 64, 16, [70, 1, 64, 17], 5, False, 1e-2),
+    # 8 splits asked, the longest (40 tokens) fills 3 tiles: 3 launched
+    "fp16_splits_clamped_by_max_len": (torch.float16, 4, 32, 16, [40, 7], 8, True, 1e-2),
+    "fp32_one_split_direct": (torch.float32, 4, 32, 16, [40, 17], 1, True, 1e-3),
+}
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -83,13 +85,13 @@ def test_cpu_dispatch_uses_reference() -> None:
 
 
 def run_case(name: str, seed: int) -> float:
-    dtype, heads, dim, page, lens, num_splits, part_dtype, _ = CASES[name]
+    dtype, heads, dim, page, lens, num_splits, pass_max, _ = CASES[name]
     q, k, v, tables, seq_lens = _inputs(len(lens), heads, dim, page, lens, dtype, seed=seed)
     out = torch.full_like(q, float("nan"))  # poisoned: unwritten elements show
+    max_len = max(lens) if pass_max else None
     paged_decode_attention_triton(
-        q, k, v, tables, seq_lens, dim**-0.5, num_splits=num_splits, block_n=16, out=out,
-        partial_dtype=part_dtype,
-    )  # fmt: skip
+        q, k, v, tables, seq_lens, dim**-0.5, max_len, num_splits=num_splits, block_n=16, out=out
+    )
     return _rel_err(out, _naive_f64(q, k, v, tables, seq_lens, dim**-0.5))  # NaN fails
 
 
@@ -125,13 +127,9 @@ def test_triton_matches_float64(interpreted: dict[str, float], name: str) -> Non
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_triton_second_call_reuses_counters(interpreted: dict[str, float], name: str) -> None:
-    # fresh inputs through the same cached partials and counters the first call left behind
+def test_triton_second_call_reuses_workspace(interpreted: dict[str, float], name: str) -> None:
+    # fresh inputs through the cached partial buffers the first calls left behind
     assert interpreted[name + "_again"] < CASES[name][-1]
-
-
-def test_merge_leaves_counters_at_zero(interpreted: dict[str, float]) -> None:
-    assert interpreted["counters_nonzero"] == 0
 
 
 def test_triton_fp8_kv_matches_reference(interpreted: dict[str, float]) -> None:
@@ -171,16 +169,12 @@ def test_gpu_step3_shape(dtype) -> None:
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("part_dtype", [torch.float32, torch.bfloat16])
-def test_gpu_uneven_splits_repeated(part_dtype) -> None:
+def test_gpu_uneven_splits_repeated() -> None:
     # 8 splits of 512: short sequences leave splits empty or fit in one; run twice, fresh inputs
     for seed in (4, 5):
         q, k, v, tables, lens = _gpu_inputs([4096, 1, 513, 3000, 64, 4095], torch.bfloat16, seed)
         out = torch.full_like(q, float("nan"))
-        paged_decode_attention_triton(
-            q, k, v, tables, lens, 256**-0.5, 4096, num_splits=8, out=out,
-            partial_dtype=part_dtype,
-        )  # fmt: skip
+        paged_decode_attention_triton(q, k, v, tables, lens, 256**-0.5, 4096, num_splits=8, out=out)
         assert _rel_err(out.cpu(), _gpu_ref(q, k, v, tables, lens)) < 1e-2
 
 
@@ -200,18 +194,21 @@ def test_gpu_fp8_kv() -> None:
 @pytest.mark.gpu
 @gpu
 def test_gpu_graph_replay() -> None:
-    q, k, v, tables, lens = _gpu_inputs([3000, 17, 2048, 1200], torch.bfloat16, seed=7)
-    out = torch.full_like(q, float("nan"))
-    call = lambda: paged_decode_attention_triton(  # noqa: E731
-        q, k, v, tables, lens, 256**-0.5, 4096, num_splits=6, out=out
+    # captured once without a max length, replayed at other lengths (the serving graphs' use)
+    q, k, v, tables, lens = _gpu_inputs([4096, 17, 2048, 1200], torch.bfloat16, seed=7)
+    splits = graph_num_splits(4, 4096)
+    call = lambda: paged_decode_attention(  # noqa: E731
+        q, k, v, tables, lens, 256**-0.5, num_splits=splits
     )
     call()  # warm-up: compile and size the cached workspace outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        call()
-    for seed in (8, 9):  # replays with new inputs copied in, counters reused
-        fresh = _gpu_inputs([3000, 17, 2048, 1200], torch.bfloat16, seed)
-        for dst, src in zip((q, k, v, tables, lens), fresh, strict=True):
+        out = call()
+    for seed, new_lens in ((8, [4096, 1, 700, 64]), (9, [100, 4096, 2049, 3000])):
+        # same shapes (the longest is 4096 each time), other lengths and contents
+        for dst, src in zip(
+            (q, k, v, tables, lens), _gpu_inputs(new_lens, q.dtype, seed), strict=True
+        ):
             dst.copy_(src)
         out.fill_(float("nan"))
         graph.replay()
@@ -219,10 +216,7 @@ def test_gpu_graph_replay() -> None:
 
 
 if __name__ == "__main__":  # the interpreted child of the `interpreted` fixture
-    from attn_worker.kernels.decode_attention import _WORKSPACES
-
     results = {name: run_case(name, seed=i) for i, name in enumerate(CASES)}
     results.update({name + "_again": run_case(name, seed=100 + i) for i, name in enumerate(CASES)})
     results["fp8"] = run_fp8_case()
-    results["counters_nonzero"] = sum(int(ws[2].count_nonzero()) for ws in _WORKSPACES.values())
     print(json.dumps(results))

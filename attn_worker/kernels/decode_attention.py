@@ -1,6 +1,5 @@
 """Paged MFA decode attention: all query heads share one KV head, so each KV block is read once
-per sequence and the heads form the M side of the matrix products (flash-decoding split-K,
-with the merge of the splits done by the last split of each sequence to finish)."""
+per sequence and the heads form the M side of the matrix products (flash-decoding split-K)."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ def _attend_split(
     q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, start, end, qk_scale,
     stride_kblk, offs_d, mask_d,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    D: tl.constexpr, IS_FP8: tl.constexpr, KV_EVICT: tl.constexpr,
+    D: tl.constexpr, IS_FP8: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over tokens [start, end): unnormalised acc [BH, BD], max m and sum l [BH]
     (log2 domain). An empty range leaves m=-inf, l=0."""
@@ -34,8 +33,8 @@ def _attend_split(
         rows = blk.to(tl.int64) * stride_kblk + (offs_n % PAGE) * D  # [BN] element offsets
         kv_off = rows[:, None] + offs_d[None, :]  # [BN, BD]
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
         if IS_FP8:
             # e4m3 values are exact in bf16/fp16; the per-block scales ride on the scores and
             # on P, so the tiles themselves never get multiplied.
@@ -59,54 +58,49 @@ def _attend_split(
 
 
 @triton.jit
-def _merge_chunk(
-    po_ptr, pm_ptr, pl_ptr, out_ptr, b, h0, num_splits, live_splits, stride_ob, stride_oh,
-    HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_HR: tl.constexpr, CACHE: tl.constexpr,
-):  # fmt: skip
-    """out[b, h0:h0+BLOCK_HR] = sum_s w_s o_s / sum_s w_s, w_s = l_s 2^(m_s - max m), over the
-    sequence's non-empty splits, all loaded at once."""
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_h = h0 + tl.arange(0, BLOCK_HR)
-    mask_sh = (offs_s[:, None] < live_splits) & (offs_h[None, :] < HQ)  # [BS, BHR]
-    row = (b * num_splits + offs_s[:, None]) * HQ + offs_h[None, :]  # [BS, BHR]
-    m_s = tl.load(pm_ptr + row, mask=mask_sh, other=float("-inf"), cache_modifier=CACHE)
-    l_s = tl.load(pl_ptr + row, mask=mask_sh, other=0.0, cache_modifier=CACHE)
-    w = l_s * tl.exp2(m_s - tl.max(m_s, 0)[None, :])  # [BS, BHR]; masked splits weigh 0
-    mask_shd = mask_sh[:, :, None] & (offs_d[None, None, :] < D)
-    part_ptrs = po_ptr + row[:, :, None] * D + offs_d[None, None, :]
-    part = tl.load(part_ptrs, mask=mask_shd, other=0.0, cache_modifier=CACHE)
-    out = tl.sum(w[:, :, None] * part.to(tl.float32), 0) / tl.sum(w, 0)[:, None]
-    out_ptrs = out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :]
-    mask = (offs_h[:, None] < HQ) & (offs_d[None, :] < D)
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+def _split_tokens(seq_len, num_splits, BLOCK_N: tl.constexpr):
+    """Each sequence cuts its own length into `num_splits` whole tiles, so the launch needs no
+    host-side maximum length (a captured graph has none)."""
+    return tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
 
 
 @triton.jit
 def _reduce_kernel(
-    po_ptr, pm_ptr, pl_ptr, out_ptr, lens_ptr, split_tokens, num_splits, stride_ob, stride_oh,
+    po_ptr, pm_ptr, pl_ptr, out_ptr, lens_ptr, num_splits, stride_ob, stride_oh,
     HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_HR: tl.constexpr,
+    BLOCK_HR: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    """out[b, heads] = sum_s w_s o_s / sum_s w_s, w_s = l_s 2^(m_s - max m), over the sequence's
+    non-empty splits, all loaded at once: this kernel is short and latency-bound."""
     b = tl.program_id(0)
-    live_splits = tl.cdiv(tl.load(lens_ptr + b), split_tokens)
+    seq_len = tl.load(lens_ptr + b)
+    live_splits = tl.cdiv(seq_len, _split_tokens(seq_len, num_splits, BLOCK_N))
     if live_splits > 1:  # one live split stored the output itself
-        _merge_chunk(
-            po_ptr, pm_ptr, pl_ptr, out_ptr, b, tl.program_id(1) * BLOCK_HR, num_splits,
-            live_splits, stride_ob, stride_oh, HQ, D, BLOCK_D, BLOCK_S, BLOCK_HR, "",
-        )  # fmt: skip
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_h = tl.program_id(1) * BLOCK_HR + tl.arange(0, BLOCK_HR)
+        mask_sh = (offs_s[:, None] < live_splits) & (offs_h[None, :] < HQ)  # [BS, BHR]
+        row = (b * num_splits + offs_s[:, None]) * HQ + offs_h[None, :]  # [BS, BHR]
+        m_s = tl.load(pm_ptr + row, mask=mask_sh, other=float("-inf"))
+        l_s = tl.load(pl_ptr + row, mask=mask_sh, other=0.0)
+        w = l_s * tl.exp2(m_s - tl.max(m_s, 0)[None, :])  # [BS, BHR]; masked splits weigh 0
+        mask_shd = mask_sh[:, :, None] & (offs_d[None, None, :] < D)
+        part = tl.load(
+            po_ptr + row[:, :, None] * D + offs_d[None, None, :], mask=mask_shd, other=0.0
+        )
+        out = tl.sum(w[:, :, None] * part, 0) / tl.sum(w, 0)[:, None]  # [BHR, BD]
+        out_ptrs = out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :]
+        mask = (offs_h[:, None] < HQ) & (offs_d[None, :] < D)
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr,
-    out_ptr, qk_scale, split_tokens, stride_qb, stride_qh, stride_btb, stride_kblk, num_splits,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, po_ptr, pm_ptr, pl_ptr, out_ptr,
+    qk_scale, stride_qb, stride_qh, stride_btb, stride_kblk, num_splits,
     stride_ob, stride_oh,
     HQ: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IS_FP8: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_HR: tl.constexpr, KV_EVICT: tl.constexpr,
-    MERGE: tl.constexpr, UNROLL: tl.constexpr, CACHE: tl.constexpr,
 ):  # fmt: skip
     pid_s = tl.program_id(0)
     b = tl.program_id(1)
@@ -115,87 +109,58 @@ def _decode_kernel(
     mask_h = offs_h < HQ
     mask_d = offs_d < D
     seq_len = tl.load(lens_ptr + b)
+    split_tokens = _split_tokens(seq_len, num_splits, BLOCK_N)
     start = pid_s * split_tokens
     end = tl.minimum(start + split_tokens, seq_len)
     q_ptrs = q_ptr + b * stride_qb + offs_h[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)  # [BH, BD]
     acc, m_i, l_i = _attend_split(
         q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr + b * stride_btb, start, end, qk_scale,
-        stride_kblk, offs_d, mask_d, BLOCK_H, BLOCK_D, BLOCK_N, PAGE, D, IS_FP8, KV_EVICT,
+        stride_kblk, offs_d, mask_d, BLOCK_H, BLOCK_D, BLOCK_N, PAGE, D, IS_FP8,
     )  # fmt: skip
     out_ptrs = out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :]
     mask_hd = mask_h[:, None] & mask_d[None, :]
-    if not SPLIT:  # one split per sequence: no partials, no merge
+    if not SPLIT:  # one split per sequence: no partials, no reduce launch
         tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_hd)
         return
     live_splits = tl.cdiv(seq_len, split_tokens)  # the rest of this sequence's splits are empty
-    if start < seq_len:
-        if live_splits == 1:  # a sequence shorter than one split stores directly
+    if live_splits == 1:  # a sequence shorter than one split stores directly
+        if pid_s == 0:
             tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_hd)
-        else:
-            row = (b * num_splits + pid_s) * HQ + offs_h  # [BH]
-            tl.store(pm_ptr + row, m_i, mask=mask_h)
-            tl.store(pl_ptr + row, l_i, mask=mask_h)
-            po_ptrs = po_ptr + row[:, None] * D + offs_d[None, :]
-            o = acc / l_i[:, None]  # normalised, so a bf16 partial keeps a bounded range
-            tl.store(po_ptrs, o.to(po_ptr.dtype.element_ty), mask=mask_hd)
-            # Every thread's partial stores happen before the barrier, the barrier before the
-            # release; the last split to arrive sees all partials and merges them.
-            if MERGE != "kernel":
-                tl.debug_barrier()
-                done = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
-                if (done == live_splits - 1) and (MERGE == "fused"):
-                    tl.atomic_xchg(cnt_ptr + b, 0, sem="relaxed", scope="gpu")  # for reuse
-                    if UNROLL:
-                        for h0 in tl.static_range(0, BLOCK_H, BLOCK_HR):
-                            _merge_chunk(
-                                po_ptr, pm_ptr, pl_ptr, out_ptr, b, h0, num_splits,
-                                live_splits, stride_ob, stride_oh, HQ, D, BLOCK_D, BLOCK_S,
-                                BLOCK_HR, CACHE,
-                            )  # fmt: skip
-                    else:
-                        for h0 in range(0, BLOCK_H, BLOCK_HR):
-                            _merge_chunk(
-                                po_ptr, pm_ptr, pl_ptr, out_ptr, b, h0, num_splits,
-                                live_splits, stride_ob, stride_oh, HQ, D, BLOCK_D, BLOCK_S,
-                                BLOCK_HR, CACHE,
-                            )  # fmt: skip
-                if (done == live_splits - 1) and (MERGE == "none"):
-                    tl.atomic_xchg(cnt_ptr + b, 0, sem="relaxed", scope="gpu")
+    elif start < seq_len:
+        row = (b * num_splits + pid_s) * HQ + offs_h  # [BH]
+        tl.store(pm_ptr + row, m_i, mask=mask_h)
+        tl.store(pl_ptr + row, l_i, mask=mask_h)
+        po_ptrs = po_ptr + row[:, None] * D + offs_d[None, :]
+        tl.store(po_ptrs, acc / l_i[:, None], mask=mask_hd)  # normalised partial [BH, BD]
 
 
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
-        return 4  # the interpreter: a few splits still exercise the merge
+        return 4  # the interpreter: a few splits still exercise the reduce
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# (device, partial dtype) -> (partials [rows * D], m and l [2, rows] fp32, counters [B] int32)
-_WORKSPACES: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor, Tensor]] = {}
+# device -> (partials [rows * D], m and l [2, rows]), rows = B * S * Hq, all fp32
+_WORKSPACES: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
 
-def _workspace(
-    device: torch.device, dtype: torch.dtype, rows: int, head_dim: int, batch: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Partial buffers and per-sequence arrival counters, kept per device (so calls on one
-    device must be ordered on one stream, as serving's are). The kernel leaves counters at 0.
-    Grown outside graph capture only: a capture that needs more gets its own buffers, whose
-    zeroing it then captures too."""
-    key = (device, dtype)
-    ws = _WORKSPACES.get(key)
-    fits = ws is not None and ws[0].numel() >= rows * head_dim and ws[1].shape[1] >= rows
-    if fits and ws[2].numel() >= batch:
+def _workspace(device: torch.device, rows: int, head_dim: int) -> tuple[Tensor, Tensor]:
+    """Partial buffers kept per device instead of allocated per call (so calls on one device
+    must be ordered on one stream, as serving's are). Grown outside graph capture only: a
+    capture that needs more gets its own buffers."""
+    ws = _WORKSPACES.get(device)
+    if ws is not None and ws[0].numel() >= rows * head_dim and ws[1].shape[1] >= rows:
         return ws
-    if ws is not None:  # grow to the larger of old and new in both dimensions
-        rows, batch = max(rows, ws[1].shape[1]), max(batch, ws[2].numel())
+    if ws is not None:  # grow to the larger of old and new
+        rows, head_dim = max(rows, ws[1].shape[1]), max(head_dim, ws[0].numel() // ws[1].shape[1])
     ws = (
-        torch.empty(rows * head_dim, device=device, dtype=dtype),  # [B, S, Hq, D]
+        torch.empty(rows * head_dim, device=device, dtype=torch.float32),  # [B, S, Hq, D]
         torch.empty(2, rows, device=device, dtype=torch.float32),  # m, l [B, S, Hq]
-        torch.zeros(batch, device=device, dtype=torch.int32),  # [B]
     )
     if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-        _WORKSPACES[key] = ws
+        _WORKSPACES[device] = ws
     return ws
 
 
@@ -215,6 +180,17 @@ def choose_num_splits(batch: int, max_seq_len: int, block_n: int, slots: int) ->
     return best
 
 
+def graph_num_splits(batch: int, max_seq_len: int) -> int:
+    """The split count for a launch captured once and replayed at any lengths up to
+    `max_seq_len`: the default tiles' choice for the longest case (shorter sequences cut
+    themselves into as many, smaller, splits)."""
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    )
+    sms = _num_sms(device) if device is not None else _num_sms(torch.device("cpu"))
+    return choose_num_splits(batch, max_seq_len, 64, sms)
+
+
 def paged_decode_attention_triton(
     q: Tensor,
     k_cache: Tensor,
@@ -231,55 +207,54 @@ def paged_decode_attention_triton(
     num_stages: int = 2,
     programs_per_sm: int = 1,
     out: Tensor | None = None,
-    partial_dtype: torch.dtype = torch.float32,
-    kv_evict: str = "",
-    merge: str = "fused",
-    merge_unroll: bool = False,
-    merge_cache: str = ".cg",
-    merge_values: int = 8192,
 ) -> Tensor:
     """Triton path; see `paged_decode_attention`. `max_seq_len` avoids a device sync when the
-    caller knows it; `num_splits`/`block_n`/warps/stages/`partial_dtype`/`kv_evict` (a load
-    eviction policy) are tuning knobs for the benchmark; `out` [B, Hq, D] lets callers (and
-    tests, with a poisoned buffer) own the output. One launch, no host sync: graph-capturable."""
+    caller knows it; `num_splits`/`block_n`/warps/stages/`programs_per_sm` are tuning knobs for
+    the benchmark; `out` [B, Hq, D] lets callers (and tests, with a poisoned buffer) own the
+    output. No host sync when `max_seq_len` is given: graph-capturable."""
     batch, num_heads, head_dim = q.shape  # [B, Hq, D]
     _, page, _ = k_cache.shape  # [num_blocks, page, D]
     assert page & (page - 1) == 0, "KV block_size must be a power of two"
     assert k_cache.stride(2) == 1 and k_cache.stride(1) == head_dim and q.stride(2) == 1
     is_fp8 = k_cache.dtype == torch.float8_e4m3fn
     assert not is_fp8 or (k_scale is not None and v_scale is not None), "fp8 KV needs scales"
-    if max_seq_len is None:
-        max_seq_len = int(seq_lens.max().item())
     block_h = max(16, triton.next_power_of_2(num_heads))  # tl.dot needs M >= 16
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if num_splits is None:
+    if num_splits is None or max_seq_len is not None:
+        if max_seq_len is None:
+            max_seq_len = int(seq_lens.max().item())  # a host sync: callers that capture pass it
         slots = programs_per_sm * _num_sms(q.device)
-        num_splits = choose_num_splits(batch, max_seq_len, block_n, slots)
-    split_tokens = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_seq_len, split_tokens)
+        if num_splits is None:
+            num_splits = choose_num_splits(batch, max_seq_len, block_n, slots)
+        # no more splits than the longest sequence fills (each split >= one tile)
+        split_tokens = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
+        num_splits = triton.cdiv(max_seq_len, split_tokens)
     out = torch.empty_like(q) if out is None else out  # [B, Hq, D]
     # one split stores straight to `out`; one row keeps the unused pointers valid
     rows = 1 if num_splits == 1 else batch * num_splits * num_heads
-    part_o, part_ml, counters = _workspace(q.device, partial_dtype, rows, head_dim, batch)
-    block_s = triton.next_power_of_2(num_splits)
-    # the merge loads [S, BLOCK_HR, D] at once: about 8K values keeps that in registers
-    block_hr = min(block_h, max(1, merge_values // (block_s * block_d)))
+    part_o, part_ml = _workspace(q.device, rows, head_dim)
     _decode_kernel[(num_splits, batch)](
         q, k_cache, v_cache, out if k_scale is None else k_scale,
         out if v_scale is None else v_scale, block_tables, seq_lens,
-        part_o, part_ml[0], part_ml[1], counters, out, scale * _LOG2E, split_tokens,
+        part_o, part_ml[0], part_ml[1], out, scale * _LOG2E,
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), num_splits,
         out.stride(0), out.stride(1),
         HQ=num_heads, D=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
-        PAGE=page, IS_FP8=is_fp8, SPLIT=num_splits > 1, BLOCK_S=block_s, BLOCK_HR=block_hr,
-        KV_EVICT=kv_evict, MERGE=merge, UNROLL=merge_unroll, CACHE=merge_cache,
+        PAGE=page, IS_FP8=is_fp8, SPLIT=num_splits > 1,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if merge == "kernel" and num_splits > 1:
+    if num_splits > 1:
+        # A separate launch measured faster than merging in the last split to finish (an
+        # atomic counter per sequence): one program merging all Hq heads runs its chunks one
+        # after another, while here B x Hq/BLOCK_HR programs each merge one chunk at once.
+        block_s = triton.next_power_of_2(num_splits)
+        # about 8K fp32 partial values per program keeps the one-shot load in registers
+        block_hr = min(16, triton.next_power_of_2(num_heads), max(1, 8192 // (block_s * block_d)))
         _reduce_kernel[(batch, triton.cdiv(num_heads, block_hr))](
-            part_o, part_ml[0], part_ml[1], out, seq_lens, split_tokens, num_splits,
+            part_o, part_ml[0], part_ml[1], out, seq_lens, num_splits,
             out.stride(0), out.stride(1),
             HQ=num_heads, D=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, BLOCK_HR=block_hr,
+            BLOCK_N=block_n, num_warps=4,
         )  # fmt: skip
     return out
 
@@ -324,18 +299,21 @@ def paged_decode_attention(
     max_seq_len: int | None = None,
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
+    num_splits: int | None = None,
 ) -> Tensor:
     """softmax(q kᵀ · scale) v over each sequence's paged KV, one KV head shared by all heads.
 
     q [B, Hq, D]; k_cache/v_cache [num_blocks, block_size, D] (bf16/fp16/fp32, or fp8 e4m3
     with k_scale/v_scale float32 [num_blocks]); block_tables int32 [B, max_blocks];
     seq_lens int32 [B], each >= 1. Returns [B, Hq, D] in q's dtype. Triton on CUDA,
-    the torch reference elsewhere.
+    the torch reference elsewhere. Without `max_seq_len` the launch reads it from the device
+    (a sync) unless `num_splits` is given (see `graph_num_splits`).
     """
     if q.is_cuda:
         return paged_decode_attention_triton(
-            q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, k_scale, v_scale
-        )
+            q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, k_scale, v_scale,
+            num_splits,
+        )  # fmt: skip
     return paged_decode_attention_ref(
         q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale
     )
