@@ -20,6 +20,49 @@ class SeqView:
     block_table: torch.Tensor  # [num_blocks] int64
 
 
+class DecodeAttention:
+    """Decode attention over explicit tensors: every row one new token of its own sequence.
+    `num_splits` fixed and no `max_seq_len` sizes each sequence's splits on the device, with
+    no host value in the launch (what a captured CUDA graph needs)."""
+
+    def __init__(
+        self,
+        cache: KVCache,
+        block_tables: torch.Tensor,  # [B, max_blocks] int32
+        seq_lens: torch.Tensor,  # [B] int32, this step's token included
+        slots: torch.Tensor,  # [B] int64
+        scale: float,
+        max_seq_len: int | None = None,
+        num_splits: int | None = None,
+    ) -> None:
+        self.cache, self.block_tables, self.seq_lens, self.slots = (
+            cache,
+            block_tables,
+            seq_lens,
+            slots,
+        )
+        self.scale, self.max_seq_len, self.num_splits = scale, max_seq_len, num_splits
+
+    def at(self, layer: int):
+        return lambda q, k, v: self.forward(layer, q, k, v)
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """q [B, Hq, D], k/v [B, 1, D] -> [B, Hq, D]; writes k/v into the cache first."""
+        self.cache.write(layer, self.slots, k[:, 0], v[:, 0])
+        return paged_decode_attention(
+            q,
+            self.cache.k[layer],
+            self.cache.v[layer],
+            self.block_tables,
+            self.seq_lens,
+            self.scale,
+            self.max_seq_len,
+            num_splits=self.num_splits,
+        )
+
+
 class BatchAttention:
     """The attention function of one micro-batch; call `at(layer)` to get the per-layer fn.
     A decode-only micro-batch runs the paged decode kernel (Triton on GPU, its torch
@@ -43,7 +86,10 @@ class BatchAttention:
         self.seq_lens = torch.tensor(
             [s.ctx_len for s in self.seqs], dtype=torch.int32, device=device
         )
-        self.max_seq_len = max(s.ctx_len for s in self.seqs)
+        max_len = max(s.ctx_len for s in self.seqs)
+        self.decode = DecodeAttention(
+            self.cache, tables, self.seq_lens, self.slots, self.scale, max_len
+        )
 
     def at(self, layer: int):
         return lambda q, k, v: self.forward(layer, q, k, v)
@@ -52,17 +98,9 @@ class BatchAttention:
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, 1, D] -> [T, Hq, D]; writes k/v into the cache first."""
-        self.cache.write(layer, self.slots, k[:, 0], v[:, 0])
         if self.decode_only:
-            return paged_decode_attention(
-                q,
-                self.cache.k[layer],
-                self.cache.v[layer],
-                self.block_tables,
-                self.seq_lens,
-                self.scale,
-                self.max_seq_len,
-            )
+            return self.decode.forward(layer, q, k, v)
+        self.cache.write(layer, self.slots, k[:, 0], v[:, 0])
         out = torch.empty_like(q)
         for s in self.seqs:
             keys, values = self.cache.gather(layer, s.block_table, s.ctx_len)  # [L, D]

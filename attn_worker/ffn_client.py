@@ -9,6 +9,7 @@ import torch
 
 from afd.engine.stage_clock import StageClock
 from afd.models.step3 import FFNSide
+from ffn_worker.graphs import FFNGraphs
 
 Routing = tuple[torch.Tensor, torch.Tensor] | None  # (expert ids [T, k], weights [T, k])
 
@@ -46,8 +47,9 @@ class _Ready(PendingFFN):
 class LocalFFN(FFNClient):
     """Colocated: the whole FFN side lives in this process."""
 
-    def __init__(self, side: FFNSide) -> None:
-        self.side = side
+    def __init__(self, side: FFNSide, graphs: FFNGraphs | None = None) -> None:
+        """graphs: replay layers at captured token counts (None: all eager)."""
+        self.side, self.graphs = side, graphs
         self.clock = StageClock(next(side.parameters()).device)
 
     def submit(
@@ -55,7 +57,12 @@ class LocalFFN(FFNClient):
     ) -> PendingFFN:
         ids, weights = routing if routing is not None else (None, None)
         with self.clock.span():
-            out = self.side(layer, x, ids, weights)
+            out = None
+            if self.graphs is not None:
+                lists = (None, None) if routing is None else ([ids], [weights])
+                out = self.graphs.run(layer, [x], *lists)
+            if out is None:
+                out = self.side(layer, x, ids, weights)
         return _Ready(out)
 
     def settle(self) -> None:

@@ -1,5 +1,6 @@
 """Paged KV cache of one attention rank: one K and one V vector of head_dim per token per layer,
-in fixed-size blocks; a sequence's block table maps its positions to blocks."""
+in fixed-size blocks; a sequence's block table maps its positions to blocks. One extra block
+past `num_blocks`, never handed out, takes the writes of padding rows (CUDA-graph replays)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_layers, num_blocks, block_size, head_dim)
+        shape = (num_layers, num_blocks + 1, block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
+        self.scratch_block = num_blocks  # the block padding rows read and write
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores k/v [T, D] at flat slots [T] (block * block_size + offset)."""

@@ -12,6 +12,7 @@ from afd.engine.messages import StepResult, StepTimings
 from afd.engine.stage_clock import StageClock
 from afd.models.step3 import AttentionSide
 from attn_worker.attention import BatchAttention, SeqView
+from attn_worker.decode_graphs import DecodeGraphs
 from attn_worker.ffn_client import FFNClient, PendingFFN
 from attn_worker.kv_cache import KVCache
 from attn_worker.messages import ScheduledChunk, StepPlan
@@ -35,8 +36,17 @@ class MicroBatch:
 
 
 class AttnRunner:
-    def __init__(self, side: AttentionSide, cache: KVCache, ffn: FFNClient, rank: int = 0) -> None:
+    def __init__(
+        self,
+        side: AttentionSide,
+        cache: KVCache,
+        ffn: FFNClient,
+        rank: int = 0,
+        graphs: DecodeGraphs | None = None,
+    ) -> None:
+        """graphs: replay decode-only micro-batches' attention blocks (None: all eager)."""
         self.side, self.cache, self.ffn, self.rank = side, cache, ffn, rank
+        self.graphs = graphs
         self.device = cache.k.device
         self.seqs: dict[int, _Seq] = {}
         self.scale = side.cfg.head_dim**-0.5
@@ -126,9 +136,16 @@ class AttnRunner:
         """Attention of micro-batch k overlaps the FFN work and transfers of the others. On a
         GPU with the nccl transport nothing here waits on the host: the step is queued and
         the stream orders each block after the FFN output it adds."""
-        side = self.side
+        side, graphs = self.side, self.graphs
         hidden = [None if mb is None else side.embed(mb.token_ids) for mb in mbs]
-        rope = [None if mb is None else side.rope.cos_sin(mb.positions) for mb in mbs]
+        replay = [
+            None if mb is None or graphs is None else graphs.prepare(mb.positions, mb.attention)
+            for mb in mbs
+        ]
+        rope = [
+            None if mb is None or r is not None else side.rope.cos_sin(mb.positions)
+            for mb, r in zip(mbs, replay, strict=True)
+        ]
         pending: list[PendingFFN | None] = [None] * len(mbs)
         for layer in range(side.cfg.num_hidden_layers):
             for k, mb in enumerate(mbs):
@@ -136,10 +153,13 @@ class AttnRunner:
                     continue
                 if pending[k] is not None:
                     hidden[k] = self._add_ffn(hidden[k], pending[k])
-                cos, sin = rope[k]
                 with self.attn_clock.span():
-                    block = side.layer(layer)
-                    hidden[k], x, routing = block(hidden[k], cos, sin, mb.attention.at(layer))
+                    if replay[k] is not None:
+                        hidden[k], x, routing = graphs.run(layer, hidden[k], replay[k])
+                    else:
+                        cos, sin = rope[k]
+                        block = side.layer(layer)
+                        hidden[k], x, routing = block(hidden[k], cos, sin, mb.attention.at(layer))
                 pending[k] = self.ffn.submit(step, layer, k, x, routing)
         for k, p in enumerate(pending):
             if p is not None:

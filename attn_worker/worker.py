@@ -6,10 +6,11 @@ from __future__ import annotations
 import sys
 
 from afd.config import ModelConfig
-from afd.engine.builder import blocks_in_memory
+from afd.engine.builder import blocks_in_memory, table_width
 from afd.engine.messages import StepResult, WorkerError, WorkerReady
 from afd.launch.worker_spec import WorkerSpec, worker_loop
 from afd.models.build import load_attention_side, resolve_dtype
+from attn_worker.decode_graphs import DecodeGraphs
 from attn_worker.kv_cache import KVCache
 from attn_worker.messages import StepPlan
 from attn_worker.model_runner import AttnRunner
@@ -25,9 +26,12 @@ def main(argv: list[str]) -> int:
         side = load_attention_side(spec.model, cfg, dtype, device)
         blocks = spec.num_kv_blocks or blocks_in_memory(cfg, spec.block_size, dtype, device)
         cache = KVCache(cfg.num_hidden_layers, blocks, spec.block_size, cfg.head_dim, dtype, device)
-        runner = AttnRunner(
-            side, cache, RemoteFFN(transport, spec.ffn_ranks, spec.recv_timeout_s), spec.index
-        )
+        graphs = None
+        if spec.cuda_graph_max_batch and device.type == "cuda":
+            width = table_width(cfg, spec.block_size, blocks)
+            graphs = DecodeGraphs(side, cache, spec.cuda_graph_max_batch, width)
+        ffn = RemoteFFN(transport, spec.ffn_ranks, spec.recv_timeout_s)
+        runner = AttnRunner(side, cache, ffn, spec.index, graphs)
         channel.send(WorkerReady(spec.name, transport.address(), blocks))
 
         def on_plan(plan: StepPlan) -> StepResult | WorkerError:

@@ -15,6 +15,7 @@ from afd.envs import stage_delays_s
 from afd.launch.worker_spec import WorkerSpec, worker_loop
 from afd.models.build import load_ffn_side, resolve_dtype
 from afd.models.step3 import FFNShard, FFNSide
+from ffn_worker.graphs import FFNGraphs
 from ffn_worker.messages import StepShape
 from transport.base import Handle, TensorSpec, Transport, TransportTimeout, settle
 
@@ -27,9 +28,15 @@ class FFNServer:
     network, and the closing `settle` is where a dead attention rank shows as a timeout."""
 
     def __init__(
-        self, side: FFNSide, transport: Transport, attn_ranks: list[str], timeout_s: float
+        self,
+        side: FFNSide,
+        transport: Transport,
+        attn_ranks: list[str],
+        timeout_s: float,
+        graphs: FFNGraphs | None = None,
     ) -> None:
-        self.side, self.transport = side, transport
+        """graphs: replay layers at captured token counts (None: all eager)."""
+        self.side, self.transport, self.graphs = side, transport, graphs
         self.attn_ranks, self.timeout_s = attn_ranks, timeout_s
         _, self.delay_s = stage_delays_s()
         cfg = side.cfg
@@ -47,6 +54,20 @@ class FFNServer:
                 if rows:
                     sends += self._serve(shape.step, layer, k, rows)
         settle(sends, self.timeout_s)
+
+    def _compute(self, layer: int, parts: list[list[torch.Tensor]]) -> torch.Tensor:
+        """The partial FFN output for the sources' rows, in source order: a graph replay when
+        one is captured for that many rows, else eagerly."""
+        xs = [p[0] for p in parts]
+        ids = [p[1] for p in parts] if self.routed[layer] else None
+        weights = [p[2] for p in parts] if self.routed[layer] else None
+        if self.graphs is not None:
+            out = self.graphs.run(layer, xs, ids, weights)
+            if out is not None:
+                return out
+        if ids is None:
+            return self.side(layer, torch.cat(xs), None, None)
+        return self.side(layer, torch.cat(xs), torch.cat(ids), torch.cat(weights))
 
     def take_compute_s(self) -> float:
         """Device seconds of FFN compute since the last call."""
@@ -69,16 +90,10 @@ class FFNServer:
             for n, r in zip(names, rows.values(), strict=True)
         ]
         parts = [h.wait(self.timeout_s) for h in recvs]
-        x = torch.cat([p[0] for p in parts])  # [T, H]
-        routing = (
-            (torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]))
-            if len(parts[0]) == 3
-            else (None, None)
-        )
         if self.delay_s:  # test hook: stands in for FFN compute
-            time.sleep(self.delay_s * x.shape[0])
+            time.sleep(self.delay_s * sum(rows.values()))
         with self.clock.span():
-            out = self.side(layer, x, *routing)  # [T, H] partial sum
+            out = self._compute(layer, parts)  # [T, H] partial sum
         pieces = out.split(list(rows.values()))
         return [
             self.transport.send(name, key, [piece.contiguous()])
@@ -93,7 +108,11 @@ def main(argv: list[str]) -> int:
     shard = FFNShard(spec.index, len(spec.ffn_ranks))
     with spec.session() as (channel, transport):
         side = load_ffn_side(spec.model, cfg, shard, dtype, device)
-        server = FFNServer(side, transport, spec.attn_ranks, spec.recv_timeout_s)
+        graphs = None
+        if spec.cuda_graph_max_batch and device.type == "cuda":
+            # a micro-batch gathers the rows of every attention rank
+            graphs = FFNGraphs(side, spec.cuda_graph_max_batch * len(spec.attn_ranks))
+        server = FFNServer(side, transport, spec.attn_ranks, spec.recv_timeout_s, graphs)
         channel.send(WorkerReady(spec.name, transport.address()))
 
         def on_shape(shape: StepShape) -> WorkerError | FFNStepDone:

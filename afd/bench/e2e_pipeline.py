@@ -1,9 +1,11 @@
 """The timed half of `afd-bench e2e`: this process is attention rank a0 on cuda:0 (the real
 AttnRunner pipeline with RemoteFFN over the nccl transport), a spawned process is FFN rank f0
-on cuda:1 (the real FFNServer). Colocated runs the same runner with LocalFFN on cuda:0."""
+on cuda:1 (the real FFNServer). Colocated runs the same runner with LocalFFN on cuda:0. Each
+mode runs eagerly and with CUDA graphs (DecodeGraphs / FFNGraphs, as afd serves decodes)."""
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import statistics
 import time
@@ -14,10 +16,12 @@ from afd.bench.layer import attention_stage, build, ffn_stage
 from afd.config import ModelConfig
 from afd.models.step3 import AttentionSide, FFNShard, FFNSide
 from attn_worker.attention import BatchAttention, SeqView
+from attn_worker.decode_graphs import DecodeGraphs
 from attn_worker.ffn_client import LocalFFN
 from attn_worker.kv_cache import KVCache
 from attn_worker.model_runner import AttnRunner, MicroBatch
 from attn_worker.remote_ffn import RemoteFFN
+from ffn_worker.graphs import FFNGraphs
 from ffn_worker.messages import StepShape
 from ffn_worker.worker import FFNServer
 from transport.base import create_transport
@@ -26,14 +30,20 @@ BLOCK = 16
 WARM, TIMED = 2, 5
 
 
-def _ffn_rank(cfg: ModelConfig, backend: str, device: str, dtype, addresses, table, shapes):
+def _ffn_rank(cfg: ModelConfig, backend: str, device: str, dtype, max_tokens, queues):
+    addresses, table, shapes = queues
     t = create_transport("nccl", "f0", backend=backend, device=device)
     addresses.put(("f0", t.address()))
     t.connect(table.get(timeout=120))
     side = build(lambda: FFNSide(cfg, FFNShard()), dtype, device, 2)
-    server = FFNServer(side, t, ["a0"], 300.0)
-    while (shape := shapes.get()) is not None:
-        server.serve_step(shape)
+    graphs = FFNGraphs(side, max_tokens) if max_tokens else None
+    servers = {
+        False: FFNServer(side, t, ["a0"], 300.0),
+        True: FFNServer(side, t, ["a0"], 300.0, graphs),
+    }
+    while (item := shapes.get()) is not None:
+        shape, use_graphs = item
+        servers[use_graphs].serve_step(shape)
     _sync(device)
     t.close()
 
@@ -52,13 +62,16 @@ class PipelineBench:
         devices: tuple[str, str] = ("cuda:0", "cuda:1"),
         backend: str = "nccl",
         dtype: torch.dtype = torch.bfloat16,
+        graphs: bool = True,
     ) -> None:
-        """devices: (attention rank, FFN rank); backend "gloo" with CPU devices for tests."""
+        """devices: (attention rank, FFN rank); backend "gloo" with CPU devices for tests;
+        graphs: also build the CUDA-graph runners (captured up to `max_batch` rows)."""
         self.cfg, self.context, self.step = cfg, context, 0
         self.device, self.dtype = devices[0], dtype
         ctx = mp.get_context("spawn")
         addresses, table, self.shapes = ctx.Queue(), ctx.Queue(), ctx.Queue()
-        args = (cfg, backend, devices[1], dtype, addresses, table, self.shapes)
+        queues = (addresses, table, self.shapes)
+        args = (cfg, backend, devices[1], dtype, max_batch if graphs else 0, queues)
         self.proc = ctx.Process(target=_ffn_rank, args=args)
         self.proc.start()
         self.transport = create_transport("nccl", "a0", backend=backend, device=self.device)
@@ -74,9 +87,18 @@ class PipelineBench:
         self.cache.k.normal_()
         self.cache.v.normal_()
         self.tables = torch.randperm(blocks, device=self.device).view(max_batch, per_seq)
-        self.remote = AttnRunner(self.side, self.cache, RemoteFFN(self.transport, ["f0"], 300.0))
-        self.colo = AttnRunner(self.side, self.cache, LocalFFN(self.local))
-        self._stages: dict[int, tuple[float, float]] = {}
+        remote = RemoteFFN(self.transport, ["f0"], 300.0)
+        # runners[(remote, graphs)]
+        self.runners = {
+            (True, False): AttnRunner(self.side, self.cache, remote),
+            (False, False): AttnRunner(self.side, self.cache, LocalFFN(self.local)),
+        }
+        if graphs:
+            decode = DecodeGraphs(self.side, self.cache, max_batch, per_seq)
+            local = LocalFFN(self.local, FFNGraphs(self.local, max_batch))
+            self.runners[(True, True)] = AttnRunner(self.side, self.cache, remote, graphs=decode)
+            self.runners[(False, True)] = AttnRunner(self.side, self.cache, local, graphs=decode)
+        self._stages: dict[int, dict[str, float]] = {}
 
     def _micro_batches(self, batch: int, m: int) -> list[MicroBatch]:
         pos, scale = self.context - 1, self.cfg.head_dim**-0.5
@@ -91,42 +113,46 @@ class PipelineBench:
             mbs.append(MicroBatch(ids, positions, attn))
         return mbs
 
-    def _time_steps(self, runner: AttnRunner, mbs: list[MicroBatch], remote: bool) -> float:
+    def _run(self, mbs: list[MicroBatch], remote: bool, graphs: bool) -> list[torch.Tensor]:
+        self.step += 1
+        if remote:
+            shape = StepShape(self.step, [[len(mb.token_ids) for mb in mbs]])
+            self.shapes.put((shape, graphs))
+        with torch.inference_mode():
+            return self.runners[(remote, graphs)].forward(self.step, mbs)
+
+    def _time_steps(self, mbs: list[MicroBatch], remote: bool, graphs: bool) -> float:
         """Median ms of one decode step's pipeline (all layers), device work included."""
         times = []
         for i in range(WARM + TIMED):
-            self.step += 1
-            if remote:
-                self.shapes.put(StepShape(self.step, [[len(mb.token_ids) for mb in mbs]]))
             _sync(self.device)
             start = time.perf_counter()
-            with torch.inference_mode():
-                runner.forward(self.step, mbs)
+            self._run(mbs, remote, graphs)
             _sync(self.device)
             if i >= WARM:
                 times.append(time.perf_counter() - start)
         return 1e3 * statistics.median(times)
 
-    def rel_diff(self, batch: int, m: int) -> float:
-        """‖disaggregated − colocated‖ / ‖colocated‖ of one step's final hidden states, same
-        micro-batches and weights (both FFN sides are drawn from one seed)."""
+    def rel_diff(self, batch: int, m: int, graphs: bool = False) -> float:
+        """‖disaggregated − colocated eager‖ / ‖colocated eager‖ of one step's final hidden
+        states, same micro-batches and weights (both FFN sides are drawn from one seed).
+        The KV slots of the step are rewritten with the same values by each run."""
         mbs = self._micro_batches(batch, m)
-        outs = []
-        for runner, remote in ((self.colo, False), (self.remote, True)):
-            self.step += 1
-            if remote:
-                self.shapes.put(StepShape(self.step, [[len(mb.token_ids) for mb in mbs]]))
-            with torch.inference_mode():
-                outs.append(torch.cat(runner.forward(self.step, mbs)).float())
-        return float((outs[1] - outs[0]).norm() / outs[0].norm())
+        ref = torch.cat(self._run(mbs, False, False)).float()
+        out = torch.cat(self._run(mbs, True, graphs)).float()
+        return float((out - ref).norm() / ref.norm())
 
-    def _stage_us(self, b: int) -> tuple[float, float]:
-        """Eager attention-stage and FFN-stage µs for a micro-batch of b, on this GPU."""
+    def _stage_us(self, b: int, graphs: bool) -> tuple[float, float]:
+        """Attention-stage and FFN-stage µs for a micro-batch of b on this GPU: eager, or
+        replayed as a CUDA graph."""
         if b not in self._stages:
-            a = attention_stage(self.side.layer(0), self.cfg, b, self.context, self.dtype, False)
-            f = ffn_stage(self.local.model.layers[0], self.cfg, b, self.dtype, False)
-            self._stages[b] = (a["eager_us"], f["eager_us"])
-        return self._stages[b]
+            g = graphs and self.device.startswith("cuda")
+            a = attention_stage(self.side.layer(0), self.cfg, b, self.context, self.dtype, g)
+            f = ffn_stage(self.local.model.layers[0], self.cfg, b, self.dtype, g)
+            self._stages[b] = {"eager": (a["eager_us"], f["eager_us"])}
+            self._stages[b]["graph"] = (a["graph_us"], f["graph_us"])
+        pair = self._stages[b]["graph" if graphs else "eager"]
+        return pair if all(math.isfinite(v) for v in pair) else self._stages[b]["eager"]
 
     def _row(self, batch: int, m: int, step_ms: float, bound_us: float, a: float, f: float):
         layer_us = 1e3 * step_ms / self.cfg.num_hidden_layers
@@ -141,17 +167,17 @@ class PipelineBench:
             "vs_bound": layer_us / bound_us,
         }
 
-    def colocated(self, batch: int) -> dict:
+    def colocated(self, batch: int, graphs: bool = False) -> dict:
         """One GPU runs attention then FFN per layer: the bound is their sum."""
-        step_ms = self._time_steps(self.colo, self._micro_batches(batch, 1), remote=False)
-        a, f = self._stage_us(batch)
-        return self._row(batch, 1, step_ms, a + f, a, f)
+        step_ms = self._time_steps(self._micro_batches(batch, 1), False, graphs)
+        a, f = self._stage_us(batch, graphs)
+        return self._row(batch, 1, step_ms, a + f, a, f) | {"graphs": graphs}
 
-    def disaggregated(self, batch: int, m: int) -> dict:
+    def disaggregated(self, batch: int, m: int, graphs: bool = False) -> dict:
         """Bound: the slowest stage over the layer, m x max(attention(b), FFN(b)), b = B/m."""
-        step_ms = self._time_steps(self.remote, self._micro_batches(batch, m), remote=True)
-        a, f = self._stage_us(-(-batch // m))
-        return self._row(batch, m, step_ms, m * max(a, f), m * a, m * f)
+        step_ms = self._time_steps(self._micro_batches(batch, m), True, graphs)
+        a, f = self._stage_us(-(-batch // m), graphs)
+        return self._row(batch, m, step_ms, m * max(a, f), m * a, m * f) | {"graphs": graphs}
 
     def __enter__(self) -> PipelineBench:
         return self

@@ -167,6 +167,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--batches", type=ints, default=[32, 64, 128, 256, 512, 1024, 2048])
     p.add_argument("--micro-batches", type=ints, default=[1, 2])
+    p.add_argument(
+        "--cuda-graph-max-batch",
+        type=int,
+        default=256,
+        help="decode micro-batches up to this many rows per attention rank replay CUDA graphs, "
+        "as afd-serve does (0: eager)",
+    )
     p.add_argument("--profile", default="bench/results/profile_h200.json")
     p.add_argument("--out", default="bench/results/sweep.json")
     p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
@@ -193,8 +200,9 @@ def main(argv: list[str]) -> int:
     devices = [f"cuda:{i}" if cuda else "cpu" for i in range(k)]
     start, splits = time.time(), []
     for a, f in layouts(k):
+        backend = "nccl" if cuda else "gloo"
         setup = RankSetup(
-            cfg, args.context, max(args.batches), "nccl" if cuda else "gloo", dtype, a, f
+            cfg, args.context, max(args.batches), backend, dtype, a, f, args.cuda_graph_max_batch
         )
         print(f"{label(a, f)}: starting {k} ranks", flush=True)
         with RankGroup(setup, devices) as group:

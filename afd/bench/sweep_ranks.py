@@ -23,10 +23,12 @@ from afd.bench.layer import build
 from afd.config import ModelConfig
 from afd.models.step3 import AttentionSide, FFNShard, FFNSide
 from attn_worker.attention import BatchAttention, SeqView
+from attn_worker.decode_graphs import DecodeGraphs
 from attn_worker.ffn_client import LocalFFN
 from attn_worker.kv_cache import KVCache
 from attn_worker.model_runner import AttnRunner, MicroBatch
 from attn_worker.remote_ffn import RemoteFFN
+from ffn_worker.graphs import FFNGraphs
 from ffn_worker.messages import StepShape
 from ffn_worker.worker import FFNServer
 from transport.base import create_transport
@@ -45,6 +47,7 @@ class RankSetup:
     dtype: torch.dtype
     attn: int  # attention ranks (disaggregated) or replicas (colocated)
     ffn: int  # FFN ranks; 0 = colocated
+    graph_max_batch: int = 0  # decode micro-batches up to this many rows replay CUDA graphs
 
 
 def sizes(batch: int, m: int) -> list[int]:
@@ -70,11 +73,15 @@ class _Attention:
         self.cache.k.normal_()
         self.cache.v.normal_()
         self.tables = torch.randperm(blocks, device=device).view(s.max_batch, per_seq)
+        graphs = None
+        if s.graph_max_batch:
+            graphs = DecodeGraphs(side, self.cache, s.graph_max_batch, per_seq)
         if transport is None:
-            ffn = LocalFFN(build(lambda: FFNSide(cfg, FFNShard()), s.dtype, device, 2))
+            local = build(lambda: FFNSide(cfg, FFNShard()), s.dtype, device, 2)
+            ffn = LocalFFN(local, FFNGraphs(local, s.graph_max_batch) if graphs else None)
         else:
             ffn = RemoteFFN(transport, [f"f{j}" for j in range(s.ffn)], TIMEOUT_S)
-        self.runner = AttnRunner(side, self.cache, ffn, index)
+        self.runner = AttnRunner(side, self.cache, ffn, index, graphs)
 
     def micro_batches(self, batch: int, m: int) -> list[MicroBatch]:
         pos, scale, mbs, start = self.s.context - 1, self.s.cfg.head_dim**-0.5, [], 0
@@ -117,7 +124,10 @@ def _rank(s: RankSetup, name: str, device: str, addresses, table, commands, resu
         if name.startswith("f"):
             shard = FFNShard(int(name[1:]), s.ffn)
             side = build(lambda: FFNSide(s.cfg, shard), s.dtype, device, 2)
-            server = FFNServer(side, transport, [f"a{i}" for i in range(s.attn)], TIMEOUT_S)
+            # a micro-batch gathers the rows of every attention rank
+            graphs = FFNGraphs(side, s.graph_max_batch * s.attn) if s.graph_max_batch else None
+            attn = [f"a{i}" for i in range(s.attn)]
+            server = FFNServer(side, transport, attn, TIMEOUT_S, graphs)
             step = 0
             results.put((name, "ready"))
             while (cmd := commands.get()) is not None:

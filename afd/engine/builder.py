@@ -16,9 +16,11 @@ from afd.engine.scheduler import Scheduler, SchedulerConfig
 from afd.engine.step_time import StepTimeModel
 from afd.models.build import load_attention_side, load_ffn_side, resolve_dtype
 from afd.models.step3 import FFNShard
+from attn_worker.decode_graphs import DecodeGraphs
 from attn_worker.ffn_client import LocalFFN
 from attn_worker.kv_cache import KVCache
 from attn_worker.model_runner import AttnRunner
+from ffn_worker.graphs import FFNGraphs
 
 CPU_KV_BYTES = 2 << 30  # default KV pool on CPU when num_kv_blocks is not given
 GPU_MEMORY_UTILIZATION = 0.9
@@ -42,6 +44,9 @@ class EngineSettings:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     tpot_slo_ms: float | None = None  # None: throughput first (offline); afd-serve: 50
+    # on GPUs, decode micro-batches of up to this many sequences per attention rank replay
+    # CUDA graphs (attention blocks, and FFN layers at the matching token counts); 0: eager
+    cuda_graph_max_batch: int = 256
     # launching (afd/launch): "local" processes or "ray" actors, Ray cluster and placement
     launcher: str = "local"
     ray_address: str | None = None
@@ -49,6 +54,14 @@ class EngineSettings:
     ffn_resources: dict[str, float] = field(default_factory=dict)  # per bundle (device)
     restart_on_failure: bool = False  # rebuild every rank after one fails (coordinator)
     shutdown_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may finish
+
+    def graph_max_batch(self) -> int:
+        """The CUDA-graph size limit that applies (0 off a GPU)."""
+        if self.cuda_graph_max_batch < 0:
+            raise ConfigError(
+                f"--cuda-graph-max-batch must be >= 0, got {self.cuda_graph_max_batch}"
+            )
+        return self.cuda_graph_max_batch if self.device.startswith("cuda") else 0
 
     def num_micro_batches(self) -> int:
         if self.micro_batches is not None:
@@ -101,7 +114,18 @@ def build_colocated(settings: EngineSettings, cfg: ModelConfig) -> tuple[Executo
     cache = KVCache(
         cfg.num_hidden_layers, num_blocks, settings.block_size, cfg.head_dim, dtype, device
     )
-    return ColocatedExecutor(AttnRunner(attn, cache, LocalFFN(ffn))), num_blocks
+    graphs, ffn_graphs = None, None
+    if max_batch := settings.graph_max_batch():
+        width = table_width(cfg, settings.block_size, num_blocks)
+        graphs = DecodeGraphs(attn, cache, max_batch, width)
+        ffn_graphs = FFNGraphs(ffn, max_batch)
+    runner = AttnRunner(attn, cache, LocalFFN(ffn, ffn_graphs), graphs=graphs)
+    return ColocatedExecutor(runner), num_blocks
+
+
+def table_width(cfg: ModelConfig, block_size: int, num_blocks: int) -> int:
+    """The widest block table a sequence can have on a rank with `num_blocks` KV blocks."""
+    return min(num_blocks, -(-cfg.max_position_embeddings // block_size))
 
 
 def build_engine(settings: EngineSettings) -> EngineCore:

@@ -187,6 +187,7 @@ def worker_specs(
             heartbeat_s=envs.HEARTBEAT_INTERVAL_S,
             parent_pid=parent_pid,
             num_threads=threads,
+            cuda_graph_max_batch=settings.graph_max_batch(),
         )
         for names in (attn, ffn)
         for i, name in enumerate(names)

@@ -44,6 +44,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-kv-blocks", type=int, default=None, help="per attention rank")
     g.add_argument("--tpot-slo-ms", type=float, default=50.0, help="time-per-output-token target")
+    g.add_argument(
+        "--cuda-graph-max-batch",
+        type=int,
+        default=256,
+        help="GPU: decode micro-batches up to this many sequences replay CUDA graphs",
+    )
+    g.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs")
     add_launch_args(parser)
 
 
@@ -71,9 +78,11 @@ def engine_settings(args: argparse.Namespace, model: str) -> EngineSettings:
         num_kv_blocks=args.num_kv_blocks,
         max_model_len=args.max_model_len,
         tpot_slo_ms=args.tpot_slo_ms,
+        cuda_graph_max_batch=0 if args.enforce_eager else args.cuda_graph_max_batch,
         **launch_fields(args),
     )
     parse_roles(settings)
+    settings.graph_max_batch()
     settings.num_micro_batches()
     ModelConfig.from_pretrained(model)
     return settings

@@ -36,6 +36,7 @@ class WorkerSpec:
     heartbeat_s: float = 0.5
     parent_pid: int = 0
     num_threads: int = 1
+    cuda_graph_max_batch: int = 0  # decode rows per attention rank captured as graphs; 0: eager
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -27,9 +27,14 @@ class Rope:
         # built on the CPU explicitly: modules may be constructed under a meta-device context
         exponent = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim
         self.inv_freq = (1.0 / theta**exponent).float()  # [D/2]
+        self._on: dict[torch.device, torch.Tensor] = {}  # inv_freq per device
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv = self.inv_freq.to(positions.device)
+        # one copy per device, made on first use: a copy per call would be a host-to-device
+        # transfer inside every captured CUDA graph
+        inv = self._on.get(positions.device)
+        if inv is None:
+            inv = self._on[positions.device] = self.inv_freq.to(positions.device)
         freqs = positions.float()[:, None] * inv[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         return emb.cos(), emb.sin()
