@@ -4,6 +4,7 @@ drives the layer-by-layer pipeline (ARCHITECTURE.md §3), then samples."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +48,8 @@ class AttnRunner:
         """graphs: replay decode-only micro-batches' attention blocks (None: all eager)."""
         self.side, self.cache, self.ffn, self.rank = side, cache, ffn, rank
         self.graphs = graphs
+        # profiling hook: called with the layer index as each layer's first block is queued
+        self.on_layer: Callable[[int], None] | None = None
         self.device = cache.k.device
         self.seqs: dict[int, _Seq] = {}
         self.scale = side.cfg.head_dim**-0.5
@@ -148,6 +151,8 @@ class AttnRunner:
         ]
         pending: list[PendingFFN | None] = [None] * len(mbs)
         for layer in range(side.cfg.num_hidden_layers):
+            if self.on_layer is not None:
+                self.on_layer(layer)
             for k, mb in enumerate(mbs):
                 if mb is None:
                     continue

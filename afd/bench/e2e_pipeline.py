@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-import statistics
-import time
 
 import torch
 
 from afd.bench.layer import attention_stage, build, ffn_stage
+from afd.bench.step_timing import scaled_step_ms, sync, time_steps
 from afd.config import ModelConfig
 from afd.models.step3 import AttentionSide, FFNShard, FFNSide
 from attn_worker.attention import BatchAttention, SeqView
@@ -44,13 +43,8 @@ def _ffn_rank(cfg: ModelConfig, backend: str, device: str, dtype, max_tokens, qu
     while (item := shapes.get()) is not None:
         shape, use_graphs = item
         servers[use_graphs].serve_step(shape)
-    _sync(device)
+    sync(device)
     t.close()
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
 
 
 class PipelineBench:
@@ -121,26 +115,26 @@ class PipelineBench:
         with torch.inference_mode():
             return self.runners[(remote, graphs)].forward(self.step, mbs)
 
-    def _time_steps(self, mbs: list[MicroBatch], remote: bool, graphs: bool) -> float:
-        """Median ms of one decode step's pipeline (all layers), device work included."""
-        times = []
-        for i in range(WARM + TIMED):
-            _sync(self.device)
-            start = time.perf_counter()
-            self._run(mbs, remote, graphs)
-            _sync(self.device)
-            if i >= WARM:
-                times.append(time.perf_counter() - start)
-        return 1e3 * statistics.median(times)
+    def _time_steps(self, mbs: list[MicroBatch], remote: bool, graphs: bool) -> tuple[float, float]:
+        """Median ms per step and steady µs per layer (afd/bench/step_timing.py)."""
+        runner = self.runners[(remote, graphs)]
+        run = lambda: self._run(mbs, remote, graphs)  # noqa: E731
+        return time_steps(runner, run, self.device, WARM, TIMED)
 
-    def rel_diff(self, batch: int, m: int, graphs: bool = False) -> float:
-        """‖disaggregated − colocated eager‖ / ‖colocated eager‖ of one step's final hidden
-        states, same micro-batches and weights (both FFN sides are drawn from one seed).
-        The KV slots of the step are rewritten with the same values by each run."""
+    def rel_diff(self, batch: int, m: int, graphs: bool = False) -> dict[str, float]:
+        """‖a − b‖ / ‖b‖ of one step's final hidden states, same micro-batches and weights
+        (both FFN sides are drawn from one seed; each run rewrites the step's KV slots with
+        the same values): disaggregated vs colocated in the same mode, and for graphs also
+        colocated graphs vs colocated eager (padding to a captured size changes GEMM shapes,
+        hence bf16 rounding, which a random model's peaked router can amplify)."""
         mbs = self._micro_batches(batch, m)
-        ref = torch.cat(self._run(mbs, False, False)).float()
-        out = torch.cat(self._run(mbs, True, graphs)).float()
-        return float((out - ref).norm() / ref.norm())
+        run = lambda remote, g: torch.cat(self._run(mbs, remote, g)).float()  # noqa: E731
+        ref = run(False, graphs)
+        out = {"disagg_vs_colocated": float((run(True, graphs) - ref).norm() / ref.norm())}
+        if graphs:
+            eager = run(False, False)
+            out["graphs_vs_eager"] = float((ref - eager).norm() / eager.norm())
+        return out
 
     def _stage_us(self, b: int, graphs: bool) -> tuple[float, float]:
         """Attention-stage and FFN-stage µs for a micro-batch of b on this GPU: eager, or
@@ -154,30 +148,34 @@ class PipelineBench:
         pair = self._stages[b]["graph" if graphs else "eager"]
         return pair if all(math.isfinite(v) for v in pair) else self._stages[b]["eager"]
 
-    def _row(self, batch: int, m: int, step_ms: float, bound_us: float, a: float, f: float):
-        layer_us = 1e3 * step_ms / self.cfg.num_hidden_layers
+    def _row(self, batch: int, m: int, times: tuple[float, float], bound_us: float, a, f):
+        step_ms, steady_us = times
+        layers = self.cfg.num_hidden_layers
         return {
             "batch": batch,
             "m": m,
             "step_ms": step_ms,
-            "layer_us": layer_us,
+            "layer_us": steady_us,  # steady state, fill and drain left out
+            "step_layer_us": 1e3 * step_ms / layers,  # the whole step over its layers
+            # a 61-layer step: this one plus 61 - L more layers at the steady rate
+            "step_ms_61": scaled_step_ms(step_ms, steady_us, layers, 61),
             "attn_stage_us": a,
             "ffn_stage_us": f,
             "bound_us": bound_us,
-            "vs_bound": layer_us / bound_us,
+            "vs_bound": steady_us / bound_us,
         }
 
     def colocated(self, batch: int, graphs: bool = False) -> dict:
         """One GPU runs attention then FFN per layer: the bound is their sum."""
-        step_ms = self._time_steps(self._micro_batches(batch, 1), False, graphs)
+        times = self._time_steps(self._micro_batches(batch, 1), False, graphs)
         a, f = self._stage_us(batch, graphs)
-        return self._row(batch, 1, step_ms, a + f, a, f) | {"graphs": graphs}
+        return self._row(batch, 1, times, a + f, a, f) | {"graphs": graphs}
 
     def disaggregated(self, batch: int, m: int, graphs: bool = False) -> dict:
         """Bound: the slowest stage over the layer, m x max(attention(b), FFN(b)), b = B/m."""
-        step_ms = self._time_steps(self._micro_batches(batch, m), True, graphs)
+        times = self._time_steps(self._micro_batches(batch, m), True, graphs)
         a, f = self._stage_us(-(-batch // m), graphs)
-        return self._row(batch, m, step_ms, m * max(a, f), m * a, m * f) | {"graphs": graphs}
+        return self._row(batch, m, times, m * max(a, f), m * a, m * f) | {"graphs": graphs}
 
     def __enter__(self) -> PipelineBench:
         return self

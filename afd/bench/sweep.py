@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from afd.bench.layer import step3_config, versions
+from afd.bench.step_timing import scaled_step_ms
 from afd.bench.sweep_ranks import RankGroup, RankSetup
 from afd.models.tiny import TINY_DIMS
 
@@ -36,9 +37,10 @@ def label(a: int, f: int) -> str:
     return f"{a}+{f}" if f else f"colocated x{a}"
 
 
-def tokens_row(a: int, f: int, row: dict) -> dict:
-    """Decode throughput of a measured step if it were the whole 61-layer model's step."""
-    tpot_s = row["layer_us"] * 1e-6 * FULL_LAYERS
+def tokens_row(a: int, f: int, row: dict, layers: int) -> dict:
+    """Decode throughput of a measured step if it were the whole 61-layer model's step: the
+    measured step plus the missing layers at the steady per-layer time."""
+    tpot_s = scaled_step_ms(row["step_ms"], row["layer_us"], layers, FULL_LAYERS) * 1e-3
     tps = a * row["batch"] / tpot_s
     return row | {
         "tpot_ms": 1e3 * tpot_s,
@@ -47,26 +49,29 @@ def tokens_row(a: int, f: int, row: dict) -> dict:
     }
 
 
-def best(rows: list[dict], budget_us: float) -> dict | None:
-    """The measured point with the most tokens/s/GPU within the per-layer budget (None: none)."""
-    fits = [r for r in rows if r["layer_us"] <= budget_us]
+def best(rows: list[dict], tpot_ms: float) -> dict | None:
+    """The measured point with the most tokens/s/GPU within the TPOT (None: none)."""
+    fits = [r for r in rows if r["tpot_ms"] <= tpot_ms]
     return max(fits, key=lambda r: r["tokens_per_s_per_gpu"], default=None)
 
 
 def measure(group: RankGroup, a: int, f: int, args: argparse.Namespace, layers: int) -> list[dict]:
     """For each m, batches in increasing order until the step misses the loosest budget (time
     grows with the batch, so larger ones cannot fit either)."""
-    loosest_us = max(args.tpot) * 1e3 / FULL_LAYERS
     rows = []
     for m in args.micro_batches if f else [1]:
         for batch in args.batches:
             if batch < m:
                 continue
-            step_ms = group.step_ms(batch, m)
-            row = {"batch": batch, "m": m, "step_ms": step_ms, "layer_us": 1e3 * step_ms / layers}
-            rows.append(tokens_row(a, f, row))
-            print(f"  {label(a, f)}: B={batch} m={m} {row['layer_us']:.0f} us/layer", flush=True)
-            if row["layer_us"] > loosest_us:
+            step_ms, steady_us = group.step_ms(batch, m)
+            row = {"batch": batch, "m": m, "step_ms": step_ms, "layer_us": steady_us}
+            rows.append(tokens_row(a, f, row, layers))
+            print(
+                f"  {label(a, f)}: B={batch} m={m} {steady_us:.0f} us/layer, "
+                f"61 layers {rows[-1]['tpot_ms']:.0f} ms",
+                flush=True,
+            )
+            if rows[-1]["tpot_ms"] > max(args.tpot):
                 break
     return rows
 
@@ -218,7 +223,7 @@ def main(argv: list[str]) -> int:
             "predicted": {},
         }
         for tpot in args.tpot:
-            entry["measured"][f"{tpot:g}"] = best(rows, tpot * 1e3 / FULL_LAYERS)
+            entry["measured"][f"{tpot:g}"] = best(rows, tpot)
             entry["predicted"][f"{tpot:g}"] = predict(args, a, f, tpot) if args.profile else None
         splits.append(entry)
     kind = "dry run, tiny fp32 shapes on CPU" if args.dry_run else "Step3 width bf16"

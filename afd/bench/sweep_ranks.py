@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
-import statistics
-import time
 import traceback
 from dataclasses import dataclass
 
 import torch
 
 from afd.bench.layer import build
+from afd.bench.step_timing import sync, time_steps
 from afd.config import ModelConfig
 from afd.models.step3 import AttentionSide, FFNShard, FFNSide
 from attn_worker.attention import BatchAttention, SeqView
@@ -53,11 +52,6 @@ class RankSetup:
 def sizes(batch: int, m: int) -> list[int]:
     """Rows of each of m micro-batches of a batch (torch.tensor_split's split)."""
     return [len(r) for r in torch.arange(batch).tensor_split(m)]
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
 
 
 class _Attention:
@@ -96,19 +90,17 @@ class _Attention:
             mbs.append(MicroBatch(ids, positions, attn))
         return mbs
 
-    def time_ms(self, batch: int, m: int) -> float:
-        """Median ms of one decode step's pipeline (all layers), device work included."""
-        mbs, times = self.micro_batches(batch, m), []
-        for i in range(WARM + TIMED):
+    def time_ms(self, batch: int, m: int) -> tuple[float, float]:
+        """Median ms of one decode step's pipeline (all layers, device work included) and
+        steady µs per layer (afd/bench/step_timing.py)."""
+        mbs = self.micro_batches(batch, m)
+
+        def run() -> None:
             self.step += 1
-            _sync(self.device)
-            start = time.perf_counter()
             with torch.inference_mode():
                 self.runner.forward(self.step, mbs)
-            _sync(self.device)
-            if i >= WARM:
-                times.append(time.perf_counter() - start)
-        return 1e3 * statistics.median(times)
+
+        return time_steps(self.runner, run, self.device, WARM, TIMED)
 
 
 def _rank(s: RankSetup, name: str, device: str, addresses, table, commands, results) -> None:
@@ -134,13 +126,13 @@ def _rank(s: RankSetup, name: str, device: str, addresses, table, commands, resu
                 for _ in range(WARM + TIMED):
                     step += 1
                     server.serve_step(StepShape(step, [sizes(*cmd)] * s.attn))
-                _sync(device)
+                sync(device)
         else:
             rank = _Attention(s, int(name[1:]), device, transport)
             results.put((name, "ready"))
             while (cmd := commands.get()) is not None:
                 results.put((name, rank.time_ms(*cmd)))
-        _sync(device)
+        sync(device)
         if transport is not None:
             transport.close()
     except Exception:  # noqa: BLE001 - the parent reports it and stops the group
@@ -185,11 +177,12 @@ class RankGroup:
             if isinstance(value, str) and value.startswith("error"):
                 raise RuntimeError(f"sweep: rank {name} failed:\n{value}")
             if not isinstance(value, str):
-                out.append(value)
+                out.append(tuple(value))
         return out
 
-    def step_ms(self, batch: int, m: int) -> float:
-        """Slowest attention rank's (or replica's) median decode step, ms."""
+    def step_ms(self, batch: int, m: int) -> tuple[float, float]:
+        """The slowest attention rank's (or replica's) median decode step, ms, and steady
+        µs per layer."""
         for q in self.commands.values():
             q.put((batch, m))
         return max(self._collect(self.s.attn))
