@@ -108,6 +108,8 @@ def _rank(s: RankSetup, name: str, device: str, addresses, table, commands, resu
     try:
         if device == "cpu":
             torch.set_num_threads(1)  # K ranks share the host's cores
+        else:
+            torch.cuda.set_device(device)  # Triton launches on the current device
         transport = None
         if s.ffn:
             transport = create_transport("nccl", name, backend=s.backend, device=device)
