@@ -23,6 +23,7 @@ def test_pipeline_bench_runs_on_cpu_with_gloo() -> None:
     for row in colo + disagg:
         assert row["layer_us"] > 0 and row["bound_us"] > 0
         assert row["step_ms_61"] > row["step_ms"]
+        assert row["attn_busy_us"] > 0 and row["ffn_busy_us"] > 0
     assert [(r["m"], r["graphs"]) for r in disagg] == [(1, False), (3, False), (1, True), (3, True)]
     table = budget_table(colo, disagg, [1e9, 1e-9])
     assert table[0]["colocated"]["batch"] == 6 and table[1]["disaggregated"] is None

@@ -30,7 +30,7 @@ WARM, TIMED = 2, 5
 
 
 def _ffn_rank(cfg: ModelConfig, backend: str, device: str, dtype, max_tokens, queues):
-    addresses, table, shapes = queues
+    addresses, table, shapes, busy = queues
     t = create_transport("nccl", "f0", backend=backend, device=device)
     addresses.put(("f0", t.address()))
     t.connect(table.get(timeout=120))
@@ -41,6 +41,9 @@ def _ffn_rank(cfg: ModelConfig, backend: str, device: str, dtype, max_tokens, qu
         True: FFNServer(side, t, ["a0"], 300.0, graphs),
     }
     while (item := shapes.get()) is not None:
+        if item == "busy":  # FFN compute seconds since the last ask
+            busy.put(sum(s.take_compute_s() for s in servers.values()))
+            continue
         shape, use_graphs = item
         servers[use_graphs].serve_step(shape)
     sync(device)
@@ -64,7 +67,8 @@ class PipelineBench:
         self.device, self.dtype = devices[0], dtype
         ctx = mp.get_context("spawn")
         addresses, table, self.shapes = ctx.Queue(), ctx.Queue(), ctx.Queue()
-        queues = (addresses, table, self.shapes)
+        self.busy = ctx.Queue()
+        queues = (addresses, table, self.shapes, self.busy)
         args = (cfg, backend, devices[1], dtype, max_batch if graphs else 0, queues)
         self.proc = ctx.Process(target=_ffn_rank, args=args)
         self.proc.start()
@@ -115,11 +119,32 @@ class PipelineBench:
         with torch.inference_mode():
             return self.runners[(remote, graphs)].forward(self.step, mbs)
 
-    def _time_steps(self, mbs: list[MicroBatch], remote: bool, graphs: bool) -> tuple[float, float]:
-        """Median ms per step and steady µs per layer (afd/bench/step_timing.py)."""
+    def _ffn_busy_s(self, runner: AttnRunner, remote: bool) -> float:
+        """FFN compute seconds since the last call (CUDA events on its GPU)."""
+        if not remote:
+            return runner.ffn.take_compute_s()
+        self.shapes.put("busy")
+        return self.busy.get(timeout=300)
+
+    def _time_steps(self, mbs: list[MicroBatch], remote: bool, graphs: bool) -> dict[str, float]:
+        """Median ms per step and steady µs per layer (afd/bench/step_timing.py), and each
+        stage's busy µs per layer in the timed steps: the attention blocks on this GPU, the
+        FFN compute on the FFN rank's (device time from CUDA events, same data, same run)."""
         runner = self.runners[(remote, graphs)]
         run = lambda: self._run(mbs, remote, graphs)  # noqa: E731
-        return time_steps(runner, run, self.device, WARM, TIMED)
+
+        def reset() -> None:
+            runner.attn_clock.take_s()
+            self._ffn_busy_s(runner, remote)
+
+        step_ms, steady_us = time_steps(runner, run, self.device, WARM, TIMED, reset)
+        per_layer = 1e6 / (TIMED * self.cfg.num_hidden_layers)
+        return {
+            "step_ms": step_ms,
+            "steady_us": steady_us,
+            "attn_busy_us": runner.attn_clock.take_s() * per_layer,
+            "ffn_busy_us": self._ffn_busy_s(runner, remote) * per_layer,
+        }
 
     def rel_diff(self, batch: int, m: int, graphs: bool = False) -> dict[str, float]:
         """‖a − b‖ / ‖b‖ of one step's final hidden states, same micro-batches and weights
@@ -148,34 +173,39 @@ class PipelineBench:
         pair = self._stages[b]["graph" if graphs else "eager"]
         return pair if all(math.isfinite(v) for v in pair) else self._stages[b]["eager"]
 
-    def _row(self, batch: int, m: int, times: tuple[float, float], bound_us: float, a, f):
-        step_ms, steady_us = times
+    def _row(self, batch: int, m: int, t: dict[str, float], bound_us: float, a, f) -> dict:
         layers = self.cfg.num_hidden_layers
         return {
             "batch": batch,
             "m": m,
-            "step_ms": step_ms,
-            "layer_us": steady_us,  # steady state, fill and drain left out
-            "step_layer_us": 1e3 * step_ms / layers,  # the whole step over its layers
+            "step_ms": t["step_ms"],
+            "layer_us": t["steady_us"],  # steady state, fill and drain left out
+            "step_layer_us": 1e3 * t["step_ms"] / layers,  # the whole step over its layers
             # a 61-layer step: this one plus 61 - L more layers at the steady rate
-            "step_ms_61": scaled_step_ms(step_ms, steady_us, layers, 61),
+            "step_ms_61": scaled_step_ms(t["step_ms"], t["steady_us"], layers, 61),
+            "attn_busy_us": t["attn_busy_us"],  # per layer, all micro-batches, in this run
+            "ffn_busy_us": t["ffn_busy_us"],
+            "bound_us": bound_us,
+            "vs_bound": t["steady_us"] / bound_us,
+            # the stages timed alone (layer bench's method; its routing touches every expert,
+            # the model's peaked random router fewer, so these overstate the FFN stage)
             "attn_stage_us": a,
             "ffn_stage_us": f,
-            "bound_us": bound_us,
-            "vs_bound": steady_us / bound_us,
         }
 
     def colocated(self, batch: int, graphs: bool = False) -> dict:
-        """One GPU runs attention then FFN per layer: the bound is their sum."""
-        times = self._time_steps(self._micro_batches(batch, 1), False, graphs)
+        """One GPU runs attention then FFN per layer: the bound is their busy times' sum."""
+        t = self._time_steps(self._micro_batches(batch, 1), False, graphs)
         a, f = self._stage_us(batch, graphs)
-        return self._row(batch, 1, times, a + f, a, f) | {"graphs": graphs}
+        bound = t["attn_busy_us"] + t["ffn_busy_us"]
+        return self._row(batch, 1, t, bound, a, f) | {"graphs": graphs}
 
     def disaggregated(self, batch: int, m: int, graphs: bool = False) -> dict:
-        """Bound: the slowest stage over the layer, m x max(attention(b), FFN(b)), b = B/m."""
-        times = self._time_steps(self._micro_batches(batch, m), True, graphs)
+        """Bound: the slowest stage's busy time per layer (over its m micro-batches)."""
+        t = self._time_steps(self._micro_batches(batch, m), True, graphs)
         a, f = self._stage_us(-(-batch // m), graphs)
-        return self._row(batch, m, times, m * max(a, f), m * a, m * f) | {"graphs": graphs}
+        bound = max(t["attn_busy_us"], t["ffn_busy_us"])
+        return self._row(batch, m, t, bound, m * a, m * f) | {"graphs": graphs}
 
     def __enter__(self) -> PipelineBench:
         return self

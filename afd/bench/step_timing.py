@@ -34,16 +34,24 @@ def _elapsed_s(a: float | torch.cuda.Event, b: float | torch.cuda.Event) -> floa
 
 
 def time_steps(
-    runner: AttnRunner, run: Callable[[], object], device: str, warm: int, timed: int
+    runner: AttnRunner,
+    run: Callable[[], object],
+    device: str,
+    warm: int,
+    timed: int,
+    before_timed: Callable[[], object] | None = None,
 ) -> tuple[float, float]:
     """(median ms per step, median steady µs per layer) over `timed` runs of `run()` after
-    `warm`; with fewer than 3 layers the steady time is the step's average per layer."""
+    `warm` (`before_timed()` in between); with fewer than 3 layers the steady time is the
+    step's average per layer."""
     layers = runner.side.cfg.num_hidden_layers
     marks: list = []
     runner.on_layer = lambda layer: marks.append(_mark(device))
     steps, steady = [], []
     try:
         for i in range(warm + timed):
+            if i == warm and before_timed is not None:
+                before_timed()
             marks.clear()
             sync(device)
             start = time.perf_counter()
