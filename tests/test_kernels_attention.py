@@ -23,7 +23,8 @@ from attn_worker.kernels.decode_attention import (
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> (dtype, heads, head_dim, page, seq_lens, num_splits, max_seq_len passed, tolerance).
+# name -> (dtype, heads, head_dim, page, seq_lens, num_splits, max_seq_len passed, tolerance);
+# the comments count 16-token tiles.
 # A given num_splits without max_seq_len sizes splits on the device (the graph-capture path).
 # bf16 is left to the GPU test: Triton 3.9's interpreter computes bf16 tl.dot wrongly on CPU
 # (fp16/fp32 are exact).
@@ -37,7 +38,12 @@ CASES = {
     # 8 splits asked, the longest (40 tokens) fills 3 tiles: 3 launched
     "fp16_splits_clamped_by_max_len": (torch.float16, 4, 32, 16, [40, 7], 8, True, 1e-2),
     "fp32_one_split_direct": (torch.float32, 4, 32, 16, [40, 17], 1, True, 1e-3),
+    # pages of 32: 16-token tiles start mid-page
+    "fp16_two_tiles_a_page": (torch.float16, 4, 32, 32, [45, 64, 7], 2, True, 1e-2),
 }
+# every case also runs with 32-token tiles: over pages of 16 (and 8) a tile spans pages and
+# takes per-token page ids; 16-token tiles within pages of 16 take one page id per tile
+VARIANTS = {"": {"block_n": 16}, "_n32": {"block_n": 32}}
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -84,18 +90,18 @@ def test_cpu_dispatch_uses_reference() -> None:
     assert torch.equal(out, paged_decode_attention_ref(q, k, v, tables, lens, 0.25))
 
 
-def run_case(name: str, seed: int) -> float:
+def run_case(name: str, seed: int, **knobs) -> float:
     dtype, heads, dim, page, lens, num_splits, pass_max, _ = CASES[name]
     q, k, v, tables, seq_lens = _inputs(len(lens), heads, dim, page, lens, dtype, seed=seed)
     out = torch.full_like(q, float("nan"))  # poisoned: unwritten elements show
     max_len = max(lens) if pass_max else None
     paged_decode_attention_triton(
-        q, k, v, tables, seq_lens, dim**-0.5, max_len, num_splits=num_splits, block_n=16, out=out
-    )
+        q, k, v, tables, seq_lens, dim**-0.5, max_len, num_splits=num_splits, out=out, **knobs,
+    )  # fmt: skip
     return _rel_err(out, _naive_f64(q, k, v, tables, seq_lens, dim**-0.5))  # NaN fails
 
 
-def run_fp8_case() -> float:
+def run_fp8_case(**knobs) -> float:
     q, k, v, tables, lens = _inputs(2, 8, 32, 16, [29, 48], torch.float16, seed=7)
     g = torch.Generator().manual_seed(8)
     k_scale = torch.rand(k.shape[0], generator=g) + 0.5  # [NB] float32
@@ -103,8 +109,8 @@ def run_fp8_case() -> float:
     k8 = (k.float() / 2).to(torch.float8_e4m3fn)
     v8 = (v.float() / 2).to(torch.float8_e4m3fn)
     out = paged_decode_attention_triton(
-        q, k8, v8, tables, lens, 0.2, k_scale=k_scale, v_scale=v_scale, num_splits=2, block_n=16
-    )
+        q, k8, v8, tables, lens, 0.2, k_scale=k_scale, v_scale=v_scale, num_splits=2, **knobs,
+    )  # fmt: skip
     return _rel_err(out, paged_decode_attention_ref(q, k8, v8, tables, lens, 0.2, k_scale, v_scale))
 
 
@@ -121,9 +127,10 @@ def interpreted() -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("name", list(CASES))
-def test_triton_matches_float64(interpreted: dict[str, float], name: str) -> None:
-    assert interpreted[name] < CASES[name][-1]
+def test_triton_matches_float64(interpreted: dict[str, float], name: str, variant: str) -> None:
+    assert interpreted[name + variant] < CASES[name][-1]
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -132,19 +139,23 @@ def test_triton_second_call_reuses_workspace(interpreted: dict[str, float], name
     assert interpreted[name + "_again"] < CASES[name][-1]
 
 
-def test_triton_fp8_kv_matches_reference(interpreted: dict[str, float]) -> None:
-    assert interpreted["fp8"] < 1e-2
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_triton_fp8_kv_matches_reference(interpreted: dict[str, float], variant: str) -> None:
+    assert interpreted["fp8" + variant] < 1e-2
 
 
 def test_split_count_fills_waves() -> None:
     # 32 sequences on 132 SMs: 4 splits fill one wave; 128 sequences need no split
     assert choose_num_splits(32, 4096, 64, 132) == 4
+    assert choose_num_splits(32, 4096, 32, 132) == 4  # the default 32-token tiles
     assert choose_num_splits(128, 4096, 64, 132) == 1
     assert choose_num_splits(1, 64, 64, 132) == 1
 
 
-def _gpu_inputs(lens: list[int], dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
-    q, k, v, tables, seq_lens = _inputs(len(lens), 64, 256, 64, lens, dtype, seed=seed)
+def _gpu_inputs(
+    lens: list[int], dtype: torch.dtype, seed: int, page: int = 64
+) -> tuple[torch.Tensor, ...]:
+    q, k, v, tables, seq_lens = _inputs(len(lens), 64, 256, page, lens, dtype, seed=seed)
     return tuple(t.cuda() for t in (q, k, v, tables, seq_lens))
 
 
@@ -169,10 +180,12 @@ def test_gpu_step3_shape(dtype) -> None:
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_uneven_splits_repeated() -> None:
+@pytest.mark.parametrize("page", [64, 16])  # 16 (serving's default): tiles span pages
+def test_gpu_uneven_splits_repeated(page: int) -> None:
     # 8 splits of 512: short sequences leave splits empty or fit in one; run twice, fresh inputs
     for seed in (4, 5):
-        q, k, v, tables, lens = _gpu_inputs([4096, 1, 513, 3000, 64, 4095], torch.bfloat16, seed)
+        lens = [4096, 1, 513, 3000, 64, 4095]
+        q, k, v, tables, lens = _gpu_inputs(lens, torch.bfloat16, seed, page)
         out = torch.full_like(q, float("nan"))
         paged_decode_attention_triton(q, k, v, tables, lens, 256**-0.5, 4096, num_splits=8, out=out)
         assert _rel_err(out.cpu(), _gpu_ref(q, k, v, tables, lens)) < 1e-2
@@ -216,7 +229,12 @@ def test_gpu_graph_replay() -> None:
 
 
 if __name__ == "__main__":  # the interpreted child of the `interpreted` fixture
-    results = {name: run_case(name, seed=i) for i, name in enumerate(CASES)}
-    results.update({name + "_again": run_case(name, seed=100 + i) for i, name in enumerate(CASES)})
-    results["fp8"] = run_fp8_case()
+    results = {
+        name + variant: run_case(name, seed=i, **knobs)
+        for i, name in enumerate(CASES)
+        for variant, knobs in VARIANTS.items()
+    }
+    again = {name + "_again": run_case(name, 100 + i, block_n=16) for i, name in enumerate(CASES)}
+    results.update(again)
+    results.update({"fp8" + variant: run_fp8_case(**knobs) for variant, knobs in VARIANTS.items()})
     print(json.dumps(results))

@@ -1,7 +1,7 @@
 """`afd-bench kernels`, attention part: MFA paged decode attention (Triton) against SDPA over
 a contiguous copy of the same KV, as fractions of the measured copy bandwidth.
-`python -m afd.bench.kernels_attention --sweep --out PATH` times split counts and tile
-configs at the shapes that decide the defaults."""
+`python -m afd.bench.kernels_attention --sweep [--page N] --out PATH` times tile configs
+side by side at the shapes that decide the defaults."""
 
 from __future__ import annotations
 
@@ -17,53 +17,30 @@ import torch
 import torch.nn.functional as F
 
 from afd.bench.kernel_timing import ceilings, cycle, ms_of, rel_err, rotate
-from attn_worker.kernels.decode_attention import choose_num_splits
 from attn_worker.kernels.decode_attention import paged_decode_attention_ref as attn_ref
 from attn_worker.kernels.decode_attention import paged_decode_attention_triton as attn_triton
 
 HQ, HEAD_DIM, PAGE = 64, 256, 64
-# sweep: variants timed side by side at the shapes that decide the defaults, each at the split
-# count the model picks for its tiles; "base" (the committed default) runs first and last
-_BASE = dict(block_n=64, num_warps=4, num_stages=2, programs_per_sm=1)
-_P = dict(programs_per_sm=1, bt_mode=2)  # page ids one tile ahead: the loads pipeline
+# sweep: tile configs timed side by side at the shapes that decide the defaults, each at the
+# split count the model picks for its tiles; "default" runs first and last (the spread). The
+# 2026-11-22 H100 sweep also timed head blocks of 32 (grid heads/32 x splits x B; 1.1-2x
+# slower: mma.sync instead of wgmma, and each KV tile read twice from L2) and 2 programs/SM.
 VARIANTS: dict[str, dict] = {
-    "base": _BASE,
-    "rule": {},  # BLOCK_N 32/3 stages/2 per SM unless that picks S=1, then base
-    "p64": dict(block_n=64, num_warps=4, num_stages=3, **_P),
-    "p64w8": dict(block_n=64, num_warps=8, num_stages=3, **_P),
-    "p32": dict(block_n=32, num_warps=4, num_stages=3, **_P),
-    "p32s4": dict(block_n=32, num_warps=4, num_stages=4, **_P),
-    "p32w8s4": dict(block_n=32, num_warps=8, num_stages=4, **_P),
-    "p16s4x2": dict(block_n=16, num_warps=4, num_stages=4, programs_per_sm=2, bt_mode=2),
-    "h32": dict(head_block=32, block_n=32, num_warps=4, num_stages=3, programs_per_sm=2),
-    "h32w8": dict(head_block=32, block_n=32, num_warps=8, num_stages=3, programs_per_sm=2),
-    "h32p": dict(
-        head_block=32, block_n=32, num_warps=4, num_stages=3, programs_per_sm=2, bt_mode=2
-    ),
-    "h32pw8": dict(
-        head_block=32, block_n=32, num_warps=8, num_stages=3, programs_per_sm=2, bt_mode=2
-    ),
-    "h32pw8s4": dict(head_block=32, block_n=32, num_warps=8, num_stages=4, **_P),
-    "h32n64w8": dict(head_block=32, block_n=64, num_warps=8, num_stages=3, **_P),
+    "default": {},  # BLOCK_N 32, 4 warps, 4 stages, 1 program/SM
+    "n64s2": dict(block_n=64, num_stages=2),  # the committed default before it
+    "n32s3": dict(num_stages=3),
+    "n64s3w8": dict(block_n=64, num_stages=3, num_warps=8),
 }
 SWEEP_SHAPES = [(32, 4096), (64, 4096), (32, 8192), (64, 8192), (128, 4096), (32, 32768)]
 
 
-def _knobs(name: str, batch: int, seq_len: int) -> dict:
-    if name != "rule":
-        return VARIANTS[name]
-    cfg_b = dict(block_n=32, num_warps=4, num_stages=3, programs_per_sm=2)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    return _BASE if choose_num_splits(batch, seq_len, 32, 2 * sms) == 1 else cfg_b
-
-
-def _attn_inputs(batch: int, seq_len: int) -> dict[str, torch.Tensor]:
-    num_blocks = batch * seq_len // PAGE
+def _attn_inputs(batch: int, seq_len: int, page: int = PAGE) -> dict[str, torch.Tensor]:
+    num_blocks = batch * seq_len // page
     kv = dict(device="cuda", dtype=torch.bfloat16)
     return {
         "q": torch.randn(batch, HQ, HEAD_DIM, **kv),
-        "k": torch.randn(num_blocks, PAGE, HEAD_DIM, **kv),
-        "v": torch.randn(num_blocks, PAGE, HEAD_DIM, **kv),
+        "k": torch.randn(num_blocks, page, HEAD_DIM, **kv),
+        "v": torch.randn(num_blocks, page, HEAD_DIM, **kv),
         # a shuffled block table, as a long-running cache's would be
         "bt": torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, -1),
         "lens": torch.full((batch,), seq_len, device="cuda", dtype=torch.int32),
@@ -127,34 +104,23 @@ def _timed(sets: list[dict], seq_len: int, kv_bytes: int, copy_bw: float, **knob
     return entry
 
 
-def warm(name: str, out_path: Path) -> None:
+def warm(name: str, page: int, out_path: Path) -> None:
     """One variant at every sweep shape, once (a child process per variant): compiles in
     parallel into Triton's disk cache, and a variant that faults takes only its child down."""
     errs = {}
     for batch, seq_len in SWEEP_SHAPES:
-        t = _attn_inputs(batch, seq_len)
-        errs[f"B{batch}_L{seq_len}"] = _attn_check(
-            t, _attn_triton(t, seq_len, **_knobs(name, batch, seq_len))
-        )
+        t = _attn_inputs(batch, seq_len, page)
+        errs[f"B{batch}_L{seq_len}"] = _attn_check(t, _attn_triton(t, seq_len, **VARIANTS[name]))
         torch.cuda.synchronize()
         del t
     out_path.write_text(json.dumps(errs))
 
 
-def sweep(copy_bw: float, results: dict, out_path: Path) -> None:
+def sweep(copy_bw: float, page: int, results: dict, out_path: Path) -> None:
     warm_dir = Path(tempfile.mkdtemp(prefix="attn_warm_"))
+    cmd = [sys.executable, "-m", "afd.bench.kernels_attention", "--page", str(page), "--out"]
     procs = {
-        name: subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "afd.bench.kernels_attention",
-                "--warm",
-                name,
-                "--out",
-                str(warm_dir / f"{name}.json"),
-            ],
-        )  # fmt: skip
+        name: subprocess.Popen([*cmd, str(warm_dir / f"{name}.json"), "--warm", name])
         for name in VARIANTS
     }
     ok = set()
@@ -169,12 +135,12 @@ def sweep(copy_bw: float, results: dict, out_path: Path) -> None:
     for batch, seq_len in SWEEP_SHAPES:
         torch.cuda.empty_cache()
         kv_bytes = 2 * batch * seq_len * HEAD_DIM * 2
-        sets = rotate(lambda b=batch, n=seq_len: _attn_inputs(b, n), kv_bytes)
+        sets = rotate(lambda b=batch, n=seq_len: _attn_inputs(b, n, page), kv_bytes)
         log = results.setdefault(f"B{batch}_L{seq_len}", [])
-        for name in [*VARIANTS, "base"]:
+        for name in [*VARIANTS, "default"]:
             if name not in ok:
                 continue
-            knobs = _knobs(name, batch, seq_len)
+            knobs = VARIANTS[name]
             log.append({"variant": name, **_timed(sets, seq_len, kv_bytes, copy_bw, **knobs)})
             print(batch, seq_len, name, f"{log[-1]['ms'] * 1e3:.1f} us", flush=True)
             out_path.write_text(json.dumps(results, indent=1, default=str))
@@ -184,11 +150,12 @@ def sweep(copy_bw: float, results: dict, out_path: Path) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m afd.bench.kernels_attention")
     parser.add_argument("--sweep", action="store_true", help="split/config/variant sweep")
+    parser.add_argument("--page", type=int, default=PAGE, help="KV block size (sweep)")
     parser.add_argument("--warm", help="(sweep child) compile and check one variant")
     parser.add_argument("--out", type=Path, required=True, help="JSON path")
     args = parser.parse_args(argv)
     if args.warm:
-        warm(args.warm, args.out)
+        warm(args.warm, args.page, args.out)
         return 0
     results: dict = {"command": " ".join(["kernels_attention", *argv])}
     results["device"] = torch.cuda.get_device_name()
@@ -196,7 +163,8 @@ def main(argv: list[str]) -> int:
     copy_bw = results["ceilings"]["copy_bytes_per_s"]
     print("ceilings", results["ceilings"], flush=True)
     if args.sweep:
-        sweep(copy_bw, results, args.out)
+        results["page"] = args.page
+        sweep(copy_bw, args.page, results, args.out)
     else:
         attention(copy_bw, results)
     args.out.write_text(json.dumps(results, indent=1, default=str))

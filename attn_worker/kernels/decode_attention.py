@@ -4,14 +4,18 @@ per sequence and the heads form the M side of the matrix products (flash-decodin
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from attn_worker.kernels.decode_attention_ref import paged_decode_attention_ref
+
 _LOG2E = 1.4426950408889634
+# Default tiles, the fastest measured at every benchmarked shape (H100, bench/results): 32
+# tokens a tile, 4 warps, 4 stages (two tiles in flight), one 164 KB program per SM.
+DEFAULT_BLOCK_N = 32
 
 
 @triton.jit
@@ -26,11 +30,26 @@ def _attend_split(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    offs_t = tl.arange(0, BLOCK_N)
+    # A tile within one page has one page id and contiguous rows. Page ids are loaded one tile
+    # ahead: the K/V addresses then depend on the previous iteration only, so the tile loads
+    # pipeline (num_stages >= 3 keeps one tile in flight while the last one is multiplied).
+    SCALAR: tl.constexpr = BLOCK_N <= PAGE
+    if SCALAR:
+        blk_next = tl.load(bt_row + start // PAGE, mask=start < end, other=0)
+    else:
+        blk_next = tl.load(bt_row + (start + offs_t) // PAGE, mask=start + offs_t < end, other=0)
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = n0 + offs_t
         mask_n = offs_n < end
-        blk = tl.load(bt_row + offs_n // PAGE, mask=mask_n, other=0)  # [BN]
-        rows = blk.to(tl.int64) * stride_kblk + (offs_n % PAGE) * D  # [BN] element offsets
+        blk = blk_next  # scalar, or [BN]
+        if SCALAR:
+            rows = blk.to(tl.int64) * stride_kblk + ((n0 % PAGE) + offs_t) * D  # [BN]
+            nxt = n0 + BLOCK_N
+        else:
+            rows = blk.to(tl.int64) * stride_kblk + (offs_n % PAGE) * D  # [BN]
+            nxt = offs_n + BLOCK_N
+        blk_next = tl.load(bt_row + nxt // PAGE, mask=nxt < end, other=0)
         kv_off = rows[:, None] + offs_d[None, :]  # [BN, BD]
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
@@ -40,8 +59,9 @@ def _attend_split(
             # on P, so the tiles themselves never get multiplied.
             k = k.to(q.dtype)
             v = v.to(q.dtype)
-            k_scale = tl.load(ks_ptr + blk, mask=mask_n, other=0.0) * qk_scale  # [BN]
-            v_scale = tl.load(vs_ptr + blk, mask=mask_n, other=0.0)  # [BN]
+            blk_n = blk + 0 * offs_t  # [BN] (a scalar page id broadcast)
+            k_scale = tl.load(ks_ptr + blk_n, mask=mask_n, other=0.0) * qk_scale  # [BN]
+            v_scale = tl.load(vs_ptr + blk_n, mask=mask_n, other=0.0)  # [BN]
             s = tl.dot(q, tl.trans(k)) * k_scale[None, :]  # [BH, BN]
         else:
             s = tl.dot(q, tl.trans(k)) * qk_scale  # [BH, BN]
@@ -188,7 +208,7 @@ def graph_num_splits(batch: int, max_seq_len: int) -> int:
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     )
     sms = _num_sms(device) if device is not None else _num_sms(torch.device("cpu"))
-    return choose_num_splits(batch, max_seq_len, 64, sms)
+    return choose_num_splits(batch, max_seq_len, DEFAULT_BLOCK_N, sms)
 
 
 def paged_decode_attention_triton(
@@ -202,9 +222,9 @@ def paged_decode_attention_triton(
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
     num_splits: int | None = None,
-    block_n: int = 64,
+    block_n: int = DEFAULT_BLOCK_N,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     programs_per_sm: int = 1,
     out: Tensor | None = None,
 ) -> Tensor:
@@ -220,6 +240,8 @@ def paged_decode_attention_triton(
     assert not is_fp8 or (k_scale is not None and v_scale is not None), "fp8 KV needs scales"
     block_h = max(16, triton.next_power_of_2(num_heads))  # tl.dot needs M >= 16
     block_d = max(16, triton.next_power_of_2(head_dim))
+    # 4 stages of 16-bit tiles fill 164 KB of shared memory at D=256; fp32 tiles take 2
+    num_stages = num_stages or (4 if k_cache.element_size() <= 2 else 2)
     if num_splits is None or max_seq_len is not None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max().item())  # a host sync: callers that capture pass it
@@ -256,36 +278,6 @@ def paged_decode_attention_triton(
             HQ=num_heads, D=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, BLOCK_HR=block_hr,
             BLOCK_N=block_n, num_warps=4,
         )  # fmt: skip
-    return out
-
-
-def paged_decode_attention_ref(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    block_tables: Tensor,
-    seq_lens: Tensor,
-    scale: float,
-    k_scale: Tensor | None = None,
-    v_scale: Tensor | None = None,
-) -> Tensor:
-    """Plain torch, one sequence at a time, fp32 math (fp64 for fp64 inputs): the CPU path and
-    the correctness reference."""
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    page = k_cache.shape[1]
-    out = torch.empty_like(q)  # [B, Hq, D]
-    for b in range(q.shape[0]):
-        seq_len = int(seq_lens[b])
-        blocks = block_tables[b, : math.ceil(seq_len / page)].long()  # [nb]
-        k = k_cache[blocks].to(acc_dtype)  # [nb, page, D]
-        v = v_cache[blocks].to(acc_dtype)  # [nb, page, D]
-        if k_scale is not None and v_scale is not None:
-            k = k * k_scale[blocks].to(acc_dtype)[:, None, None]
-            v = v * v_scale[blocks].to(acc_dtype)[:, None, None]
-        k = k.reshape(-1, k.shape[-1])[:seq_len]  # [L, D]
-        v = v.reshape(-1, v.shape[-1])[:seq_len]  # [L, D]
-        probs = torch.softmax(q[b].to(acc_dtype) @ k.T * scale, dim=-1)  # [Hq, L]
-        out[b] = (probs @ v).to(q.dtype)
     return out
 
 
