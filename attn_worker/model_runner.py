@@ -48,7 +48,8 @@ class AttnRunner:
         """graphs: replay decode-only micro-batches' attention blocks (None: all eager)."""
         self.side, self.cache, self.ffn, self.rank = side, cache, ffn, rank
         self.graphs = graphs
-        # profiling hook: called with the layer index as each layer's first block is queued
+        # profiling hook: called with the layer index just before each layer's first block is
+        # queued, after that block's wait for the previous layer's FFN output
         self.on_layer: Callable[[int], None] | None = None
         self.device = cache.k.device
         self.seqs: dict[int, _Seq] = {}
@@ -150,14 +151,15 @@ class AttnRunner:
             for mb, r in zip(mbs, replay, strict=True)
         ]
         pending: list[PendingFFN | None] = [None] * len(mbs)
+        first = next((k for k, mb in enumerate(mbs) if mb is not None), None)
         for layer in range(side.cfg.num_hidden_layers):
-            if self.on_layer is not None:
-                self.on_layer(layer)
             for k, mb in enumerate(mbs):
                 if mb is None:
                     continue
                 if pending[k] is not None:
                     hidden[k] = self._add_ffn(hidden[k], pending[k])
+                if k == first and self.on_layer is not None:
+                    self.on_layer(layer)  # after the wait: where this layer's work starts
                 with self.attn_clock.span():
                     if replay[k] is not None:
                         hidden[k], x, routing = graphs.run(layer, hidden[k], replay[k])
