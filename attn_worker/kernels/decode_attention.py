@@ -164,6 +164,9 @@ def _num_sms(device: torch.device) -> int:
 
 # device -> (partials [rows * D], m and l [2, rows]), rows = B * S * Hq, all fp32
 _WORKSPACES: dict[torch.device, tuple[Tensor, Tensor]] = {}
+# Outgrown workspaces stay allocated: CUDA graphs captured while they were current keep
+# writing there on every replay, so their memory must never go to another tensor.
+_RETIRED: list[tuple[Tensor, Tensor]] = []
 
 
 def _workspace(device: torch.device, rows: int, head_dim: int) -> tuple[Tensor, Tensor]:
@@ -174,6 +177,7 @@ def _workspace(device: torch.device, rows: int, head_dim: int) -> tuple[Tensor, 
     if ws is not None and ws[0].numel() >= rows * head_dim and ws[1].shape[1] >= rows:
         return ws
     if ws is not None:  # grow to the larger of old and new
+        _RETIRED.append(ws)
         rows, head_dim = max(rows, ws[1].shape[1]), max(head_dim, ws[0].numel() // ws[1].shape[1])
     ws = (
         torch.empty(rows * head_dim, device=device, dtype=torch.float32),  # [B, S, Hq, D]
