@@ -21,6 +21,10 @@ HEARTBEAT_INTERVAL_S = _float("AFD_HEARTBEAT_INTERVAL_S", 0.5)
 # Longest a worker waits for its peer's activations, and the coordinator for a step.
 RECV_TIMEOUT_S = _float("AFD_RECV_TIMEOUT_S", 20.0)
 STEP_TIMEOUT_S = _float("AFD_STEP_TIMEOUT_S", 60.0)
+# Layers a rank's host may queue ahead of its last finished transfers (stream-ordered nccl):
+# enough to keep the GPU fed, few enough that a dead peer is noticed before CUDA's launch
+# queue fills and blocks the host where no timeout runs.
+RUN_AHEAD_LAYERS = int(_float("AFD_RUN_AHEAD_LAYERS", 2))
 # Longest a rank may take to load its weights and report ready.
 STARTUP_TIMEOUT_S = _float("AFD_STARTUP_TIMEOUT_S", 300.0)
 # Test hook: compute time per token per layer simulated on each stage ("attn_ms,ffn_ms"), so

@@ -67,7 +67,8 @@ class AttnRunner:
             for k in range(plan.num_micro_batches)
         ]
         hidden = self.forward(plan.step, mbs)
-        timings = StepTimings(attention=self.attn_clock.take_s(), ffn_wait=self.wait_clock.take_s())
+        attention_s, wait_s = self.take_stage_s()
+        timings = StepTimings(attention=attention_s, ffn_wait=wait_s)
         t0 = time.perf_counter()
         sampled = []
         for mb, h in zip(mbs, hidden, strict=True):
@@ -128,6 +129,10 @@ class AttnRunner:
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         attention = BatchAttention(self.cache, views, as_long(slots), self.scale)
         return MicroBatch(as_long(tokens), as_long(positions), attention, rows, seq_ids)
+
+    def take_stage_s(self) -> tuple[float, float]:
+        """Seconds of attention blocks and of stalls for FFN output since the last call."""
+        return self.attn_clock.take_s(), self.wait_clock.take_s()
 
     def forward(self, step: int, mbs: list[MicroBatch | None]) -> list[torch.Tensor | None]:
         """The final hidden states of each micro-batch after every layer, all transfers of

@@ -28,7 +28,8 @@ def main(argv: list[str]) -> int:
         cache = KVCache(cfg.num_hidden_layers, blocks, spec.block_size, cfg.head_dim, dtype, device)
         graphs = None
         if spec.cuda_graph_max_batch and device.type == "cuda":
-            width = table_width(cfg, spec.block_size, blocks)
+            max_len = spec.max_model_len or cfg.max_position_embeddings
+            width = table_width(max_len, spec.block_size, blocks)
             graphs = DecodeGraphs(side, cache, spec.cuda_graph_max_batch, width)
         ffn = RemoteFFN(transport, spec.ffn_ranks, spec.recv_timeout_s)
         runner = AttnRunner(side, cache, ffn, spec.index, graphs)

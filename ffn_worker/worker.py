@@ -11,7 +11,7 @@ import torch
 from afd.config import ModelConfig
 from afd.engine.messages import FFNStepDone, WorkerError, WorkerReady
 from afd.engine.stage_clock import StageClock
-from afd.envs import stage_delays_s
+from afd.envs import RUN_AHEAD_LAYERS, stage_delays_s
 from afd.launch.worker_spec import WorkerSpec, worker_loop
 from afd.models.build import load_ffn_side, resolve_dtype
 from afd.models.step3 import FFNShard, FFNSide
@@ -24,8 +24,10 @@ class FFNServer:
     """Stateless between steps: a step shape in, one partial output per attention rank out.
 
     The step shape gives every message's shapes, so each receive is posted before its data
-    arrives; on the nccl transport the whole step is queued without the host waiting on the
-    network, and the closing `settle` is where a dead attention rank shows as a timeout."""
+    arrives; on the nccl transport the step is queued without the host waiting on the
+    network, at most two layers ahead of the finished transfers (as on the attention side,
+    attn_worker/remote_ffn.py): that settle is where a dead attention rank shows as a
+    timeout."""
 
     def __init__(
         self,
@@ -47,13 +49,17 @@ class FFNServer:
     @torch.inference_mode()
     def serve_step(self, shape: StepShape) -> None:
         num_mb = max((len(t) for t in shape.tokens), default=0)
-        sends: list[Handle] = []
+        sends: list[list[Handle]] = []  # per layer
         for layer in range(self.side.cfg.num_hidden_layers):
+            if layer >= RUN_AHEAD_LAYERS:  # at most two layers queued ahead of the transfers
+                settle(sends[layer - RUN_AHEAD_LAYERS], self.timeout_s)
+            sends.append([])
             for k in range(num_mb):
                 rows = {a: t[k] for a, t in enumerate(shape.tokens) if k < len(t) and t[k] > 0}
                 if rows:
-                    sends += self._serve(shape.step, layer, k, rows)
-        settle(sends, self.timeout_s)
+                    sends[layer] += self._serve(shape.step, layer, k, rows)
+        for handles in sends[-RUN_AHEAD_LAYERS:]:
+            settle(handles, self.timeout_s)
 
     def _compute(self, layer: int, parts: list[list[torch.Tensor]]) -> torch.Tensor:
         """The partial FFN output for the sources' rows, in source order: a graph replay when

@@ -41,7 +41,7 @@ def _runner(ckpt, device: str, graphs: bool, max_batch: int = 8) -> AttnRunner:
     cache = KVCache(cfg.num_hidden_layers, BLOCKS, BLOCK, cfg.head_dim, dtype, device)
     if not graphs:
         return AttnRunner(attn, cache, LocalFFN(ffn))
-    width = table_width(cfg, BLOCK, BLOCKS)
+    width = table_width(cfg.max_position_embeddings, BLOCK, BLOCKS)
     decode = DecodeGraphs(attn, cache, max_batch, width)
     return AttnRunner(attn, cache, LocalFFN(ffn, FFNGraphs(ffn, max_batch)), graphs=decode)
 
@@ -108,10 +108,38 @@ def test_static_buffers_match_eager_and_pad_into_scratch(tiny_ckpt) -> None:
     assert (eager.cache.k[:, BLOCKS] == 7.0).all()
 
 
-def test_batches_past_the_largest_size_run_eagerly(tiny_ckpt) -> None:
-    prompts = PROMPTS[:4]
-    eager, graphs = _runner(tiny_ckpt, "cpu", False), _runner(tiny_ckpt, "cpu", True, 2)
+def _count_replays(runner: AttnRunner) -> dict[str, dict[int, int]]:
+    """Counts replays per captured size, attention and FFN side."""
+    counts: dict[str, dict[int, int]] = {"attention": {}, "ffn": {}}
+    for side, graphs in (("attention", runner.graphs), ("ffn", runner.ffn.graphs)):
+        for key, replay in graphs.replays.items():
+
+            def counted(replay=replay, size=key[1], tally=counts[side]) -> None:
+                tally[size] = tally.get(size, 0) + 1
+                replay()
+
+            graphs.replays[key] = counted
+    return counts
+
+
+def test_replays_cover_decodes_up_to_the_largest_size(tiny_ckpt) -> None:
+    prompts = PROMPTS[:4]  # decode micro-batches of 3 rows (size 4) and 1 row (size 1)
+    eager, graphs = _runner(tiny_ckpt, "cpu", False), _runner(tiny_ckpt, "cpu", True)
+    counts = _count_replays(graphs)
     _close(_generate(eager, prompts), _generate(graphs, prompts), 1e-5)
+    layers, steps = graphs.side.cfg.num_hidden_layers, 4
+    assert counts["attention"] == {4: layers * steps, 1: layers * steps}
+    assert counts["ffn"] == {4: layers * steps, 1: layers * steps}  # prefill rows: eager
+
+
+def test_batches_past_the_largest_size_run_eagerly(tiny_ckpt) -> None:
+    prompts = PROMPTS[:4]  # 3 decode rows in one micro-batch: past a largest size of 2
+    eager, graphs = _runner(tiny_ckpt, "cpu", False), _runner(tiny_ckpt, "cpu", True, 2)
+    counts = _count_replays(graphs)
+    _close(_generate(eager, prompts), _generate(graphs, prompts), 1e-5)
+    layers, steps = graphs.side.cfg.num_hidden_layers, 4
+    assert counts["attention"] == {1: layers * steps}  # only the 1-row micro-batch replays
+    assert counts["ffn"] == {1: layers * steps}
 
 
 @pytest.mark.gpu

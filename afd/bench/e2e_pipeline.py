@@ -134,7 +134,7 @@ class PipelineBench:
         run = lambda: self._run(mbs, remote, graphs)  # noqa: E731
 
         def reset() -> None:
-            runner.attn_clock.take_s()
+            runner.take_stage_s()
             self._ffn_busy_s(runner, remote)
 
         step_ms, steady_us = time_steps(runner, run, self.device, WARM, TIMED, reset)
@@ -142,7 +142,7 @@ class PipelineBench:
         return {
             "step_ms": step_ms,
             "steady_us": steady_us,
-            "attn_busy_us": runner.attn_clock.take_s() * per_layer,
+            "attn_busy_us": runner.take_stage_s()[0] * per_layer,
             "ffn_busy_us": self._ffn_busy_s(runner, remote) * per_layer,
         }
 

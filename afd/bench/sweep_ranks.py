@@ -100,7 +100,10 @@ class _Attention:
             with torch.inference_mode():
                 self.runner.forward(self.step, mbs)
 
-        return time_steps(self.runner, run, self.device, WARM, TIMED)
+        times = time_steps(self.runner, run, self.device, WARM, TIMED)
+        self.runner.take_stage_s()  # stage clocks: drained, not reported here
+        self.runner.ffn.take_compute_s()
+        return times
 
 
 def _rank(s: RankSetup, name: str, device: str, addresses, table, commands, results) -> None:
@@ -128,6 +131,7 @@ def _rank(s: RankSetup, name: str, device: str, addresses, table, commands, resu
                 for _ in range(WARM + TIMED):
                     step += 1
                     server.serve_step(StepShape(step, [sizes(*cmd)] * s.attn))
+                server.take_compute_s()  # drained, not reported here
                 sync(device)
         else:
             rank = _Attention(s, int(name[1:]), device, transport)

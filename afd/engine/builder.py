@@ -116,16 +116,17 @@ def build_colocated(settings: EngineSettings, cfg: ModelConfig) -> tuple[Executo
     )
     graphs, ffn_graphs = None, None
     if max_batch := settings.graph_max_batch():
-        width = table_width(cfg, settings.block_size, num_blocks)
+        width = table_width(model_len(settings, cfg), settings.block_size, num_blocks)
         graphs = DecodeGraphs(attn, cache, max_batch, width)
         ffn_graphs = FFNGraphs(ffn, max_batch)
     runner = AttnRunner(attn, cache, LocalFFN(ffn, ffn_graphs), graphs=graphs)
     return ColocatedExecutor(runner), num_blocks
 
 
-def table_width(cfg: ModelConfig, block_size: int, num_blocks: int) -> int:
-    """The widest block table a sequence can have on a rank with `num_blocks` KV blocks."""
-    return min(num_blocks, -(-cfg.max_position_embeddings // block_size))
+def table_width(max_model_len: int, block_size: int, num_blocks: int) -> int:
+    """The widest block table a sequence can have on a rank with `num_blocks` KV blocks. The
+    decode graphs size their attention splits for it, so it follows --max-model-len."""
+    return min(num_blocks, -(-max_model_len // block_size))
 
 
 def build_engine(settings: EngineSettings) -> EngineCore:

@@ -21,11 +21,14 @@ class SampledToken:
 @message
 @dataclass
 class StepTimings:
-    """Seconds spent by one attention rank in each phase of a step."""
+    """Seconds spent by one attention rank in each phase of a step. On a GPU the stage times
+    are device time from CUDA events (StageClock); sampling and total are host time."""
 
-    attention: float = 0.0
+    attention: float = 0.0  # attention blocks
     ffn: float = 0.0  # FFN compute (colocated: here; disaggregated: the slowest FFN rank)
-    ffn_wait: float = 0.0  # waiting for FFN partials: FFN compute + transfers not hidden
+    # how long attention stalled for FFN partials (its stream on a GPU with nccl, else the
+    # host): FFN compute and transfers that the micro-batch pipeline did not hide
+    ffn_wait: float = 0.0
     sampling: float = 0.0
     total: float = 0.0
 

@@ -18,6 +18,7 @@ class StageClock:
         self.cuda = torch.device(device).type == "cuda"
         self._host_s = 0.0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._free: list[torch.cuda.Event] = []  # read events, recorded again next step
 
     @contextmanager
     def span(self) -> Iterator[None]:
@@ -26,7 +27,7 @@ class StageClock:
             yield
             self._host_s += time.perf_counter() - start
             return
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin, end = self._event(), self._event()
         begin.record()
         yield
         end.record()
@@ -38,5 +39,10 @@ class StageClock:
         if self._events:
             self._events[-1][1].synchronize()
             seconds += sum(b.elapsed_time(e) for b, e in self._events) / 1e3
+            self._free += [event for pair in self._events for event in pair]
             self._events = []
         return seconds
+
+    def _event(self) -> torch.cuda.Event:
+        # reused: a step records a few hundred of these, one per stage boundary
+        return self._free.pop() if self._free else torch.cuda.Event(enable_timing=True)

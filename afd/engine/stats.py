@@ -11,11 +11,8 @@ def engine_stats(engine: EngineCore) -> EngineStats:
     phases = {"schedule": engine.last_schedule_s}
     if engine.last_results:
         # the step waits for the slowest attention rank, so report each phase's maximum
-        for name in ("attention", "ffn", "sampling", "total"):
+        for name in ("attention", "ffn", "ffn_wait", "sampling", "total"):
             phases[name] = max(getattr(r.timings, name) for r in engine.last_results)
-        # what the attention ranks waited beyond the FFN compute: transfers not hidden
-        wait = max(r.timings.ffn_wait for r in engine.last_results)
-        phases["transfer_wait"] = max(0.0, wait - phases["ffn"])
     return EngineStats(
         num_running=sched.num_running,
         num_waiting=len(sched.waiting),

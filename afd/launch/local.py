@@ -14,7 +14,7 @@ import zmq
 
 from afd import envs
 from afd.config import ConfigError, ModelConfig, RoleShape
-from afd.engine.builder import EngineSettings, default_num_blocks, parse_roles
+from afd.engine.builder import EngineSettings, default_num_blocks, model_len, parse_roles
 from afd.engine.executor import Executor, ExecutorError
 from afd.engine.messages import FFNStepDone, StepResult, WorkerError, WorkerReady
 from afd.launch.rank_process import RankProcess, Spawner, local_spawner
@@ -188,6 +188,7 @@ def worker_specs(
             parent_pid=parent_pid,
             num_threads=threads,
             cuda_graph_max_batch=settings.graph_max_batch(),
+            max_model_len=model_len(settings, cfg),
         )
         for names in (attn, ffn)
         for i, name in enumerate(names)

@@ -37,6 +37,7 @@ class WorkerSpec:
     parent_pid: int = 0
     num_threads: int = 1
     cuda_graph_max_batch: int = 0  # decode rows per attention rank captured as graphs; 0: eager
+    max_model_len: int = 0  # longest sequence (0: the model's); sizes the decode graphs
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
