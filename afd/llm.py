@@ -7,11 +7,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from afd.config import ModelConfig
 from afd.engine.builder import EngineSettings, build_engine
 from afd.engine.output_processor import OutputProcessor
 from afd.engine.sequence import request_sequences
 from afd.outputs import RequestOutput
-from afd.sampling_params import SamplingParams
+from afd.sampling_params import SamplingError, SamplingParams
 from afd.tokenizer import Tokenizer
 
 PromptType = str | dict[str, Any]
@@ -28,6 +29,7 @@ class LLM:
         self.tokenizer = Tokenizer.from_pretrained(model) if has_tokenizer else None
         self.engine = build_engine(self.settings)
         self.max_model_len = self.engine.max_model_len
+        self.vocab_size = ModelConfig.from_pretrained(model).vocab_size
         self._ids = itertools.count()
 
     def generate(
@@ -75,6 +77,11 @@ class LLM:
             raise ValueError(
                 f"prompt has {len(ids)} tokens; this model's maximum context "
                 f"length is {self.max_model_len} tokens"
+            )
+        bad = [t for t in params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise SamplingError(
+                f"logit_bias token id {bad[0]} is out of range [0, {self.vocab_size})"
             )
         request_id = str(next(self._ids))
         seqs = request_sequences(request_id, ids, params, self._ids)

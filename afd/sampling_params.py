@@ -22,6 +22,8 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -34,6 +36,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = {int(t): float(b) for t, b in (self.logit_bias or {}).items()}
         self.validate()
 
     def validate(self) -> None:
@@ -46,6 +49,12 @@ class SamplingParams:
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+            (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
+            (
+                all(t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()),
+                "logit_bias",
+                "must map token ids >= 0 to biases in [-100, 100]",
+            ),
         ]
         for ok, name, why in checks:
             if not ok:

@@ -19,6 +19,8 @@ class SamplingSpec:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     num_logprobs: int | None = None
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
 @message

@@ -1,4 +1,5 @@
-"""Sampler of an attention rank: penalties, temperature, top-k, top-p, seeded draws, logprobs.
+"""Sampler of an attention rank: logit bias, penalties, temperature, top-k, min-p, top-p,
+seeded draws, logprobs (of the raw distribution, as vLLM returns them by default).
 
 Seeded draws depend only on (seed, output index), so a sequence samples the same tokens
 whatever its batch, micro-batch or rank, and after preemption and recompute."""
@@ -44,7 +45,12 @@ def sample(
 
 
 def _plain_greedy(spec: SamplingSpec) -> bool:
-    return spec.temperature == 0.0 and spec.presence_penalty == 0 and spec.frequency_penalty == 0
+    return (
+        spec.temperature == 0.0
+        and spec.presence_penalty == 0
+        and spec.frequency_penalty == 0
+        and not spec.logit_bias
+    )
 
 
 def _add_top_logprobs(
@@ -64,7 +70,7 @@ def _add_top_logprobs(
 
 def _pick(logits: torch.Tensor, state: SeqSamplingState) -> int:
     spec = state.spec
-    logits = _penalise(logits, state)
+    logits = _penalise(_bias(logits, spec), state)
     if spec.temperature == 0.0:
         return int(torch.argmax(logits))
     logits = logits / spec.temperature
@@ -72,6 +78,8 @@ def _pick(logits: torch.Tensor, state: SeqSamplingState) -> int:
         kth = torch.topk(logits, spec.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if spec.min_p > 0.0:  # relative to the most likely token, after temperature
+        probs = probs.masked_fill(probs < spec.min_p * probs.max(), 0.0)
     if spec.top_p < 1.0:
         probs = _top_p(probs, spec.top_p)
     gen = None
@@ -79,6 +87,14 @@ def _pick(logits: torch.Tensor, state: SeqSamplingState) -> int:
         gen = torch.Generator(device=probs.device)
         gen.manual_seed((spec.seed * 1_000_003 + len(state.output_token_ids)) % (2**63))
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _bias(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
+    if not spec.logit_bias:
+        return logits
+    ids = torch.tensor(list(spec.logit_bias), dtype=torch.long, device=logits.device)
+    bias = torch.tensor(list(spec.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits.index_add(0, ids, bias)
 
 
 def _penalise(logits: torch.Tensor, state: SeqSamplingState) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from afd import LLM, SamplingParams
+from afd.sampling_params import SamplingError
 from tests.conftest import PROMPTS
 
 
@@ -45,6 +46,20 @@ def test_top_k_one_is_greedy_and_n_choices_differ(llm):
         SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=1, ignore_eos=True),
     )[0]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+def test_logit_bias_forces_a_token_and_min_p_near_one_is_greedy(llm):
+    forced = tokens(
+        llm,
+        PROMPTS,
+        SamplingParams(max_tokens=4, temperature=0.0, logit_bias={7: 100.0}, ignore_eos=True),
+    )
+    assert forced == [[7] * 4] * len(PROMPTS)
+    greedy = tokens(llm, PROMPTS, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    near_greedy = SamplingParams(max_tokens=6, temperature=1.0, min_p=0.999, ignore_eos=True)
+    assert tokens(llm, PROMPTS, near_greedy) == greedy
+    with pytest.raises(SamplingError, match="logit_bias"):
+        llm.generate({"prompt_token_ids": [1]}, SamplingParams(logit_bias={10**9: 1.0}))
 
 
 def test_frequency_penalty_discourages_repeats(llm):

@@ -307,5 +307,7 @@ def _new_sequence(seq: Sequence) -> NewSequence:
         p.presence_penalty,
         p.frequency_penalty,
         p.logprobs,
+        p.min_p,
+        dict(p.logit_bias),
     )
     return NewSequence(seq.seq_id, spec, list(seq.output_token_ids))

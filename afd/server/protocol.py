@@ -1,7 +1,7 @@
 """Pydantic models of the OpenAI wire format (requests, responses, stream chunks).
 
 Requests accept unknown fields and ignore them, as vLLM does: benchmark clients send extras
-such as `repetition_penalty` or `best_of`.
+such as `best_of`.
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ class SamplingFields(OpenAIModel):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
+    min_p: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
+    repetition_penalty: float | None = None  # only 1.0 (none) is supported
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False

@@ -95,7 +95,31 @@ class Serving:
             )
         return requested
 
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
+        """OpenAI's {"token id": bias} with ids checked against the vocabulary."""
+        out = {}
+        for key, value in (bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise BadRequestError(
+                    f"logit_bias keys must be token ids, got {key!r}", "logit_bias"
+                ) from None
+            vocab = self.prompts.vocab_size
+            if token < 0 or (vocab is not None and token >= vocab):
+                raise BadRequestError(
+                    f"logit_bias token id {token} is out of range [0, {vocab})", "logit_bias"
+                )
+            out[token] = value
+        return out
+
     def sampling_params(self, req: SamplingFields, max_tokens: int, **kw: Any) -> SamplingParams:
+        if req.repetition_penalty not in (None, 1.0):
+            raise BadRequestError(
+                "repetition_penalty is not supported yet (only 1.0); use presence_penalty or "
+                "frequency_penalty",
+                "repetition_penalty",
+            )
         return SamplingParams(
             n=1 if req.n is None else req.n,
             max_tokens=max_tokens,
@@ -105,6 +129,8 @@ class Serving:
             seed=req.seed,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
+            min_p=req.min_p or 0.0,
+            logit_bias=self._logit_bias(req.logit_bias),
             stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
