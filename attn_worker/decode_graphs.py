@@ -18,10 +18,9 @@ import torch
 from afd.cuda_graphs import GraphRunner, capture_sizes, size_for
 from afd.models.step3 import AttentionSide
 from attn_worker.attention import BatchAttention, DecodeAttention
+from attn_worker.ffn_client import Routing
 from attn_worker.kernels.decode_attention import graph_num_splits
 from attn_worker.kv_cache import KVCache
-
-Routing = tuple[torch.Tensor, torch.Tensor] | None
 
 
 @dataclass

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -35,6 +34,7 @@ from transport.base import (
     TensorSpec,
     Transport,
     register_transport,
+    settle,
 )
 
 
@@ -68,19 +68,6 @@ class _GlooWork:
         return self._done.wait()
 
 
-def _poll(works: list[dist.Work], deadline: float | None) -> bool:
-    """Spin until every work is complete; False once `deadline` (monotonic) passes."""
-    while not all(w.is_completed() for w in works):
-        if deadline is not None and time.monotonic() > deadline:
-            return False
-        time.sleep(0)
-    return True
-
-
-def _deadline(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
-
-
 class _SendHandle(Handle):
     __slots__ = ("_works",)
     what = "send"
@@ -93,8 +80,7 @@ class _SendHandle(Handle):
         return all(w.is_completed() for w in self._works)
 
     def wait(self, timeout: float | None = None) -> list[torch.Tensor]:
-        if not _poll(self._works, _deadline(timeout)):
-            raise self.timed_out(timeout)
+        settle([self], timeout)
         return []
 
 
@@ -105,17 +91,18 @@ class _RecvHandle(Handle):
 
     __slots__ = ("_works", "_tensors", "_stream_ordered")
 
-    def __init__(self, works: list, tensors: list[torch.Tensor], peer: str, key: Key, nccl: bool):
+    def __init__(
+        self, works: list, tensors: list[torch.Tensor], peer: str, key: Key, stream_ordered: bool
+    ) -> None:
         super().__init__(peer, key)
-        self._works, self._tensors, self._stream_ordered = works, tensors, nccl
+        self._works, self._tensors, self._stream_ordered = works, tensors, stream_ordered
 
     def done(self) -> bool:
         return all(w.is_completed() for w in self._works)
 
     def wait(self, timeout: float | None = None) -> list[torch.Tensor]:
         if not self._stream_ordered:
-            if not _poll(self._works, _deadline(timeout)):
-                raise self.timed_out(timeout)
+            settle([self], timeout)
             return self._tensors
         stream = torch.cuda.current_stream(self._tensors[0].device) if self._tensors else None
         for w in self._works:
@@ -236,12 +223,12 @@ class NcclTransport(Transport):
         if self.backend == "gloo":
             tensors = [torch.empty(shape, dtype=dt) for shape, dt in like]
             works = [self._track(dist.irecv(t, src=src, group=group)) for t in tensors if t.numel()]
-            return _RecvHandle(works, tensors, peer, key, nccl=False)
+            return _RecvHandle(works, tensors, peer, key, stream_ordered=False)
         # a side stream: NCCL's stream then waits for nothing queued on the compute stream
         with torch.cuda.stream(self._recv_stream):
             tensors = [torch.empty(shape, dtype=dt, device=self.device) for shape, dt in like]
             works = [dist.irecv(t, src=src, group=group) for t in tensors if t.numel()]
-        return _RecvHandle(works, tensors, peer, key, nccl=True)
+        return _RecvHandle(works, tensors, peer, key, stream_ordered=True)
 
     def _track(self, work: dist.Work) -> dist.Work | _GlooWork:
         return _GlooWork(work) if self.backend == "gloo" else work
