@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +36,17 @@ PROMPTS: list[list[int]] = [
     [600],
     list(range(100, 140)),
 ]
+
+
+def run_interpreted(test_file: str) -> dict:
+    """Runs `python TEST_FILE` in a child with TRITON_INTERPRET=1 (it must be set before triton
+    is imported, and setting it here would leak into every later test) and returns the JSON
+    of its last output line: the Triton kernel tests compute all their cases there at once."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, test_file], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

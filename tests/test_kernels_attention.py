@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +16,7 @@ from attn_worker.kernels.decode_attention import (
     paged_decode_attention_ref,
     paged_decode_attention_triton,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import run_interpreted
 
 # name -> (dtype, heads, head_dim, page, seq_lens, num_splits, max_seq_len passed, tolerance);
 # the comments count 16-token tiles.
@@ -116,15 +111,8 @@ def run_fp8_case(**knobs) -> float:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, float]:
-    """All Triton cases in one child process with TRITON_INTERPRET=1 (it must be set before
-    triton is imported, and setting it here would leak into every later test)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """All Triton cases, run interpreted in one child process."""
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -4,10 +4,6 @@ torch._grouped_mm path and the per-expert reference, each against a float64 comp
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +16,8 @@ from ffn_worker.kernels.fused_moe import (
     has_grouped_mm,
 )
 from ffn_worker.kernels.moe_gemm import GemmConfig, MoeConfig, align_by_expert, fused_moe_triton
+from tests.conftest import run_interpreted
 
-ROOT = Path(__file__).resolve().parents[1]
 TOPK = 3
 
 # name -> (tokens, hidden, inter, local experts, expert_start, global experts, config, skew).
@@ -84,15 +80,8 @@ def run_case(name: str) -> float:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    """All Triton cases in one child process with TRITON_INTERPRET=1 (it must be set before
-    triton is imported, and setting it here would leak into every later test)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """All Triton cases, run interpreted in one child process."""
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", list(CASES))

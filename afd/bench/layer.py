@@ -21,22 +21,16 @@ from afd.config import ModelConfig
 from afd.models.layers import Rope
 from afd.models.step3 import AttnLayer, FFNLayer, FFNShard
 from afd.models.tiny import TINY_TEXT_CONFIG
+from afd.planner.models import PRESET_CONFIGS
 from attn_worker.attention import BatchAttention, SeqView
 from attn_worker.kv_cache import KVCache
 
+# Step3's widths from the planner's preset (one source); layer count, MoE layout and vocab
+# are the caller's, since benches run few layers with a small vocabulary
+_LAYOUT = ("num_hidden_layers", "moe_layers_enum", "vocab_size")
 STEP3_WIDTH: dict[str, object] = {
-    "hidden_size": 7168,
-    "head_dim": 256,
-    "num_attention_heads": 64,
-    "share_q_dim": 2048,
-    "intermediate_size": 18432,
-    "moe_num_experts": 48,
-    "moe_top_k": 3,
-    "moe_intermediate_size": 5120,
-    "share_expert_dim": 5120,
-    "max_position_embedding": 65536,
-    "torch_dtype": "bfloat16",
-}
+    k: v for k, v in PRESET_CONFIGS["step3"]["text_config"].items() if k not in _LAYOUT
+} | {"torch_dtype": "bfloat16"}
 
 
 def step3_config(num_layers: int = 1, moe_layers: str | None = None, **overrides) -> ModelConfig:
