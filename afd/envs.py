@@ -39,5 +39,11 @@ def stage_delays_s() -> tuple[float, float]:
     return attn, ffn
 
 
+def ray_address() -> str | None:
+    """Ray's own RAY_ADDRESS (ray.init reads it too), the default of --ray-address; empty means
+    unset. Read when the flags are built, not at import, so a caller may set it first."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
 # Where `afd-serve` with no --model keeps the built-in tiny Step3 checkpoint.
 CACHE_DIR = os.environ.get("AFD_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "afd"))

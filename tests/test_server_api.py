@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -280,3 +281,63 @@ def test_many_concurrent_streams(base_url: str, engine: FakeEngine) -> None:
     for i, texts in enumerate(results):
         assert texts == {j: reply(j) for j in range(1 + i % 3)}
     assert not engine.in_flight and not engine.aborted
+
+
+def test_request_id_header_names_the_response(client: openai.OpenAI, base_url: str) -> None:
+    trace = {"X-Request-Id": "trace-42 a/b"}
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_headers=trace)
+    assert r._request_id == "trace-42 a/b" and r.id == "chatcmpl-trace-42 a/b"
+    r = client.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_headers=trace)
+    assert r._request_id == "trace-42 a/b" and r.id == "cmpl-trace-42 a/b"
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True}
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, headers=trace) as s:
+        assert s.status_code == 200 and s.headers["x-request-id"] == "trace-42 a/b"
+        ids = {json.loads(line[6:])["id"] for line in s.iter_lines() if line.startswith("data: {")}
+    assert ids == {"chatcmpl-trace-42 a/b"}
+    bad = httpx.post(base_url + "/v1/completions", json={"prompt": "hi", "n": 0}, headers=trace)
+    assert bad.status_code == 400 and bad.headers["x-request-id"] == "trace-42 a/b"
+
+
+def test_request_id_generated_without_header(base_url: str) -> None:
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
+    first, second = (httpx.post(base_url + "/v1/chat/completions", json=body) for _ in range(2))
+    ids = [r.headers["x-request-id"] for r in (first, second)]
+    assert ids[0] != ids[1] and len(ids[0]) >= 16
+    assert [r.json()["id"] for r in (first, second)] == [f"chatcmpl-{i}" for i in ids]
+    stream = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", base_url + "/v1/completions", json=stream) as s:
+        generated = s.headers["x-request-id"]
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert generated not in ids and {c["id"] for c in chunks} == {f"cmpl-{generated}"}
+
+
+def test_same_request_id_twice_at_once() -> None:
+    """A second request with the client's id starts while the first streams: each gets its
+    own engine request and its own whole answer, both named after the client's id."""
+
+    def answer(prompt_len: int) -> str:
+        return f"{prompt_len} tokens in." + " la" * 30
+
+    engine = FakeEngine(reply=lambda prompt, i: answer(len(prompt)), token_delay=0.01)
+    trace = {"X-Request-Id": "dup"}
+    short = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    long = {"model": MODEL, "messages": [{"role": "user", "content": "hi " * 20}]}
+
+    async def main(url: str) -> tuple[list[dict], dict]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            async with http.stream("POST", "/v1/chat/completions", json=short, headers=trace) as s:
+                lines = s.aiter_lines()
+                text = [await anext(lines)]  # the first is in the engine now
+                other = await http.post("/v1/chat/completions", json=long, headers=trace)
+                text += [line async for line in lines]
+        assert other.status_code == 200, other.text
+        return [json.loads(line[6:]) for line in text if line.startswith("data: {")], other.json()
+
+    with running_server(build_app(engine, ServerSettings())) as url:
+        chunks, other = asyncio.run(main(url))
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    whole = other["choices"][0]["message"]["content"]
+    assert {c["id"] for c in chunks} == {other["id"]} == {"chatcmpl-dup"}
+    num_short, num_long = int(streamed.split()[0]), int(whole.split()[0])
+    assert num_short < num_long and (streamed, whole) == (answer(num_short), answer(num_long))
+    assert len(set(engine.finished)) == 2 and not engine.aborted and not engine.in_flight

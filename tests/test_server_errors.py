@@ -168,3 +168,23 @@ def test_wrong_api_key_is_401(engine: FakeEngine) -> None:
         assert r.status_code == 401 and r.json()["error"]["code"] == 401
         r = httpx.post(url + CHAT, json=chat(max_tokens=2), headers={"Authorization": "Bearer k"})
         assert r.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "value", [b"x" * 257, "caf\xe9".encode("latin-1"), "é".encode(), b"a\tb"], ids=str
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_request_id_header(base_url: str, engine: FakeEngine, value: bytes, stream: bool):
+    started = len(engine.started)
+    headers = {"X-Request-Id": value}
+    r = httpx.post(base_url + CHAT, json=chat(stream=stream), headers=headers)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "X-Request-Id" and r.json()["error"]["code"] == 400
+    assert "X-Request-Id header" in r.json()["error"]["message"]
+    assert len(engine.started) == started  # refused before any engine work
+    longest = "x" * 256
+    ok = httpx.post(
+        base_url + COMPLETIONS, json=comp(max_tokens=2), headers={"X-Request-Id": longest}
+    )
+    assert ok.status_code == 200 and ok.json()["id"] == f"cmpl-{longest}"
+    assert ok.headers["x-request-id"] == longest and not engine.in_flight

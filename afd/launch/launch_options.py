@@ -7,13 +7,13 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import os
 import signal
 from collections.abc import Awaitable, Callable
 
 import uvicorn
 from fastapi import FastAPI
 
+from afd import envs
 from afd.config import ConfigError
 from afd.engine.builder import EngineSettings, parse_roles
 from afd.launch.local import rank_names
@@ -27,8 +27,7 @@ def add_launch_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="ranks as local processes or Ray actors (default: ray when a Ray address is given)",
     )
-    # RAY_ADDRESS is Ray's own variable; ray.init reads it too
-    g.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None)
+    g.add_argument("--ray-address", default=envs.ray_address(), help="default: $RAY_ADDRESS")
     g.add_argument(
         "--attn-resources",
         default=None,

@@ -29,7 +29,8 @@ class Instance:
 
 
 def connect(address: str | None) -> None:
-    """Joins the cluster at `address` (or RAY_ADDRESS / a local one) once per process."""
+    """Joins the cluster at `address` once per process; with None, ray.init itself reads
+    RAY_ADDRESS (see envs.ray_address) or starts a local cluster."""
     if not ray.is_initialized():
         ray.init(address=address, namespace="afd", log_to_driver=True)
 

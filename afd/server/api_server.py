@@ -27,6 +27,7 @@ from afd.server.protocol import (
     TokenizeResponse,
 )
 from afd.server.reasoning_parser import REASONING_PARSERS
+from afd.server.request_id import RequestIdMiddleware
 from afd.server.serving_chat import ChatServing
 from afd.server.serving_common import raise_api
 from afd.server.serving_completion import CompletionServing
@@ -66,6 +67,7 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     _install_error_handlers(app)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so a 401 carries it too
     chat = ChatServing(engine, settings)
     completion = CompletionServing(engine, settings)
 

@@ -118,6 +118,8 @@ class CoordinatorClient:
     ) -> AsyncIterator[RequestOutput]:
         if not self.is_healthy():
             raise EngineError(f"the engine is down: {self.error or 'coordinator exited'}")
+        # Queues and sequences are keyed by it: EngineStreams makes every id unique.
+        assert request_id not in self.queues, f"engine request id {request_id} is in use"
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.queues[request_id] = queue
         seqs = request_sequences(request_id, prompt_token_ids, params, self._ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,9 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 ABORT_TIMEOUT_S = 5.0
 _END = object()  # the engine's iterator ran out
+# Suffixes that keep engine request ids unique although clients pick X-Request-Id freely; one
+# counter for the process, as chat and completions share the engine.
+_serials = itertools.count()
 
 
 class EngineStreams:
@@ -37,11 +41,13 @@ class EngineStreams:
     async def stream(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one engine request. Leaving early for any reason (client gone,
-        cancellation, error) aborts it so its KV blocks are freed."""
+        """Outputs of one engine request, which runs as `<request_id>-<serial>`: two clients
+        sending one X-Request-Id still get one engine request each. Leaving early for any
+        reason (client gone, cancellation, error) aborts it so its KV blocks are freed."""
+        engine_id = f"{request_id}-{next(_serials)}"
         queue: asyncio.Queue[Any] = asyncio.Queue()
         pump = asyncio.create_task(
-            _pump(self.engine.generate(request_id, prompt_ids, params), queue)
+            _pump(self.engine.generate(engine_id, prompt_ids, params), queue)
         )
         self._watch(queue)
         self.metrics.on_start()
@@ -59,7 +65,7 @@ class EngineStreams:
             # Shielded (the caller may be cancelled) but bounded (the engine may be dead).
             with anyio.move_on_after(ABORT_TIMEOUT_S, shield=True):
                 if not finished:
-                    await self._abort(request_id)
+                    await self._abort(engine_id)
                 pump.cancel()
                 await asyncio.gather(pump, return_exceptions=True)
             self._finish(start, first, prompt_ids, out)

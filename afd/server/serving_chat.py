@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ from afd.server.protocol import (
     UsageInfo,
 )
 from afd.server.reasoning_parser import ReasoningStream, create_reasoning_parser, extract_reasoning
+from afd.server.request_id import request_id_of
 from afd.server.serving_common import DONE, Serving, sse, sse_error, until_disconnect
 from afd.server.settings import ServerSettings
 from afd.server.sse_response import SSEResponse
@@ -73,7 +73,7 @@ class ChatServing(Serving):
             create_tool_parser(self.settings.tool_call_parser, [])  # fail fast on a bad name
 
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
-        ctx, params = self._prepare(req)
+        ctx, params = self._prepare(req, f"chatcmpl-{request_id_of(raw)}")
         if req.stream:
             return SSEResponse(self._stream(ctx, params))
         final = await until_disconnect(raw, self._last_output(ctx, params))
@@ -81,7 +81,9 @@ class ChatServing(Serving):
             return Response(status_code=499)  # client closed the request; nobody reads this
         return JSONResponse(self._response(ctx, final).model_dump())
 
-    def _prepare(self, req: ChatCompletionRequest) -> tuple[ChatContext, SamplingParams]:
+    def _prepare(
+        self, req: ChatCompletionRequest, request_id: str
+    ) -> tuple[ChatContext, SamplingParams]:
         model = self.resolve_model(req.model)
         self.check_common(req)
         top_logprobs = self._check_logprobs(req)
@@ -100,7 +102,7 @@ class ChatServing(Serving):
         )
         in_reasoning = self.reasoning is not None and self.reasoning.starts_in_reasoning(prompt)
         ctx = ChatContext(
-            req, f"chatcmpl-{uuid.uuid4().hex}", model, prompt_ids, in_reasoning,
+            req, request_id, model, prompt_ids, in_reasoning,
             tool_parser, top_logprobs, echo_text(req),
         )  # fmt: skip
         return ctx, params

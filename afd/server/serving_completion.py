@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from afd.server.protocol import (
     CompletionResponse,
     UsageInfo,
 )
+from afd.server.request_id import request_id_of
 from afd.server.serving_common import DONE, Serving, sse, sse_error, until_disconnect
 from afd.server.sse_response import SSEResponse
 
@@ -50,7 +50,7 @@ class ChoiceCursor:
 
 class CompletionServing(Serving):
     async def create(self, req: CompletionRequest, raw: Request) -> Response:
-        ctx, params = self._prepare(req)
+        ctx, params = self._prepare(req, f"cmpl-{request_id_of(raw)}")
         if req.stream:
             return SSEResponse(self._stream(ctx, params))
         outs = await until_disconnect(raw, self._collect(ctx, params))
@@ -59,7 +59,7 @@ class CompletionServing(Serving):
         return JSONResponse(self._response(ctx, outs).model_dump())
 
     def _prepare(
-        self, req: CompletionRequest
+        self, req: CompletionRequest, request_id: str
     ) -> tuple[CompletionContext, list[SamplingParams | None]]:
         model = self.resolve_model(req.model)
         self.check_common(req)
@@ -68,9 +68,7 @@ class CompletionServing(Serving):
         prompts = self.prompts.completion_prompts(req.prompt, req.add_special_tokens)
         params = [self._params(req, len(p)) for p in prompts]
         echo = [self._echo_text(req, i, p) for i, p in enumerate(prompts)]
-        ctx = CompletionContext(
-            req, f"cmpl-{uuid.uuid4().hex}", model, prompts, echo, req.logprobs, n
-        )
+        ctx = CompletionContext(req, request_id, model, prompts, echo, req.logprobs, n)
         return ctx, params
 
     def _check_unsupported(self, req: CompletionRequest, n: int) -> None:
