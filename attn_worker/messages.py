@@ -21,6 +21,10 @@ class SamplingSpec:
     num_logprobs: int | None = None
     min_p: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    repetition_penalty: float = 1.0
+    # the prompt's distinct token ids, only with a repetition penalty; sent once per sequence
+    # (NewSequence), the output tokens are tracked on the rank as they are sampled
+    prompt_token_ids: list[int] = field(default_factory=list)
 
 
 @message

@@ -1,8 +1,10 @@
 """Sampler of an attention rank: logit bias, penalties, temperature, top-k, min-p, top-p,
 seeded draws, logprobs (of the raw distribution, as vLLM returns them by default).
 
-Seeded draws depend only on (seed, output index), so a sequence samples the same tokens
-whatever its batch, micro-batch or rank, and after preemption and recompute."""
+Every knob is a batched tensor op over the rows that need more than argmax; a row that does
+not use a knob gets its neutral value. Seeded draws depend only on (seed, output index), so a
+sequence samples the same tokens whatever its batch, micro-batch or rank, and after
+preemption and recompute."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from attn_worker.messages import SamplingSpec
 class SeqSamplingState:
     spec: SamplingSpec
     output_token_ids: list[int] = field(default_factory=list)
+    prompt_ids: torch.Tensor | None = None  # spec.prompt_token_ids on the device, made once
 
 
 def sample(
@@ -25,31 +28,34 @@ def sample(
 ) -> list[SampledToken]:
     """logits [S, V] float32 (raw model output) -> one token per row.
 
-    Rows that need nothing but argmax (greedy, no penalties) are picked in one batched op and
-    moved to the host together: a per-row loop would sync with the GPU once per sequence."""
+    Plain greedy rows are argmax of the raw logits; the others go through `_pick` together.
+    Tokens and their logprobs reach the host in one transfer each: a per-row loop would sync
+    with the GPU once per sequence."""
     logprobs = torch.log_softmax(logits, dim=-1)  # logprobs of the raw distribution, as vLLM
-    specs = [states[i].spec for i in seq_ids]
-    tokens = torch.argmax(logits, dim=-1).tolist()  # [S]
-    chosen = torch.gather(logprobs, 1, torch.tensor(tokens, device=logits.device)[:, None])
-    values = chosen[:, 0].tolist()  # [S]
+    rows = [states[i] for i in seq_ids]
+    tokens = torch.argmax(logits, dim=-1)  # [S]
+    picked = [r for r, state in enumerate(rows) if not _plain_greedy(state.spec)]
+    if picked:
+        idx = torch.tensor(picked, device=logits.device)
+        tokens[idx] = _pick(logits[idx], [rows[r] for r in picked])
+    values = torch.gather(logprobs, 1, tokens[:, None])[:, 0].tolist()  # [S]
     out = []
-    for row, (seq_id, spec) in enumerate(zip(seq_ids, specs, strict=True)):
-        state = states[seq_id]
-        if not _plain_greedy(spec):
-            tokens[row] = _pick(logits[row], state)
-            values[row] = float(logprobs[row, tokens[row]])
-        state.output_token_ids.append(tokens[row])
-        out.append(SampledToken(seq_id, tokens[row], values[row]))
-    _add_top_logprobs(out, logprobs, specs)
+    for seq_id, state, token, value in zip(seq_ids, rows, tokens.tolist(), values, strict=True):
+        state.output_token_ids.append(token)
+        out.append(SampledToken(seq_id, token, value))
+    _add_top_logprobs(out, logprobs, [state.spec for state in rows])
     return out
 
 
 def _plain_greedy(spec: SamplingSpec) -> bool:
+    return spec.temperature == 0.0 and not _penalised(spec) and not spec.logit_bias
+
+
+def _penalised(spec: SamplingSpec) -> bool:
     return (
-        spec.temperature == 0.0
-        and spec.presence_penalty == 0
-        and spec.frequency_penalty == 0
-        and not spec.logit_bias
+        spec.presence_penalty != 0.0
+        or spec.frequency_penalty != 0.0
+        or spec.repetition_penalty != 1.0
     )
 
 
@@ -68,46 +74,129 @@ def _add_top_logprobs(
             token.top_logprobs = values[row][: spec.num_logprobs]
 
 
-def _pick(logits: torch.Tensor, state: SeqSamplingState) -> int:
-    spec = state.spec
-    logits = _penalise(_bias(logits, spec), state)
-    if spec.temperature == 0.0:
-        return int(torch.argmax(logits))
-    logits = logits / spec.temperature
-    if spec.top_k > 0 and spec.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, spec.top_k).values[-1]
+def _pick(logits: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:
+    """logits [P, V] -> tokens [P]: bias and penalties for all rows, then argmax for greedy
+    rows and a draw from the filtered distribution for the others."""
+    specs = [state.spec for state in states]
+    logits = _penalise(_bias(logits, specs), states)
+    tokens = torch.argmax(logits, dim=-1)  # [P]
+    drawn = [r for r, spec in enumerate(specs) if spec.temperature != 0.0]
+    if drawn:
+        idx = torch.tensor(drawn, device=logits.device)
+        probs = sampling_probs(logits[idx], [specs[r] for r in drawn])
+        tokens[idx] = _draw(probs, [states[r] for r in drawn])
+    return tokens
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """One value per row as a [R, 1] column that broadcasts over the vocabulary."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+
+
+def sampling_probs(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
+    """logits [R, V] (temperature > 0) -> probs [R, V] after temperature, top-k, min-p (relative
+    to the most likely token, after temperature) and top-p. Filtered-out tokens get 0; the rest
+    are not renormalised (draws do not need it)."""
+    logits = logits / _column([s.temperature for s in specs], logits)
+    vocab = logits.shape[-1]
+    k = [s.top_k if 0 < s.top_k < vocab else 0 for s in specs]  # 0: no top-k for this row
+    if any(k):
+        ks = torch.tensor(k, device=logits.device)[:, None]  # [R, 1]
+        top = torch.topk(logits, max(k), dim=-1).values  # [R, max k]
+        kth = top.gather(1, (ks - 1).clamp(min=0))
+        kth = kth.masked_fill(ks == 0, float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if spec.min_p > 0.0:  # relative to the most likely token, after temperature
-        probs = probs.masked_fill(probs < spec.min_p * probs.max(), 0.0)
-    if spec.top_p < 1.0:
-        probs = _top_p(probs, spec.top_p)
-    gen = None
-    if spec.seed is not None:
-        gen = torch.Generator(device=probs.device)
-        gen.manual_seed((spec.seed * 1_000_003 + len(state.output_token_ids)) % (2**63))
-    return int(torch.multinomial(probs, 1, generator=gen))
+    if any(s.min_p > 0.0 for s in specs):
+        floor = _column([s.min_p for s in specs], probs) * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
+    if any(s.top_p < 1.0 for s in specs):
+        probs = _top_p(probs, [s.top_p for s in specs])
+    return probs
 
 
-def _bias(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
-    if not spec.logit_bias:
+def _top_p(probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+    p = _column(top_p, probs)  # [R, 1]
+    keep = (sorted_p.cumsum(-1) - sorted_p) < p  # always keeps the most likely token
+    keep |= p >= 1.0  # rows without top-p keep all, whatever the rounding of the sum
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
+
+
+def _draw(probs: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:
+    """probs [R, V] -> tokens [R]. Unseeded rows race exponentials together (argmax of p / E
+    with E ~ Exp(1) picks token i with probability p_i, without a host sync); seeded rows
+    draw from their own generator."""
+    tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    unseeded = [r for r, state in enumerate(states) if state.spec.seed is None]
+    if unseeded:
+        idx = torch.tensor(unseeded, device=probs.device)
+        exp = torch.empty_like(probs[idx]).exponential_()
+        race = probs[idx] / exp.clamp_(min=torch.finfo(exp.dtype).tiny)  # a 0 draw is no NaN
+        tokens[idx] = torch.argmax(race, dim=-1)
+    for r, state in enumerate(states):
+        if state.spec.seed is not None:
+            gen = torch.Generator(device=probs.device)
+            gen.manual_seed((state.spec.seed * 1_000_003 + len(state.output_token_ids)) % (2**63))
+            tokens[r] = torch.multinomial(probs[r], 1, generator=gen)[0]
+    return tokens
+
+
+def _bias(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
+    rows, ids, bias = [], [], []
+    for r, spec in enumerate(specs):
+        rows += [r] * len(spec.logit_bias)
+        ids += spec.logit_bias.keys()
+        bias += spec.logit_bias.values()
+    if not rows:
         return logits
-    ids = torch.tensor(list(spec.logit_bias), dtype=torch.long, device=logits.device)
-    bias = torch.tensor(list(spec.logit_bias.values()), dtype=logits.dtype, device=logits.device)
-    return logits.index_add(0, ids, bias)
+    index = torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)
+    values = torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+    return logits.index_put(index, values, accumulate=True)
 
 
-def _penalise(logits: torch.Tensor, state: SeqSamplingState) -> torch.Tensor:
-    spec = state.spec
-    if not state.output_token_ids or (spec.presence_penalty == 0 and spec.frequency_penalty == 0):
+def _penalise(logits: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:
+    """Repetition penalty over prompt and output tokens (vLLM / HF: positive logits divided
+    by it, the others multiplied), then frequency and presence penalties over output tokens."""
+    specs = [state.spec for state in states]
+    if not any(_penalised(spec) for spec in specs):
         return logits
-    ids = torch.tensor(state.output_token_ids, device=logits.device)
-    counts = torch.bincount(ids, minlength=logits.shape[-1]).to(logits.dtype)
-    return logits - spec.frequency_penalty * counts - spec.presence_penalty * (counts > 0)
+    counts = _output_counts(logits, states)  # [P, V]
+    if any(spec.repetition_penalty != 1.0 for spec in specs):
+        rep = _column([spec.repetition_penalty for spec in specs], logits)
+        seen = (counts > 0) | _prompt_mask(logits, states)
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    frequency = _column([spec.frequency_penalty for spec in specs], logits)
+    presence = _column([spec.presence_penalty for spec in specs], logits)
+    return logits - frequency * counts - presence * (counts > 0)
 
 
-def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    sorted_p, order = torch.sort(probs, descending=True)
-    keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # always keeps the most likely token
-    sorted_p = sorted_p * keep
-    return torch.zeros_like(probs).scatter_(0, order, sorted_p)
+def _output_counts(logits: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:
+    """[P, V] how often each token was generated, for the rows with a penalty (0 elsewhere)."""
+    rows, ids = [], []
+    for r, state in enumerate(states):
+        if _penalised(state.spec):
+            rows += [r] * len(state.output_token_ids)
+            ids += state.output_token_ids
+    counts = torch.zeros_like(logits)
+    if rows:
+        index = torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)
+        counts.index_put_(
+            index, torch.ones(len(rows), dtype=logits.dtype, device=logits.device), accumulate=True
+        )
+    return counts
+
+
+def _prompt_mask(logits: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:
+    """[P, V] bool: the token appears in the row's prompt (rows with a repetition penalty)."""
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    rows, ids = [], []
+    for r, state in enumerate(states):
+        if state.spec.repetition_penalty != 1.0 and state.spec.prompt_token_ids:
+            if state.prompt_ids is None:
+                state.prompt_ids = torch.tensor(state.spec.prompt_token_ids, device=logits.device)
+            rows.append(torch.full_like(state.prompt_ids, r))
+            ids.append(state.prompt_ids)
+    if rows:
+        mask[torch.cat(rows), torch.cat(ids)] = True
+    return mask
