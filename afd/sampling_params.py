@@ -24,6 +24,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    repetition_penalty: float = 1.0  # > 1 discourages prompt and output tokens; 1.0: off
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -50,6 +51,7 @@ class SamplingParams:
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
             (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
+            (self.repetition_penalty > 0.0, "repetition_penalty", "must be positive (1.0: off)"),
             (
                 all(t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()),
                 "logit_bias",

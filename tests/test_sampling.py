@@ -1,12 +1,16 @@
 """Sampling through the offline API: seeded draws repeat whatever the batch or KV pressure,
-top-k 1 is greedy, penalties and temperature change what is drawn."""
+top-k 1 is greedy, penalties and temperature change what is drawn; repetition_penalty through
+the server too."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
+from fake_engine import FakeEngine, running_server
 
 from afd import LLM, SamplingParams
 from afd.sampling_params import SamplingError
+from afd.server.api_server import ServerSettings, build_app
 from tests.conftest import PROMPTS
 
 
@@ -71,3 +75,48 @@ def test_frequency_penalty_discourages_repeats(llm):
         max_tokens=24, temperature=0.0, frequency_penalty=2.0, presence_penalty=2.0, ignore_eos=True
     )
     assert repeats(penalised) < repeats(plain)
+
+
+def greedy(rep: float, max_tokens: int = 16) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, repetition_penalty=rep, ignore_eos=True
+    )
+
+
+def test_repetition_penalty_changes_greedy_output(llm):
+    def repeats(outs: list[list[int]]) -> int:
+        return sum(len(t) - len(set(t)) for t in outs)
+
+    plain, penalised = tokens(llm, PROMPTS, greedy(1.0)), tokens(llm, PROMPTS, greedy(2.0))
+    assert repeats(plain) > 0  # the tiny model repeats itself, so there is something to stop
+    assert repeats(penalised) < repeats(plain) and penalised != plain
+
+
+def test_repetition_penalty_counts_prompt_tokens_like_output_tokens(llm):
+    """Moving the first 8 output tokens into the prompt leaves the penalised set, and so the
+    greedy continuation, unchanged; without the prompt's tokens it would differ."""
+    out = tokens(llm, [PROMPTS[0]], greedy(2.0))[0]
+    moved = tokens(llm, [PROMPTS[0] + out[:8]], greedy(2.0, max_tokens=8))[0]
+    assert moved == out[8:]
+    assert tokens(llm, [PROMPTS[0] + out[:8]], greedy(1.0, max_tokens=8))[0] != out[8:]
+    for bad in (0.0, -1.0):
+        with pytest.raises(SamplingError, match="repetition_penalty"):
+            SamplingParams(repetition_penalty=bad)
+
+
+def test_server_accepts_repetition_penalty_and_rejects_non_positive():
+    engine = FakeEngine()
+    chat = {"model": "tiny-step3", "messages": [{"role": "user", "content": "hi"}]}
+    comp = {"model": "tiny-step3", "prompt": "hello"}
+    with running_server(build_app(engine, ServerSettings())) as url:
+        with httpx.Client(base_url=url, timeout=10) as http:
+            for path, body in (("/v1/chat/completions", chat), ("/v1/completions", comp)):
+                r = http.post(path, json={**body, "repetition_penalty": 1.3})
+                assert r.status_code == 200, r.text
+                assert engine.last_params.repetition_penalty == 1.3
+                for bad in (0, -0.5):
+                    r = http.post(path, json={**body, "repetition_penalty": bad})
+                    assert r.status_code == 400, r.text
+                    error = r.json()["error"]
+                    assert error["param"] == "repetition_penalty" and error["code"] == 400
+                    assert "repetition_penalty must be positive" in error["message"]

@@ -59,7 +59,7 @@ CASES: list[tuple[str, str, object, int, str]] = [
     ("logit_bias key not an id", CHAT, chat(logit_bias={"abc": 1}), 400, "logit_bias"),
     ("logit_bias id past vocab", CHAT, chat(logit_bias={"999999999": 1}), 400, "logit_bias"),
     ("logit_bias too large", CHAT, chat(logit_bias={"5": 500}), 400, "logit_bias"),
-    ("repetition_penalty", CHAT, chat(repetition_penalty=1.3), 400, "repetition_penalty"),
+    ("repetition_penalty zero", CHAT, chat(repetition_penalty=0), 400, "repetition_penalty"),
     ("stop is a number", CHAT, chat(stop=5), 400, "stop"),
     ("top_logprobs w/o logprobs", CHAT, chat(top_logprobs=2), 400, "logprobs"),
     ("top_logprobs too big", CHAT, chat(logprobs=True, top_logprobs=50), 400, "top_logprobs"),

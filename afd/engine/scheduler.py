@@ -309,5 +309,7 @@ def _new_sequence(seq: Sequence) -> NewSequence:
         p.logprobs,
         p.min_p,
         dict(p.logit_bias),
+        p.repetition_penalty,
+        sorted(set(seq.prompt_token_ids)) if p.repetition_penalty != 1.0 else [],
     )
     return NewSequence(seq.seq_id, spec, list(seq.output_token_ids))

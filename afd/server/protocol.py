@@ -81,7 +81,7 @@ class SamplingFields(OpenAIModel):
     frequency_penalty: float | None = 0.0
     min_p: float | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
-    repetition_penalty: float | None = None  # only 1.0 (none) is supported
+    repetition_penalty: float | None = None  # vLLM's extra; None or 1.0: off
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False

@@ -114,12 +114,6 @@ class Serving:
         return out
 
     def sampling_params(self, req: SamplingFields, max_tokens: int, **kw: Any) -> SamplingParams:
-        if req.repetition_penalty not in (None, 1.0):
-            raise BadRequestError(
-                "repetition_penalty is not supported yet (only 1.0); use presence_penalty or "
-                "frequency_penalty",
-                "repetition_penalty",
-            )
         return SamplingParams(
             n=1 if req.n is None else req.n,
             max_tokens=max_tokens,
@@ -131,6 +125,7 @@ class Serving:
             frequency_penalty=req.frequency_penalty or 0.0,
             min_p=req.min_p or 0.0,
             logit_bias=self._logit_bias(req.logit_bias),
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
