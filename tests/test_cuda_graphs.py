@@ -79,14 +79,27 @@ def _generate(runner: AttnRunner, prompts, steps: int = 4, micro_batches: int = 
     out = []
     for plan in _plans(prompts, steps, micro_batches):
         result = runner.execute(plan)
-        out.append([(s.seq_id, s.token_id, s.logprob, s.top_ids) for s in result.sampled])
+        out.append(
+            [(s.seq_id, s.token_id, s.logprob, s.top_ids, s.top_logprobs) for s in result.sampled]
+        )
     return out
 
 
 def _close(a, b, tol: float) -> None:
+    """Per sequence, as vLLM's logprob checks: while both runs pick the same tokens, their
+    logprobs agree within `tol`. Where they first pick different tokens, each pick must be in
+    the other run's top-k (a near-tie that low-precision rounding may flip); the sequences
+    then continue from different tokens, so the comparison of that sequence ends there."""
+    per_seq: dict[int, list[tuple]] = {}
     for step_a, step_b in zip(a, b, strict=True):
-        for (sa, ta, la, ia), (sb, tb, lb, ib) in zip(step_a, step_b, strict=True):
-            assert (sa, ta, ia) == (sb, tb, ib)
+        assert [s[0] for s in step_a] == [s[0] for s in step_b]
+        for sa, sb in zip(step_a, step_b, strict=True):
+            per_seq.setdefault(sa[0], []).append((sa, sb))
+    for pairs in per_seq.values():
+        for (_, ta, la, ia, _), (_, tb, lb, ib, _) in pairs:
+            if ta != tb:
+                assert ta in ib and tb in ia, (ta, ia, tb, ib)
+                break
             assert abs(la - lb) < tol
 
 

@@ -132,12 +132,15 @@ def test_triton_fp8_kv_matches_reference(interpreted: dict[str, float], variant:
     assert interpreted["fp8" + variant] < 1e-2
 
 
-def test_split_count_fills_waves() -> None:
+def test_split_count_model_picks_the_measured_fastest() -> None:
     # 32 sequences on 132 SMs: 4 splits fill one wave; 128 sequences need no split
     assert choose_num_splits(32, 4096, 64, 132) == 4
     assert choose_num_splits(32, 4096, 32, 132) == 4  # the default 32-token tiles
     assert choose_num_splits(128, 4096, 64, 132) == 1
     assert choose_num_splits(1, 64, 64, 132) == 1
+    # 64 programs stream at ~2x their share of bandwidth: no reduce pays at 4K, it does at 8K
+    assert choose_num_splits(64, 4096, 32, 132) == 1
+    assert choose_num_splits(64, 8192, 32, 132) == 2
 
 
 def _gpu_inputs(

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from afd.bench.kernel_timing import ceilings, cycle, ms_of, rel_err, rotate
+from attn_worker.kernels.decode_attention import DEFAULT_BLOCK_N, choose_num_splits
 from attn_worker.kernels.decode_attention import paged_decode_attention_ref as attn_ref
 from attn_worker.kernels.decode_attention import paged_decode_attention_triton as attn_triton
 
@@ -32,6 +33,10 @@ VARIANTS: dict[str, dict] = {
     "n64s3w8": dict(block_n=64, num_stages=3, num_warps=8),
 }
 SWEEP_SHAPES = [(32, 4096), (64, 4096), (32, 8192), (64, 8192), (128, 4096), (32, 32768)]
+
+
+def _sms() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count
 
 
 def _attn_inputs(batch: int, seq_len: int, page: int = PAGE) -> dict[str, torch.Tensor]:
@@ -79,6 +84,7 @@ def attention(copy_bw: float, results: dict) -> None:
             sets = rotate(lambda b=batch, n=seq_len: _attn_inputs(b, n), kv_bytes)
             runs = [_attn_triton(t, seq_len) for t in sets]
             row = {"B": batch, "L": seq_len, "kv_bytes": kv_bytes, "input_sets": len(sets)}
+            row["num_splits"] = choose_num_splits(batch, seq_len, DEFAULT_BLOCK_N, _sms())
             row["err"] = _attn_check(sets[0], runs[0])
             row["err_again"] = _attn_check(sets[-1], runs[-1])  # counters reused
             sdpas = [_sdpa(t, batch, seq_len) for t in sets]

@@ -88,13 +88,15 @@ def _split_tokens(seq_len, num_splits, BLOCK_N: tl.constexpr):
 def _reduce_kernel(
     po_ptr, pm_ptr, pl_ptr, out_ptr, lens_ptr, num_splits, stride_ob, stride_oh,
     HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_HR: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_HR: tl.constexpr, BLOCK_N: tl.constexpr, GDC: tl.constexpr,
 ):  # fmt: skip
     """out[b, heads] = sum_s w_s o_s / sum_s w_s, w_s = l_s 2^(m_s - max m), over the sequence's
     non-empty splits, all loaded at once: this kernel is short and latency-bound."""
     b = tl.program_id(0)
-    seq_len = tl.load(lens_ptr + b)
+    seq_len = tl.load(lens_ptr + b)  # an input of the decode kernel: readable before the wait
     live_splits = tl.cdiv(seq_len, _split_tokens(seq_len, num_splits, BLOCK_N))
+    if GDC:  # launched before the decode kernel ended: wait for its partials
+        tl.extra.cuda.gdc_wait()
     if live_splits > 1:  # one live split stored the output itself
         offs_s = tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
@@ -121,6 +123,7 @@ def _decode_kernel(
     stride_ob, stride_oh,
     HQ: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IS_FP8: tl.constexpr, SPLIT: tl.constexpr,
+    GDC: tl.constexpr,
 ):  # fmt: skip
     pid_s = tl.program_id(0)
     b = tl.program_id(1)
@@ -138,6 +141,8 @@ def _decode_kernel(
         q, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr + b * stride_btb, start, end, qk_scale,
         stride_kblk, offs_d, mask_d, BLOCK_H, BLOCK_D, BLOCK_N, PAGE, D, IS_FP8,
     )  # fmt: skip
+    if GDC:  # the reduce (programmatic dependent launch) may launch while results are stored
+        tl.extra.cuda.gdc_launch_dependents()
     out_ptrs = out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :]
     mask_hd = mask_h[:, None] & mask_d[None, :]
     if not SPLIT:  # one split per sequence: no partials, no reduce launch
@@ -188,18 +193,37 @@ def _workspace(device: torch.device, rows: int, head_dim: int) -> tuple[Tensor, 
     return ws
 
 
+@functools.cache
+def _has_gdc(device: torch.device) -> bool:
+    """Programmatic dependent launch (griddepcontrol) exists from Hopper (sm_90) on."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+# The split-count model's two measured constants (H100, bench/NOTES-kernels.md, version 10):
+# one program streams up to ~1.9x its fair share (1/SMs) of memory bandwidth (64 programs
+# reached 2.8 of 3.0 TB/s), and splitting costs about 9 tiles' time: the reduce launch, the
+# partials, and more programs racing for bandwidth, whose slowest sets the end.
+_PROGRAM_SPEEDUP = 1.9
+_SPLIT_COST_TILES = 9.0
+
+
 @functools.lru_cache(maxsize=4096)
 def choose_num_splits(batch: int, max_seq_len: int, block_n: int, slots: int) -> int:
-    """Splits per sequence minimising waves x (tiles per split + fixed cost), `slots` being
-    the programs the GPU runs at once. Too few programs idle SMs, one program past a full wave
-    costs a whole wave, and each split pays a fixed cost (q load, pipeline fill, a [Hq, D]
-    partial written and merged) of about two KV tiles."""
+    """Splits per sequence with the least modelled time, in units of one tile streamed at a
+    fair share of bandwidth. `slots` programs run at once; each wave of n programs, each
+    with t tiles, takes t x max(1 / _PROGRAM_SPEEDUP, n / slots): a short wave is bound by
+    what one program can stream, a full one by the memory. Splitting adds a fixed cost."""
     tiles = max(1, triton.cdiv(max_seq_len, block_n))
     best_cost, best = float("inf"), 1
     for splits in range(1, min(tiles, 64) + 1):
-        waves = triton.cdiv(batch * splits, slots)
-        cost = waves * (triton.cdiv(tiles, splits) + (2 if splits > 1 else 1))
-        if cost < best_cost:
+        per_split = triton.cdiv(tiles, splits)
+        programs, cost = batch * triton.cdiv(tiles, per_split), 0.0
+        while programs > 0:  # wave by wave
+            wave = min(programs, slots)
+            cost += per_split * max(1 / _PROGRAM_SPEEDUP, wave / slots)
+            programs -= wave
+        cost += _SPLIT_COST_TILES if splits > 1 else 0.0
+        if cost < best_cost - 1e-9:
             best_cost, best = cost, splits
     return best
 
@@ -231,6 +255,7 @@ def paged_decode_attention_triton(
     num_stages: int | None = None,
     programs_per_sm: int = 1,
     out: Tensor | None = None,
+    pdl: bool = True,
 ) -> Tensor:
     """Triton path; see `paged_decode_attention`. `max_seq_len` avoids a device sync when the
     caller knows it; `num_splits`/`block_n`/warps/stages/`programs_per_sm` are tuning knobs for
@@ -259,6 +284,7 @@ def paged_decode_attention_triton(
     # one split stores straight to `out`; one row keeps the unused pointers valid
     rows = 1 if num_splits == 1 else batch * num_splits * num_heads
     part_o, part_ml = _workspace(q.device, rows, head_dim)
+    gdc = pdl and _has_gdc(q.device)
     _decode_kernel[(num_splits, batch)](
         q, k_cache, v_cache, out if k_scale is None else k_scale,
         out if v_scale is None else v_scale, block_tables, seq_lens,
@@ -266,7 +292,7 @@ def paged_decode_attention_triton(
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), num_splits,
         out.stride(0), out.stride(1),
         HQ=num_heads, D=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
-        PAGE=page, IS_FP8=is_fp8, SPLIT=num_splits > 1,
+        PAGE=page, IS_FP8=is_fp8, SPLIT=num_splits > 1, GDC=gdc,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:
@@ -280,7 +306,7 @@ def paged_decode_attention_triton(
             part_o, part_ml[0], part_ml[1], out, seq_lens, num_splits,
             out.stride(0), out.stride(1),
             HQ=num_heads, D=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, BLOCK_HR=block_hr,
-            BLOCK_N=block_n, num_warps=4,
+            BLOCK_N=block_n, GDC=gdc, num_warps=4, **({"launch_pdl": True} if gdc else {}),
         )  # fmt: skip
     return out
 
