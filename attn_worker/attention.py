@@ -51,6 +51,7 @@ class DecodeAttention:
     ) -> torch.Tensor:
         """q [B, Hq, D], k/v [B, 1, D] -> [B, Hq, D]; writes k/v into the cache first."""
         self.cache.write(layer, self.slots, k[:, 0], v[:, 0])
+        k_scale, v_scale = self.cache.scales(layer)  # fp8 KV: one scale per token vector
         return paged_decode_attention(
             q,
             self.cache.k[layer],
@@ -59,6 +60,8 @@ class DecodeAttention:
             self.seq_lens,
             self.scale,
             self.max_seq_len,
+            k_scale,
+            v_scale,
             num_splits=self.num_splits,
         )
 

@@ -24,8 +24,18 @@ def main(argv: list[str]) -> int:
     dtype, device = resolve_dtype(spec.dtype, cfg), spec.torch_device()
     with spec.session() as (channel, transport):
         side = load_attention_side(spec.model, cfg, dtype, device)
-        blocks = spec.num_kv_blocks or blocks_in_memory(cfg, spec.block_size, dtype, device)
-        cache = KVCache(cfg.num_hidden_layers, blocks, spec.block_size, cfg.head_dim, dtype, device)
+        blocks = spec.num_kv_blocks or blocks_in_memory(
+            cfg, spec.block_size, dtype, device, spec.kv_cache_dtype
+        )
+        cache = KVCache(
+            cfg.num_hidden_layers,
+            blocks,
+            spec.block_size,
+            cfg.head_dim,
+            dtype,
+            device,
+            spec.kv_cache_dtype,
+        )
         graphs = None
         if spec.cuda_graph_max_batch and device.type == "cuda":
             max_len = spec.max_model_len or cfg.max_position_embeddings

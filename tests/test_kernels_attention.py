@@ -99,8 +99,8 @@ def run_case(name: str, seed: int, **knobs) -> float:
 def run_fp8_case(**knobs) -> float:
     q, k, v, tables, lens = _inputs(2, 8, 32, 16, [29, 48], torch.float16, seed=7)
     g = torch.Generator().manual_seed(8)
-    k_scale = torch.rand(k.shape[0], generator=g) + 0.5  # [NB] float32
-    v_scale = torch.rand(k.shape[0], generator=g) + 0.5
+    k_scale = torch.rand(k.shape[:2], generator=g) + 0.5  # [NB, page] float32, per token
+    v_scale = torch.rand(k.shape[:2], generator=g) + 0.5
     k8 = (k.float() / 2).to(torch.float8_e4m3fn)
     v8 = (v.float() / 2).to(torch.float8_e4m3fn)
     out = paged_decode_attention_triton(
@@ -186,8 +186,8 @@ def test_gpu_uneven_splits_repeated(page: int) -> None:
 @gpu
 def test_gpu_fp8_kv() -> None:
     q, k, v, tables, lens = _gpu_inputs([2048, 700, 1500], torch.bfloat16, seed=6)
-    k_scale = torch.rand(k.shape[0], device="cuda") + 0.5  # [NB] float32
-    v_scale = torch.rand(k.shape[0], device="cuda") + 0.5
+    k_scale = torch.rand(k.shape[:2], device="cuda") + 0.5  # [NB, page] float32, per token
+    v_scale = torch.rand(k.shape[:2], device="cuda") + 0.5
     k8, v8 = (k.float() / 2).to(torch.float8_e4m3fn), (v.float() / 2).to(torch.float8_e4m3fn)
     out = paged_decode_attention_triton(
         q, k8, v8, tables, lens, 256**-0.5, k_scale=k_scale, v_scale=v_scale

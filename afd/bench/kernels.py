@@ -15,7 +15,7 @@ import torch
 import triton
 
 from afd.bench.kernel_timing import ceilings
-from afd.bench.kernels_attention import attention
+from afd.bench.kernels_attention import attention, attention_fp8
 from afd.bench.kernels_moe import moe
 
 
@@ -28,6 +28,11 @@ def _table(results: dict) -> str:
         lines.append(
             f"{r['B']:>4} {r['L']:>6} {r['sdpa_ms']:8.3f} {r['sdpa_frac_copy']:5.2f} "
             f"{r['triton_ms']:9.3f} {r['triton_frac_copy']:5.2f} {r['err']:.1e}"
+        )
+    for r in results.get("attention_fp8", []):
+        lines.append(
+            f"{r['B']:>4} {r['L']:>6} fp8 KV (e4m3 + a scale a token): "
+            f"{r['triton_ms']:9.3f} ms {r['triton_frac_copy']:5.2f} {r['err']:.1e}"
         )
     lines.append("MoE (48 experts top-3, 7168->5120, bf16): ms / frac copy / frac matmul")
     for r in results.get("moe", []):
@@ -65,6 +70,7 @@ def main(argv: list[str]) -> int:
     for part in ("attention", "moe"):  # JSON after each part: a crash keeps what was measured
         if part == "attention" and part not in args.skip:
             attention(peaks["copy_bytes_per_s"], results)
+            attention_fp8(peaks["copy_bytes_per_s"], results)
         elif part == "moe" and part not in args.skip:
             moe(peaks, results, args.tokens)
         out_path.write_text(json.dumps(results, indent=1, default=str))

@@ -20,6 +20,7 @@ from afd.bench.kernel_timing import ceilings, cycle, ms_of, rel_err, rotate
 from attn_worker.kernels.decode_attention import DEFAULT_BLOCK_N, choose_num_splits
 from attn_worker.kernels.decode_attention import paged_decode_attention_ref as attn_ref
 from attn_worker.kernels.decode_attention import paged_decode_attention_triton as attn_triton
+from attn_worker.kv_cache import quantize_fp8
 
 HQ, HEAD_DIM, PAGE = 64, 256, 64
 # sweep: tile configs timed side by side at the shapes that decide the defaults, each at the
@@ -32,6 +33,7 @@ VARIANTS: dict[str, dict] = {
     "n32s3": dict(num_stages=3),
     "n64s3w8": dict(block_n=64, num_stages=3, num_warps=8),
 }
+FP8_SHAPES = [(32, 4096), (64, 8192), (128, 32768)]
 SWEEP_SHAPES = [(32, 4096), (64, 4096), (32, 8192), (64, 8192), (128, 4096), (32, 32768)]
 
 
@@ -95,6 +97,34 @@ def attention(copy_bw: float, results: dict) -> None:
             del sets, runs, sdpas
             rows.append(row)
             print("attn", row, flush=True)
+
+
+def _fp8_inputs(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same cache as the KV cache stores it with --kv-cache-dtype fp8."""
+    (k8, ks), (v8, vs) = quantize_fp8(t["k"]), quantize_fp8(t["v"])
+    return {**t, "k": k8, "v": v8, "k_scale": ks, "v_scale": vs}
+
+
+def attention_fp8(copy_bw: float, results: dict) -> None:
+    """fp8 KV (e4m3, a scale per token vector) at a few shapes: bytes = 2·B·L·(256 + 4)."""
+    rows = results.setdefault("attention_fp8", [])
+    for batch, seq_len in FP8_SHAPES:
+        torch.cuda.empty_cache()
+        kv_bytes = 2 * batch * seq_len * (HEAD_DIM + 4)
+        sets = rotate(lambda b=batch, n=seq_len: _fp8_inputs(_attn_inputs(b, n)), kv_bytes)
+        runs = [_attn_triton(t, seq_len, k_scale=t["k_scale"], v_scale=t["v_scale"]) for t in sets]
+        t, n = sets[0], 4
+        ref = attn_ref(
+            t["q"][:n], t["k"], t["v"], t["bt"][:n], t["lens"][:n], HEAD_DIM**-0.5,
+            t["k_scale"], t["v_scale"],
+        )  # fmt: skip
+        row = {"B": batch, "L": seq_len, "kv_bytes": kv_bytes, "input_sets": len(sets)}
+        row["err"] = rel_err(runs[0]()[:n], ref)
+        row["triton_ms"] = ms_of(cycle(runs))
+        row["triton_frac_copy"] = kv_bytes / (row["triton_ms"] * 1e-3) / copy_bw
+        del sets, runs
+        rows.append(row)
+        print("attn fp8", row, flush=True)
 
 
 def _timed(sets: list[dict], seq_len: int, kv_bytes: int, copy_bw: float, **knobs) -> dict:

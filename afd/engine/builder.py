@@ -18,7 +18,7 @@ from afd.models.build import load_attention_side, load_ffn_side, resolve_dtype
 from afd.models.step3 import FFNShard
 from attn_worker.decode_graphs import DecodeGraphs
 from attn_worker.ffn_client import LocalFFN
-from attn_worker.kv_cache import KVCache
+from attn_worker.kv_cache import KVCache, check_kv_cache_dtype, kv_bytes_per_block
 from attn_worker.model_runner import AttnRunner
 from ffn_worker.graphs import FFNGraphs
 
@@ -41,6 +41,7 @@ class EngineSettings:
     max_num_seqs: int = 256
     block_size: int = 16
     num_kv_blocks: int | None = None
+    kv_cache_dtype: str = "auto"  # "fp8": e4m3 with a scale per token vector (kv_cache.py)
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     tpot_slo_ms: float | None = None  # None: throughput first (offline); afd-serve: 50
@@ -90,14 +91,20 @@ def default_num_blocks(
             raise ConfigError(f"num_kv_blocks must be positive, got {settings.num_kv_blocks}")
         return settings.num_kv_blocks
     full = settings.max_num_seqs * -(-model_len(settings, cfg) // settings.block_size)
-    return min(blocks_in_memory(cfg, settings.block_size, dtype, device), full)
+    in_memory = blocks_in_memory(cfg, settings.block_size, dtype, device, settings.kv_cache_dtype)
+    return min(in_memory, full)
 
 
 def blocks_in_memory(
-    cfg: ModelConfig, block_size: int, dtype: torch.dtype, device: torch.device
+    cfg: ModelConfig,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    kv_cache_dtype: str = "auto",
 ) -> int:
     """KV blocks that fit: 90% of free GPU memory (after weights), or a fixed CPU pool."""
-    per_block = 2 * cfg.num_hidden_layers * block_size * cfg.head_dim * dtype.itemsize
+    layers, dim = cfg.num_hidden_layers, cfg.head_dim
+    per_block = kv_bytes_per_block(layers, block_size, dim, dtype, kv_cache_dtype)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(1, int(free * GPU_MEMORY_UTILIZATION) // per_block)
@@ -112,7 +119,13 @@ def build_colocated(settings: EngineSettings, cfg: ModelConfig) -> tuple[Executo
     ffn = load_ffn_side(settings.model, cfg, FFNShard(), dtype, device)
     num_blocks = default_num_blocks(settings, cfg, dtype, device)
     cache = KVCache(
-        cfg.num_hidden_layers, num_blocks, settings.block_size, cfg.head_dim, dtype, device
+        cfg.num_hidden_layers,
+        num_blocks,
+        settings.block_size,
+        cfg.head_dim,
+        dtype,
+        device,
+        settings.kv_cache_dtype,
     )
     graphs, ffn_graphs = None, None
     if max_batch := settings.graph_max_batch():
@@ -134,6 +147,7 @@ def build_engine(settings: EngineSettings) -> EngineCore:
         raise ConfigError(f"--model: {settings.model} does not exist")
     cfg = ModelConfig.from_pretrained(settings.model)
     max_len = model_len(settings, cfg)
+    check_kv_cache_dtype(settings.kv_cache_dtype)
     if settings.colocated:
         executor, num_blocks = build_colocated(settings, cfg)
     elif settings.launcher == "ray":

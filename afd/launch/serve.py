@@ -26,6 +26,7 @@ from afd.models.tiny import make_tiny_model
 from afd.server.api_server import add_server_args, build_app, settings_from_args
 from afd.server.coordinator_client import CoordinatorClient
 from afd.tokenizer import Tokenizer
+from attn_worker.kv_cache import check_kv_cache_dtype
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +44,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="per rank per step")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-kv-blocks", type=int, default=None, help="per attention rank")
+    g.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        help="auto (the model's dtype) or fp8 (= fp8_e4m3: e4m3 with a scale per token vector)",
+    )
     g.add_argument("--tpot-slo-ms", type=float, default=50.0, help="time-per-output-token target")
     g.add_argument(
         "--cuda-graph-max-batch",
@@ -76,6 +82,7 @@ def engine_settings(args: argparse.Namespace, model: str) -> EngineSettings:
         max_num_seqs=args.max_num_seqs,
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
+        kv_cache_dtype=check_kv_cache_dtype(args.kv_cache_dtype),
         max_model_len=args.max_model_len,
         tpot_slo_ms=args.tpot_slo_ms,
         cuda_graph_max_batch=0 if args.enforce_eager else args.cuda_graph_max_batch,

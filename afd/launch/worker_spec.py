@@ -32,6 +32,7 @@ class WorkerSpec:
     transport: str = "zmq"
     num_kv_blocks: int = 0
     block_size: int = 16
+    kv_cache_dtype: str = "auto"  # "fp8": e4m3 with a scale per token vector
     recv_timeout_s: float = 20.0
     heartbeat_s: float = 0.5
     parent_pid: int = 0

@@ -44,24 +44,25 @@ def _attend_split(
         mask_n = offs_n < end
         blk = blk_next  # scalar, or [BN]
         if SCALAR:
-            rows = blk.to(tl.int64) * stride_kblk + ((n0 % PAGE) + offs_t) * D  # [BN]
+            in_page = (n0 % PAGE) + offs_t  # [BN]
             nxt = n0 + BLOCK_N
         else:
-            rows = blk.to(tl.int64) * stride_kblk + (offs_n % PAGE) * D  # [BN]
+            in_page = offs_n % PAGE  # [BN]
             nxt = offs_n + BLOCK_N
+        rows = blk.to(tl.int64) * stride_kblk + in_page * D  # [BN]
         blk_next = tl.load(bt_row + nxt // PAGE, mask=nxt < end, other=0)
         kv_off = rows[:, None] + offs_d[None, :]  # [BN, BD]
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
         if IS_FP8:
-            # e4m3 values are exact in bf16/fp16; the per-block scales ride on the scores and
+            # e4m3 values are exact in bf16/fp16; the per-token scales ride on the scores and
             # on P, so the tiles themselves never get multiplied.
             k = k.to(q.dtype)
             v = v.to(q.dtype)
-            blk_n = blk + 0 * offs_t  # [BN] (a scalar page id broadcast)
-            k_scale = tl.load(ks_ptr + blk_n, mask=mask_n, other=0.0) * qk_scale  # [BN]
-            v_scale = tl.load(vs_ptr + blk_n, mask=mask_n, other=0.0)  # [BN]
+            scale_at = blk.to(tl.int64) * PAGE + in_page  # [BN]: scales are [blocks, PAGE]
+            k_scale = tl.load(ks_ptr + scale_at, mask=mask_n, other=0.0) * qk_scale  # [BN]
+            v_scale = tl.load(vs_ptr + scale_at, mask=mask_n, other=0.0)  # [BN]
             s = tl.dot(q, tl.trans(k)) * k_scale[None, :]  # [BH, BN]
         else:
             s = tl.dot(q, tl.trans(k)) * qk_scale  # [BH, BN]
@@ -326,7 +327,8 @@ def paged_decode_attention(
     """softmax(q kᵀ · scale) v over each sequence's paged KV, one KV head shared by all heads.
 
     q [B, Hq, D]; k_cache/v_cache [num_blocks, block_size, D] (bf16/fp16/fp32, or fp8 e4m3
-    with k_scale/v_scale float32 [num_blocks]); block_tables int32 [B, max_blocks];
+    with k_scale/v_scale float32 [num_blocks, block_size], one per token vector: see
+    attn_worker/kv_cache.py); block_tables int32 [B, max_blocks];
     seq_lens int32 [B], each >= 1. Returns [B, Hq, D] in q's dtype. Triton on CUDA,
     the torch reference elsewhere. Without `max_seq_len` the launch reads it from the device
     (a sync) unless `num_splits` is given (see `graph_num_splits`).

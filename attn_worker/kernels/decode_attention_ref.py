@@ -29,9 +29,9 @@ def paged_decode_attention_ref(
         blocks = block_tables[b, : math.ceil(seq_len / page)].long()  # [nb]
         k = k_cache[blocks].to(acc_dtype)  # [nb, page, D]
         v = v_cache[blocks].to(acc_dtype)  # [nb, page, D]
-        if k_scale is not None and v_scale is not None:
-            k = k * k_scale[blocks].to(acc_dtype)[:, None, None]
-            v = v * v_scale[blocks].to(acc_dtype)[:, None, None]
+        if k_scale is not None and v_scale is not None:  # [num_blocks, page]: per token
+            k = k * k_scale[blocks].to(acc_dtype)[:, :, None]
+            v = v * v_scale[blocks].to(acc_dtype)[:, :, None]
         k = k.reshape(-1, k.shape[-1])[:seq_len]  # [L, D]
         v = v.reshape(-1, v.shape[-1])[:seq_len]  # [L, D]
         probs = torch.softmax(q[b].to(acc_dtype) @ k.T * scale, dim=-1)  # [Hq, L]
