@@ -6,6 +6,15 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Logprob:
+    """One token's entry in a prompt position's table, as vLLM's `Logprob`."""
+
+    logprob: float
+    rank: int | None = None  # 1: the most likely token at that position
+    decoded_token: str | None = None
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str = ""
@@ -28,3 +37,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     error: str | None = None
+    # with SamplingParams.prompt_logprobs, once the prompt is computed: one table per prompt
+    # token (its own entry first, then the top alternatives); None for the first token
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

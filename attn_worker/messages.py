@@ -25,6 +25,7 @@ class SamplingSpec:
     # the prompt's distinct token ids, only with a repetition penalty; sent once per sequence
     # (NewSequence), the output tokens are tracked on the rank as they are sampled
     prompt_token_ids: list[int] = field(default_factory=list)
+    num_prompt_logprobs: int = 0  # top alternatives per scored prompt token
 
 
 @message
@@ -47,6 +48,9 @@ class ScheduledChunk:
     start_pos: int  # tokens of this sequence already in the KV cache
     sample: bool  # the chunk ends at the sequence's last token: sample the next one
     micro_batch: int = 0
+    # prompt logprobs: row i of the chunk scores prompt token start_pos + 1 + i, whose id is
+    # entry i (the last one may be the next chunk's first token); empty: none asked
+    prompt_logprob_targets: list[int] = field(default_factory=list)
 
 
 @message

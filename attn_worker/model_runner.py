@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from afd.engine.messages import StepResult, StepTimings
+from afd.engine.messages import PromptLogprobs, StepResult, StepTimings
 from afd.engine.stage_clock import StageClock
 from afd.models.step3 import AttentionSide
 from attn_worker.attention import BatchAttention, SeqView
@@ -17,7 +17,10 @@ from attn_worker.decode_graphs import DecodeGraphs
 from attn_worker.ffn_client import FFNClient, PendingFFN
 from attn_worker.kv_cache import KVCache
 from attn_worker.messages import ScheduledChunk, StepPlan
-from attn_worker.sampler import SeqSamplingState, sample
+from attn_worker.sampler import SeqSamplingState, sample, score_prompt
+
+# prompt rows scored per vocabulary projection: bounds the [rows, V] logits of a long chunk
+PROMPT_LOGPROB_ROWS = 512
 
 
 @dataclass
@@ -34,6 +37,8 @@ class MicroBatch:
     attention: BatchAttention
     sample_rows: list[int] = field(default_factory=list)  # rows whose next token is sampled
     sample_seq_ids: list[int] = field(default_factory=list)
+    # chunks whose prompt is scored, with the row of their first token
+    scored: list[tuple[ScheduledChunk, int]] = field(default_factory=list)
 
 
 class AttnRunner:
@@ -76,10 +81,28 @@ class AttnRunner:
                 logits = self.side.logits(h[mb.sample_rows])
                 states = {i: self.seqs[i].sampling for i in mb.sample_seq_ids}
                 sampled += sample(logits, mb.sample_seq_ids, states)
+        prompt_logprobs = [
+            self._score_prompt(chunk, h, row)
+            for mb, h in zip(mbs, hidden, strict=True)
+            if mb is not None
+            for chunk, row in mb.scored
+        ]
         timings.sampling = time.perf_counter() - t0
         timings.ffn = self.ffn.take_compute_s()
         timings.total = time.perf_counter() - start
-        return StepResult(plan.step, self.rank, sampled, timings)
+        return StepResult(plan.step, self.rank, sampled, timings, prompt_logprobs)
+
+    def _score_prompt(self, chunk: ScheduledChunk, h: torch.Tensor, row: int) -> PromptLogprobs:
+        """Prompt logprobs of a chunk's rows, from its hidden states at `row` onwards: only
+        these rows pay the vocabulary projection, a slice at a time."""
+        targets = chunk.prompt_logprob_targets
+        num_top = self.seqs[chunk.seq_id].sampling.spec.num_prompt_logprobs
+        out = PromptLogprobs(chunk.seq_id, chunk.start_pos + 1)
+        for i in range(0, len(targets), PROMPT_LOGPROB_ROWS):
+            part = targets[i : i + PROMPT_LOGPROB_ROWS]
+            logits = self.side.logits(h[row + i : row + i + len(part)])  # [R, V]
+            score_prompt(logits, part, num_top, out)
+        return out
 
     def _apply_diffs(self, plan: StepPlan) -> None:
         for seq_id in plan.freed_seq_ids:
@@ -107,7 +130,7 @@ class AttnRunner:
         if not chunks:
             return None
         tokens, positions, slots, views = [], [], [], []
-        rows, seq_ids = [], []
+        rows, seq_ids, scored = [], [], []
         bs = self.cache.block_size
         for c in chunks:
             table = self.seqs[c.seq_id].block_table
@@ -120,6 +143,8 @@ class AttnRunner:
                     torch.tensor(table[: -(-pos.stop // bs)], device=self.device),
                 )
             )
+            if c.prompt_logprob_targets:
+                scored.append((c, len(tokens)))
             tokens += c.token_ids
             positions += pos
             slots += [table[p // bs] * bs + p % bs for p in pos]
@@ -128,7 +153,7 @@ class AttnRunner:
                 seq_ids.append(c.seq_id)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         attention = BatchAttention(self.cache, views, as_long(slots), self.scale)
-        return MicroBatch(as_long(tokens), as_long(positions), attention, rows, seq_ids)
+        return MicroBatch(as_long(tokens), as_long(positions), attention, rows, seq_ids, scored)
 
     def take_stage_s(self) -> tuple[float, float]:
         """Seconds of attention blocks and of stalls for FFN output since the last call."""

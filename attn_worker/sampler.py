@@ -1,5 +1,6 @@
 """Sampler of an attention rank: logit bias, penalties, temperature, top-k, min-p, top-p,
-seeded draws, logprobs (of the raw distribution, as vLLM returns them by default).
+seeded draws, logprobs of sampled and of prompt tokens (of the raw distribution, as vLLM
+returns them by default).
 
 Every knob is a batched tensor op over the rows that need more than argmax; a row that does
 not use a knob gets its neutral value. Seeded draws depend only on (seed, output index), so a
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from afd.engine.messages import SampledToken
+from afd.engine.messages import PromptLogprobs, SampledToken
 from attn_worker.messages import SamplingSpec
 
 
@@ -45,6 +46,23 @@ def sample(
         out.append(SampledToken(seq_id, token, value))
     _add_top_logprobs(out, logprobs, [state.spec for state in rows])
     return out
+
+
+def score_prompt(
+    logits: torch.Tensor, targets: list[int], num_top: int, out: PromptLogprobs
+) -> None:
+    """logits [R, V] (raw) at R prompt positions -> the logprob and rank of the prompt token
+    that follows each (targets [R]) and the `num_top` most likely tokens, of the raw
+    distribution as for sampled tokens; appended to `out`."""
+    logprobs = torch.log_softmax(logits, dim=-1)  # [R, V]
+    ids = torch.tensor(targets, device=logits.device)[:, None]  # [R, 1]
+    chosen = logprobs.gather(1, ids)  # [R, 1]
+    ranks = (logprobs >= chosen).sum(-1)  # [R]; vLLM's rank: 1 is the most likely
+    values, top = torch.topk(logprobs, num_top, dim=-1)  # [R, k]; k = 0: empty rows
+    out.logprobs += chosen[:, 0].tolist()
+    out.ranks += ranks.tolist()
+    out.top_ids += top.tolist()
+    out.top_logprobs += values.tolist()
 
 
 def _plain_greedy(spec: SamplingSpec) -> bool:

@@ -1,8 +1,9 @@
 """A deterministic EngineClient for server tests, and a uvicorn server running in a thread.
 
 FakeEngine "generates" a scripted reply per choice token by token, honouring n, max_tokens,
-stop strings, stop_token_ids, ignore_eos and logprobs the way the real engine must, and counts
-requests in flight and aborted so tests can check that the server frees what it started.
+stop strings, stop_token_ids, ignore_eos, logprobs and prompt_logprobs the way the real engine
+must, and counts requests in flight and aborted so tests can check that the server frees what
+it started.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import uvicorn
 
 from afd.detokenizer import IncrementalDetokenizer, find_stop, safe_emit_length
 from afd.models.tiny_tokenizer import write_tiny_tokenizer
-from afd.outputs import CompletionOutput, RequestOutput
+from afd.outputs import CompletionOutput, Logprob, RequestOutput
 from afd.sampling_params import SamplingParams
 from afd.tokenizer import Tokenizer
 
@@ -100,6 +101,7 @@ class FakeEngine:
             _Choice(i, tok.encode(self.reply(prompt, i)), tok, params) for i in range(params.n)
         ]
         step = 0
+        tables = self._prompt_logprobs(prompt, params.prompt_logprobs)
         if self.stall:
             await asyncio.Event().wait()  # until cancelled
         while request_id in self.in_flight:
@@ -118,7 +120,8 @@ class FakeEngine:
             if done:
                 self.in_flight.discard(request_id)
                 self.finished.append(request_id)
-            yield RequestOutput(request_id, None, prompt, [_copy(c.out) for c in choices], done)
+            outs = [_copy(c.out) for c in choices]
+            yield RequestOutput(request_id, None, prompt, outs, done, prompt_logprobs=tables)
 
     def _step(self, c: _Choice, step: int, params: SamplingParams) -> None:
         eos = self.tokenizer.eos_token_id
@@ -151,6 +154,24 @@ class FakeEngine:
         else:
             held = len(c.full_text) if self.leaky else safe_emit_length(c.full_text, params.stop)
             c.out.text = c.full_text[:held]
+
+    def _prompt_logprobs(
+        self, prompt: list[int], k: int | None
+    ) -> list[dict[int, Logprob] | None] | None:
+        """Each prompt token is the most likely one (-0.5 - position / 100), its k - 1
+        successors in the vocabulary the next most likely."""
+        if k is None:
+            return None
+        vocab, text = self.tokenizer.vocab_size, self.tokenizer.decode
+        tables: list[dict[int, Logprob] | None] = [None]
+        for pos, token in enumerate(prompt[1:], 1):
+            lp = -0.5 - pos / 100
+            table = {token: Logprob(lp, 1, text([token], skip_special_tokens=False))}
+            for j in range(1, k):
+                other = (token + j) % vocab
+                table[other] = Logprob(lp - j, j + 1, text([other], skip_special_tokens=False))
+            tables.append(table)
+        return tables
 
     def _logprobs(self, token: int, k: int) -> dict[int, float]:
         vocab = self.tokenizer.vocab_size

@@ -78,15 +78,19 @@ class ReferenceStep3:
                 )
         return out
 
-    def logprobs(self, ids: list[int]) -> torch.Tensor:
-        """Log-probabilities of the next token after `ids` [V]."""
+    def all_logprobs(self, ids: list[int]) -> torch.Tensor:
+        """Log-probabilities of the next token at every position of `ids` [T, V]."""
         h = self.w["model.embed_tokens.weight"][torch.tensor(ids)]
         for i in range(self.c["num_hidden_layers"]):
             p = f"model.layers.{i}"
             h = h + self.attention(self.norm(h, f"{p}.input_layernorm.weight"), f"{p}.self_attn")
             h = h + self.ffn(self.norm(h, f"{p}.post_attention_layernorm.weight"), i)
-        logits = self.norm(h[-1:], "model.norm.weight") @ self.w["lm_head.weight"].T
-        return logits[0].log_softmax(-1)
+        logits = self.norm(h, "model.norm.weight") @ self.w["lm_head.weight"].T
+        return logits.log_softmax(-1)
+
+    def logprobs(self, ids: list[int]) -> torch.Tensor:
+        """Log-probabilities of the next token after `ids` [V]."""
+        return self.all_logprobs(ids)[-1]
 
     def greedy(self, ids: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
         ids, out, lps = list(ids), [], []

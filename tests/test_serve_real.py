@@ -4,6 +4,7 @@ checkpoint, driven by the official openai SDK."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import subprocess
@@ -152,6 +153,42 @@ def test_completion_logprobs_equal_offline(client: openai.OpenAI, tiny_ckpt) -> 
     expected = [lp[t] for lp, t in zip(want.logprobs, want.token_ids, strict=True)]
     assert len(got) == len(expected)
     assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-4
+
+
+def test_echo_logprobs_equal_offline(server: str, tiny_ckpt) -> None:
+    """Prompt logprobs through the coordinator, its token updates and the server's echo."""
+    body = {
+        "model": "tiny",
+        "prompt": PROMPT_IDS,
+        "max_tokens": 3,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 2,
+        "ignore_eos": True,
+    }
+    served = httpx.post(f"{server}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    with httpx.stream("POST", f"{server}/v1/completions", json={**body, "stream": True}) as r:
+        first = json.loads(next(line[6:] for line in r.iter_lines() if line.startswith("data: ")))
+    offline = LLM(str(tiny_ckpt), dtype="float32", num_kv_blocks=64, block_size=4).generate(
+        [{"prompt_token_ids": PROMPT_IDS}],
+        SamplingParams(
+            max_tokens=3, temperature=0.0, logprobs=2, prompt_logprobs=2, ignore_eos=True
+        ),
+    )[0]
+    tables, out = offline.prompt_logprobs, offline.outputs[0]
+    want = [tables[j][t].logprob for j, t in enumerate(PROMPT_IDS) if j > 0]
+    want += [lp[t] for lp, t in zip(out.logprobs, out.token_ids, strict=True)]
+    n = len(PROMPT_IDS)
+    for got in (served["logprobs"], first["choices"][0]["logprobs"]):
+        assert got["token_logprobs"][0] is None
+        values = got["token_logprobs"][1:]
+        assert len(values) >= n - 1
+        assert max(abs(a - b) for a, b in zip(values, want, strict=False)) < 1e-4
+    assert len(served["logprobs"]["tokens"]) == n + 3
+    for j in range(1, n):
+        entry = served["prompt_logprobs"][j][str(PROMPT_IDS[j])]
+        assert abs(entry["rank"] - tables[j][PROMPT_IDS[j]].rank) <= 1  # a near-tie may flip
+        assert abs(entry["logprob"] - tables[j][PROMPT_IDS[j]].logprob) < 1e-4
 
 
 async def read_then_leave(http: httpx.AsyncClient, i: int) -> None:

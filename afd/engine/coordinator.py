@@ -98,7 +98,7 @@ class Coordinator:
         start = self.sent.get(seq.seq_id, 0)
         self.sent[seq.seq_id] = len(seq.output_token_ids)
         lps = seq.output_logprobs[start:] if seq.params.logprobs is not None else None
-        return SeqUpdate(
+        update = SeqUpdate(
             seq.request_id,
             seq.index,
             seq.output_token_ids[start:],
@@ -106,6 +106,9 @@ class Coordinator:
             seq.finish_reason,
             seq.stop_reason,
         )
+        if start == 0 and seq.params.prompt_logprobs is not None and seq.has_prompt_logprobs:
+            update.prompt_logprobs = seq.prompt_logprobs  # once: complete with the first token
+        return update
 
     def _forget(self, finished: list[Sequence]) -> None:
         for seq in finished:

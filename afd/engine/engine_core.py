@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from afd.engine.executor import Executor
-from afd.engine.messages import SampledToken, StepResult
+from afd.engine.messages import PromptLogprobs, SampledToken, StepResult
 from afd.engine.scheduler import Scheduler, SchedulerOutput
 from afd.engine.sequence import SeqStatus, Sequence
 from afd.engine.step_time import StepTimeModel
@@ -76,6 +76,10 @@ class EngineCore:
         now = self.clock()
         changed = []
         for result in results:
+            for chunk in result.prompt_logprobs:  # before the first token, which may finish it
+                seq = self.seqs.get(chunk.seq_id)
+                if seq is not None and seq.status is SeqStatus.RUNNING:
+                    _add_prompt_logprobs(seq, chunk)
             for token in result.sampled:
                 seq = self.seqs.get(token.seq_id)
                 if seq is None or seq.status is not SeqStatus.RUNNING:
@@ -109,3 +113,12 @@ class EngineCore:
         if len(seq.output_token_ids) >= max_out or seq.num_tokens >= self.max_model_len:
             return "length", None
         return None
+
+
+def _add_prompt_logprobs(seq: Sequence, chunk: PromptLogprobs) -> None:
+    """Chunks arrive in prompt order; one from position 1 starts over (a recompute after a
+    preemption in the middle of the prefill)."""
+    if chunk.start == 1:
+        seq.prompt_logprobs = []
+    assert chunk.start == 1 + sum(len(c) for c in seq.prompt_logprobs), "prompt logprobs gap"
+    seq.prompt_logprobs.append(chunk)

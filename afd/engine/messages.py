@@ -20,6 +20,23 @@ class SampledToken:
 
 @message
 @dataclass
+class PromptLogprobs:
+    """Prompt tokens start .. start + len - 1 of one sequence, each scored given the tokens
+    before it (columnar: one prefill chunk's worth in one message)."""
+
+    seq_id: int
+    start: int  # position of the first scored token (>= 1: the first prompt token has none)
+    logprobs: list[float] = field(default_factory=list)  # of each prompt token
+    ranks: list[int] = field(default_factory=list)  # 1: it was the most likely token
+    top_ids: list[list[int]] = field(default_factory=list)  # per token, most likely first
+    top_logprobs: list[list[float]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.logprobs)
+
+
+@message
+@dataclass
 class StepTimings:
     """Seconds spent by one attention rank in each phase of a step. On a GPU the stage times
     are device time from CUDA events (StageClock); sampling and total are host time."""
@@ -50,6 +67,7 @@ class StepResult:
     rank: int
     sampled: list[SampledToken] = field(default_factory=list)
     timings: StepTimings = field(default_factory=StepTimings)
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 @message

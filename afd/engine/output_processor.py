@@ -5,10 +5,11 @@ and asks the caller to abort its sequence in the engine."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from afd.detokenizer import IncrementalDetokenizer, find_stop, safe_emit_length
 from afd.engine.sequence import Sequence
-from afd.outputs import CompletionOutput, RequestOutput
+from afd.outputs import CompletionOutput, Logprob, RequestOutput
 from afd.sampling_params import SamplingParams
 from afd.tokenizer import Tokenizer
 
@@ -30,6 +31,7 @@ class _Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     choices: list[_Choice] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # made once, when complete
 
 
 class OutputProcessor:
@@ -37,6 +39,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.requests: dict[str, _Request] = {}
         self.by_seq: dict[int, tuple[_Request, _Choice]] = {}
+        self.token_text = lru_cache(maxsize=1 << 16)(self._decode_token)
 
     def add(
         self,
@@ -131,7 +134,37 @@ class OutputProcessor:
             self.requests.pop(req.request_id, None)
             for c in req.choices:
                 self.by_seq.pop(c.seq.seq_id, None)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished)
+        out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished)
+        out.prompt_logprobs = self._prompt_logprobs(req)
+        return out
+
+    def _prompt_logprobs(self, req: _Request) -> list[dict[int, Logprob] | None] | None:
+        """vLLM's tables, from the first choice's chunks once they cover the prompt."""
+        if req.prompt_logprobs is not None or req.params.prompt_logprobs is None:
+            return req.prompt_logprobs
+        seq = next(c.seq for c in req.choices if c.seq.index == 0)
+        if not seq.has_prompt_logprobs:
+            return None
+        tables: list[dict[int, Logprob] | None] = [None]
+        for chunk in seq.prompt_logprobs:
+            tokens = seq.prompt_token_ids[chunk.start : chunk.start + len(chunk)]
+            for i, token in enumerate(tokens):
+                table = {token: self._logprob(token, chunk.logprobs[i], chunk.ranks[i])}
+                top = zip(chunk.top_ids[i], chunk.top_logprobs[i], strict=True)
+                for rank, (other, value) in enumerate(top, 1):
+                    if other not in table:
+                        table[other] = self._logprob(other, value, rank)
+                tables.append(table)
+        req.prompt_logprobs = tables
+        return tables
+
+    def _logprob(self, token: int, value: float, rank: int) -> Logprob:
+        return Logprob(value, rank, self.token_text(token))
+
+    def _decode_token(self, token: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([token], skip_special_tokens=False)
 
 
 def _visible(choice: _Choice, params: SamplingParams) -> str:

@@ -213,8 +213,8 @@ class Scheduler:
         )
 
     def _prompt_hashes(self, seq: Sequence) -> list[int]:
-        if not self.config.enable_prefix_caching:
-            return []
+        if not self.config.enable_prefix_caching or seq.needs_prompt_logprobs:
+            return []  # a prompt to score runs in full: cached positions would go unscored
         # at least the last token is computed, so its logits exist to sample from
         full = (seq.num_tokens - 1) // self.config.block_size
         if len(seq.block_hashes) < full:
@@ -273,14 +273,12 @@ class Scheduler:
             n = scheduled.get(seq.seq_id, 0)
             if n:
                 start = seq.num_computed_tokens
-                chunks.append(
-                    ScheduledChunk(
-                        seq.seq_id,
-                        seq.token_ids(start, start + n),
-                        start,
-                        start + n == seq.num_tokens,
-                    )
+                chunk = ScheduledChunk(
+                    seq.seq_id, seq.token_ids(start, start + n), start, start + n == seq.num_tokens
                 )
+                if seq.needs_prompt_logprobs:  # rows score the next tokens, to the prompt's last
+                    chunk.prompt_logprob_targets = seq.prompt_token_ids[start + 1 : start + n + 1]
+                chunks.append(chunk)
         decode_mbs = split_micro_batches(chunks, decodes, self.config.num_micro_batches)
         freed, self.to_free[rank] = self.to_free[rank], []
         (seq_ids, block_ids), self.new_blocks[rank] = self.new_blocks[rank], ([], [])
@@ -311,5 +309,6 @@ def _new_sequence(seq: Sequence) -> NewSequence:
         dict(p.logit_bias),
         p.repetition_penalty,
         sorted(set(seq.prompt_token_ids)) if p.repetition_penalty != 1.0 else [],
+        p.prompt_logprobs or 0,
     )
     return NewSequence(seq.seq_id, spec, list(seq.output_token_ids))

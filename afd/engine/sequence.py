@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from afd.engine.messages import PromptLogprobs
 from afd.sampling_params import SamplingParams
 
 
@@ -27,6 +28,8 @@ class Sequence:
     seed: int | None = None
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    # chunks as the rank computed them, covering prompt positions 1, 2, ... in order
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: SeqStatus = SeqStatus.WAITING
     rank: int | None = None
@@ -62,6 +65,18 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+    @property
+    def has_prompt_logprobs(self) -> bool:
+        """Every prompt position after the first is scored."""
+        return sum(len(c) for c in self.prompt_logprobs) >= len(self.prompt_token_ids) - 1
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Its prefill must score the prompt: asked for, not yet complete, and computed by the
+        first choice only (all choices share one prompt)."""
+        asked = self.params.prompt_logprobs is not None and self.index == 0
+        return asked and not self.has_prompt_logprobs
 
 
 def request_sequences(

@@ -212,6 +212,8 @@ def _apply_update(seq: Sequence, u: SeqUpdate) -> None:
     seq.output_token_ids.extend(u.token_ids)
     if u.logprobs:
         seq.output_logprobs.extend(u.logprobs)
+    if u.prompt_logprobs is not None:
+        seq.prompt_logprobs = u.prompt_logprobs
     if u.finish_reason is not None:
         seq.status, seq.finish_reason, seq.stop_reason = (
             SeqStatus.FINISHED,

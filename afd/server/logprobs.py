@@ -1,11 +1,20 @@
-"""Engine logprobs (token id -> logprob per generated token) in OpenAI's two shapes."""
+"""Engine logprobs (token id -> logprob per generated token, vLLM's tables per prompt token)
+in OpenAI's two shapes and vLLM's `prompt_logprobs`."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any
 
-from afd.server.protocol import ChatLogprob, ChatLogprobs, CompletionLogprobs, TopLogprob
+from afd.outputs import Logprob
+from afd.server.protocol import (
+    ChatLogprob,
+    ChatLogprobs,
+    CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
+    TopLogprob,
+)
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
 
@@ -38,18 +47,46 @@ class LogprobFormatter:
         return ChatLogprobs(content=entries)
 
     def completion(
-        self, ids: list[int], lps: list[dict[int, float]], top_n: int, offset: int
+        self, ids: list[int], lps: list[dict[int, float] | None], top_n: int, offset: int
     ) -> tuple[CompletionLogprobs, int]:
-        """Legacy completions shape; returns it and the text offset after these tokens."""
-        out = CompletionLogprobs()
+        """Legacy completions shape; returns it and the text offset after these tokens. A None
+        table (the first prompt token, when echoed) gives null logprobs, as OpenAI's."""
+        # every field passed in: streams dump with exclude_unset, which drops defaults
+        out = CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
         for tid, table in zip(ids, lps, strict=False):
             token = self.token_str(tid)
+            out.tokens.append(token)
+            out.text_offset.append(offset)
+            offset += len(token)
+            if table is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
             logprob = max(table.get(tid, MIN_LOGPROB), MIN_LOGPROB)
             top = {self.token_str(i): lp for i, lp in self._top(table, top_n)}
             top.setdefault(token, logprob)  # the sampled token is always listed
-            out.tokens.append(token)
             out.token_logprobs.append(logprob)
             out.top_logprobs.append(top)
-            out.text_offset.append(offset)
-            offset += len(token)
         return out, offset
+
+    @staticmethod
+    def prompt(tables: list[dict[int, Logprob] | None]) -> PromptLogprobs:
+        """vLLM's `prompt_logprobs` field, -inf clamped as everywhere in the API."""
+        return [
+            None
+            if table is None
+            else {
+                i: PromptLogprob(
+                    logprob=max(lp.logprob, MIN_LOGPROB),
+                    rank=lp.rank,
+                    decoded_token=lp.decoded_token,
+                )
+                for i, lp in table.items()
+            }
+            for table in tables
+        ]
+
+
+def prompt_values(tables: list[dict[int, Logprob] | None]) -> list[dict[int, float] | None]:
+    """Prompt tables as the token id -> logprob dicts of generated tokens (for echo)."""
+    return [None if t is None else {i: lp.logprob for i, lp in t.items()} for t in tables]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from afd.engine.messages import PromptLogprobs
 from transport.codec import message
 
 
@@ -19,6 +20,7 @@ class SeqUpdate:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None
+    prompt_logprobs: list[PromptLogprobs] | None = None  # with the first tokens, if asked
 
 
 @message

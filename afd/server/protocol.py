@@ -90,6 +90,7 @@ class SamplingFields(OpenAIModel):
     include_stop_str_in_output: bool = False
     echo: bool = False
     request_id: str | None = None
+    prompt_logprobs: int | None = None  # vLLM's extra: the prompt tokens' logprobs, top N
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -171,6 +172,17 @@ class TopLogprob(BaseModel):
     bytes: list[int] | None = None
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's `prompt_logprobs` entries: {token id: {logprob, rank, decoded_token}}."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class ChatLogprob(TopLogprob):
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
@@ -208,6 +220,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -248,6 +261,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(StreamChunk):

@@ -98,7 +98,11 @@ class ChatServing(Serving):
         skip_special = req.skip_special_tokens and tool_parser is None
         skip_special = skip_special and not self.reasoning_needs_specials
         params = self.sampling_params(
-            req, max_tokens, logprobs=top_logprobs, skip_special_tokens=skip_special
+            req,
+            max_tokens,
+            logprobs=top_logprobs,
+            prompt_logprobs=self.prompt_logprobs(req),
+            skip_special_tokens=skip_special,
         )
         in_reasoning = self.reasoning is not None and self.reasoning.starts_in_reasoning(prompt)
         ctx = ChatContext(
@@ -154,9 +158,11 @@ class ChatServing(Serving):
 
     def _response(self, ctx: ChatContext, out: RequestOutput) -> ChatCompletionResponse:
         choices = [self._choice(ctx, c) for c in sorted(out.outputs, key=lambda c: c.index)]
+        tables = out.prompt_logprobs
         return ChatCompletionResponse(
             id=ctx.request_id, created=ctx.created, model=ctx.model, choices=choices,
             usage=self._usage(ctx, out),
+            prompt_logprobs=None if tables is None else self.logprobs.prompt(tables),
         )  # fmt: skip
 
     def _choice(self, ctx: ChatContext, c: CompletionOutput) -> ChatChoice:

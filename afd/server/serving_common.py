@@ -68,6 +68,23 @@ class Serving:
         if not 1 <= n <= self.settings.max_n:
             raise BadRequestError(f"n must be in [1, {self.settings.max_n}], got {n}", "n")
 
+    def prompt_logprobs(self, req: SamplingFields) -> int | None:
+        """vLLM's `prompt_logprobs` extra, checked as vLLM does: within --max-logprobs, and not
+        on a stream, whose chunks have no place for it."""
+        n = req.prompt_logprobs
+        if n is None:
+            return None
+        limit = self.settings.max_logprobs
+        if not 0 <= n <= limit:
+            raise BadRequestError(
+                f"prompt_logprobs must be in [0, {limit}], got {n}", "prompt_logprobs"
+            )
+        if req.stream:
+            raise BadRequestError(
+                "prompt_logprobs are not available when stream=true", "prompt_logprobs"
+            )
+        return n
+
     def include_usage(self, req: SamplingFields) -> bool:
         opts = req.stream_options
         return self.settings.enable_force_include_usage or bool(opts and opts.include_usage)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from afd.outputs import CompletionOutput, RequestOutput
+from afd.outputs import CompletionOutput, Logprob, RequestOutput
 from afd.sampling_params import SamplingParams
 from afd.server.engine_stream import merge_streams
 from afd.server.errors import BadRequestError
+from afd.server.logprobs import prompt_values
 from afd.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -36,6 +39,7 @@ class CompletionContext:
     echo_texts: list[str]  # per prompt; empty strings without echo
     logprobs: int | None
     n: int
+    echo_only: bool = False  # echo with max_tokens=0: the prompt is the whole answer
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -65,10 +69,14 @@ class CompletionServing(Serving):
         self.check_common(req)
         n = 1 if req.n is None else req.n
         self._check_unsupported(req, n)
+        prompt_logprobs = self.prompt_logprobs(req)
+        if prompt_logprobs is None and req.echo and req.logprobs is not None:
+            prompt_logprobs = req.logprobs  # the echoed tokens' logprobs, as vLLM
         prompts = self.prompts.completion_prompts(req.prompt, req.add_special_tokens)
-        params = [self._params(req, len(p)) for p in prompts]
+        params = [self._params(req, len(p), prompt_logprobs) for p in prompts]
         echo = [self._echo_text(req, i, p) for i, p in enumerate(prompts)]
-        ctx = CompletionContext(req, request_id, model, prompts, echo, req.logprobs, n)
+        echo_only = req.echo and req.max_tokens == 0
+        ctx = CompletionContext(req, request_id, model, prompts, echo, req.logprobs, n, echo_only)
         return ctx, params
 
     def _check_unsupported(self, req: CompletionRequest, n: int) -> None:
@@ -81,18 +89,23 @@ class CompletionServing(Serving):
             raise BadRequestError(
                 f"logprobs must be in [0, {limit}], got {req.logprobs}", "logprobs"
             )
-        if req.echo and req.logprobs is not None:
-            raise BadRequestError(
-                "echo with logprobs needs prompt logprobs, which afd does not compute", "echo"
-            )
 
-    def _params(self, req: CompletionRequest, prompt_len: int) -> SamplingParams | None:
+    def _params(
+        self, req: CompletionRequest, prompt_len: int, prompt_logprobs: int | None
+    ) -> SamplingParams | None:
         if req.echo and req.max_tokens == 0:
             self.max_tokens(None, 1, prompt_len)  # still reject prompts that do not fit
-            return None  # echo only: nothing to generate
+            if prompt_logprobs is None:
+                return None  # echo only: nothing to generate
+            # the prompt's logprobs come with the first token: compute one, show none
+            return self.sampling_params(req, 1, prompt_logprobs=prompt_logprobs)
         max_tokens = self.max_tokens(req.max_tokens, DEFAULT_MAX_TOKENS, prompt_len)
         return self.sampling_params(
-            req, max_tokens, logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens
+            req,
+            max_tokens,
+            logprobs=req.logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=req.skip_special_tokens,
         )
 
     def _echo_text(self, req: CompletionRequest, i: int, ids: list[int]) -> str:
@@ -108,12 +121,14 @@ class CompletionServing(Serving):
         self, ctx: CompletionContext, params: list[SamplingParams | None]
     ) -> list[AsyncIterator[RequestOutput]]:
         many = len(ctx.prompts) > 1
-        return [
-            self.generate(f"{ctx.request_id}-{i}" if many else ctx.request_id, ids, p)
-            if p is not None
-            else _echo_only(ctx.n, ids)
-            for i, (ids, p) in enumerate(zip(ctx.prompts, params, strict=True))
-        ]
+        streams = []
+        for i, (ids, p) in enumerate(zip(ctx.prompts, params, strict=True)):
+            if p is None:
+                streams.append(_echo_only(ctx.n, ids))
+                continue
+            stream = self.generate(f"{ctx.request_id}-{i}" if many else ctx.request_id, ids, p)
+            streams.append(_without_generated(stream) if ctx.echo_only else stream)
+        return streams
 
     async def _collect(
         self, ctx: CompletionContext, params: list[SamplingParams | None]
@@ -128,15 +143,18 @@ class CompletionServing(Serving):
     def _response(self, ctx: CompletionContext, outs: list[RequestOutput]) -> CompletionResponse:
         choices = []
         for i, out in enumerate(outs):
+            tables = out.prompt_logprobs
+            shown = None if tables is None else self.logprobs.prompt(tables)
             for c in sorted(out.outputs, key=lambda c: c.index):
-                logprobs = self._logprobs(ctx, c.token_ids, c.logprobs, len(ctx.echo_texts[i]))
+                ids, lps = self._with_echo(ctx, i, tables, c.token_ids, c.logprobs)
                 choices.append(
                     CompletionChoice(
                         index=i * ctx.n + c.index,
                         text=ctx.echo_texts[i] + c.text,
-                        logprobs=logprobs[0],
+                        logprobs=self._logprobs(ctx, ids, lps, 0)[0],
                         finish_reason=c.finish_reason,
                         stop_reason=c.stop_reason,
+                        prompt_logprobs=shown,
                     )  # fmt: skip
                 )
         return CompletionResponse(
@@ -151,11 +169,28 @@ class CompletionServing(Serving):
         return UsageInfo.of(num_in, num_out)
 
     def _logprobs(
-        self, ctx: CompletionContext, ids: list[int], lps: list[dict[int, float]] | None, at: int
+        self,
+        ctx: CompletionContext,
+        ids: list[int],
+        lps: list[dict[int, float] | None] | None,
+        at: int,
     ) -> tuple[CompletionLogprobs | None, int]:
         if ctx.logprobs is None or lps is None:
             return None, at
         return self.logprobs.completion(ids, lps, ctx.logprobs, at)
+
+    @staticmethod
+    def _with_echo(
+        ctx: CompletionContext,
+        i: int,
+        tables: list[dict[int, Logprob] | None] | None,
+        ids: list[int],
+        lps: list[dict[int, float]] | None,
+    ) -> tuple[list[int], list[dict[int, float] | None] | None]:
+        """With echo and logprobs, the prompt's tokens and logprobs go in front."""
+        if not ctx.request.echo or ctx.logprobs is None or tables is None:
+            return ids, lps
+        return ctx.prompts[i] + ids, prompt_values(tables) + (lps or [])
 
     # ------------------------------------------------------------------ SSE stream
 
@@ -169,7 +204,7 @@ class CompletionServing(Serving):
                 last[i] = out
                 for c in out.outputs:
                     cursor = cursors.setdefault((i, c.index), ChoiceCursor())
-                    chunk = self._delta_chunk(ctx, i, cursor, c)
+                    chunk = self._delta_chunk(ctx, i, cursor, c, out.prompt_logprobs)
                     if chunk is not None:
                         yield sse(chunk)
             if self.include_usage(ctx.request) and len(last) == len(ctx.prompts):
@@ -194,20 +229,28 @@ class CompletionServing(Serving):
         return chunk
 
     def _delta_chunk(
-        self, ctx: CompletionContext, i: int, cur: ChoiceCursor, c: CompletionOutput
+        self,
+        ctx: CompletionContext,
+        i: int,
+        cur: ChoiceCursor,
+        c: CompletionOutput,
+        tables: list[dict[int, Logprob] | None] | None,
     ) -> CompletionResponse | None:
         if cur.done:
             return None
+        final = c.finish_reason is not None
+        echo_logprobs = ctx.request.echo and ctx.logprobs is not None
+        if not cur.started and echo_logprobs and tables is None and not final:
+            return None  # the echo waits for the prompt's logprobs (they come with a token)
         echo = "" if cur.started else ctx.echo_texts[i]
         text = echo + c.text[cur.num_chars :]
-        final = c.finish_reason is not None
         if not text and not final and len(c.token_ids) == cur.num_tokens:
             return None
+        ids, lps = c.token_ids[cur.num_tokens :], (c.logprobs or [])[cur.num_tokens :]
+        if not cur.started:
+            ids, lps = self._with_echo(ctx, i, tables, ids, lps)
         cur.started = True
-        new_lps = (c.logprobs or [])[cur.num_tokens :]
-        lps, cur.text_offset = self._logprobs(
-            ctx, c.token_ids[cur.num_tokens :], new_lps, cur.text_offset
-        )
+        lps, cur.text_offset = self._logprobs(ctx, ids, lps, cur.text_offset)
         cur.num_chars, cur.num_tokens = len(c.text), len(c.token_ids)
         choice = CompletionChoice(
             index=i * ctx.n + c.index, text=text, logprobs=lps, finish_reason=None
@@ -217,6 +260,20 @@ class CompletionServing(Serving):
             choice.finish_reason = c.finish_reason
             choice.stop_reason = c.stop_reason
         return self._chunk(ctx, [choice])
+
+
+async def _without_generated(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """`echo` with `max_tokens=0` and prompt logprobs: the engine samples one token to score
+    the prompt; the answer is the prompt alone, as from `_echo_only`."""
+    async with aclosing(outputs) as stream:  # closing this closes (aborts) the engine request
+        async for out in stream:
+            shown = [
+                CompletionOutput(
+                    c.index, finish_reason=None if c.finish_reason is None else "length"
+                )
+                for c in out.outputs
+            ]
+            yield dataclasses.replace(out, outputs=shown)
 
 
 async def _echo_only(n: int, prompt_ids: list[int]) -> AsyncIterator[RequestOutput]:
