@@ -1,10 +1,12 @@
 """The nccl transport through the Transport API: two spawned processes, gloo on CPU (CI) and
-real NCCL between two GPUs (marked gpu, skipped without them)."""
+real NCCL between two GPUs (marked gpu, skipped without them); the rendezvous port stays held
+from address() to connect(), so another process cannot take it in between."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import socket
 
 import pytest
 import torch
@@ -15,16 +17,37 @@ from transport.base import TransportTimeout, create_transport, settle
 NAMES = ("a0", "f0")
 
 
-def _rank(name: str, backend: str, addresses: mp.Queue, table: mp.Queue, out: mp.Queue) -> None:
+def _rank(
+    name: str, backend: str, addresses: mp.Queue, table: mp.Queue, out: mp.Queue, steal: bool
+) -> None:
     try:
         device = "cpu" if backend == "gloo" else f"cuda:{NAMES.index(name)}"
         t = create_transport("nccl", name, backend=backend, device=device, timeout_s=30)
         addresses.put((name, t.address()))
+        # the lead (first name) hosts the rendezvous: another process takes its port if it can
+        thief = _take_port(t.address()) if steal and name == NAMES[0] else None
         t.connect({k: v for k, v in table.get(timeout=30).items() if k != name})
-        out.put((name, _exchange(t, name, torch.device(device))))
+        result = "ok" if steal else _exchange(t, name, torch.device(device))
+        if thief is not None:
+            result = f"another process took the rendezvous port {t.address()}"
+            thief.close()
+        out.put((name, result))
         t.close()
     except BaseException as e:  # the parent reports it
         out.put((name, f"{type(e).__name__}: {e}"))
+
+
+def _take_port(address: str) -> socket.socket | None:
+    """What a process asking the OS for any free port does when it is handed this one."""
+    host, port = address.rsplit(":", 1)
+    sock = socket.socket()
+    try:
+        sock.bind((host, int(port)))
+        sock.listen()
+        return sock
+    except OSError:
+        sock.close()
+        return None
 
 
 def _exchange(t, name: str, device: torch.device) -> str:
@@ -59,11 +82,14 @@ def _exchange(t, name: str, device: torch.device) -> str:
     return "ok"
 
 
-def _run_pair(backend: str) -> None:
+def _run_pair(backend: str, steal: bool = False) -> None:
     ctx = mp.get_context("spawn")
     addresses, out = ctx.Queue(), ctx.Queue()
     tables = {n: ctx.Queue() for n in NAMES}
-    procs = [ctx.Process(target=_rank, args=(n, backend, addresses, tables[n], out)) for n in NAMES]
+    procs = [
+        ctx.Process(target=_rank, args=(n, backend, addresses, tables[n], out, steal))
+        for n in NAMES
+    ]
     for p in procs:
         p.start()
     try:
@@ -83,6 +109,13 @@ def _run_pair(backend: str) -> None:
 
 def test_gloo_pair_exchanges_out_of_order() -> None:
     _run_pair("gloo")
+
+
+def test_rendezvous_port_cannot_be_taken_before_connect() -> None:
+    """A port picked by binding and closing a socket could be handed to another process before
+    the lead's TCPStore bound it (connect then failed with EADDRINUSE); now the store holds it
+    from the constructor on."""
+    _run_pair("gloo", steal=True)
 
 
 @pytest.mark.gpu

@@ -1,9 +1,11 @@
 """nccl transport: torch.distributed point-to-point (NCCL on GPUs, gloo on CPU for tests).
 
-Rendezvous through the existing peer-table flow: `address()` is "HOST:PORT" with a port this
-rank reserved; `connect(peers)` gets every other rank, sorts all names into ranks, and the
-first name hosts the TCPStore on its advertised port (a free port picked at start, so a tiny
-bind race is possible). All ranks form one world; connect() is called once with the full table.
+Rendezvous through the existing peer-table flow: every rank starts a TCPStore on a port the OS
+picks (port 0) and advertises it as `address()` "HOST:PORT"; `connect(peers)` gets every other
+rank, sorts all names into ranks, the first name keeps its store as the world's and the others
+drop theirs and join it. The port stays bound from the constructor on, so no other process can
+take it before the rendezvous (picking a free port by binding and closing a socket could).
+All ranks form one world; connect() is called once with the full table.
 
 Two process groups over the same world carry the two directions (messages from a lower to a
 higher rank on one, higher to lower on the other): NCCL runs a communicator's sends and recvs
@@ -20,7 +22,6 @@ the transport checks that and raises on a key that goes backwards.
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
@@ -36,12 +37,6 @@ from transport.base import (
     register_transport,
     settle,
 )
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class _GlooWork:
@@ -140,7 +135,11 @@ class NcclTransport(Transport):
             self._recv_stream = torch.cuda.Stream(self.device)
         else:
             self.device = torch.device("cpu")
-        self._address = f"{host}:{_free_port(host)}"
+        # the OS picks the port and it stays bound: no other process can take it before connect
+        self._store: dist.TCPStore | None = dist.TCPStore(
+            host, 0, None, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+        )
+        self._address = f"{host}:{self._store.port}"
         self._ranks: dict[str, int] = {}
         self._groups: tuple[dist.ProcessGroup, dist.ProcessGroup] | None = None
         # last key posted per (peer, "send" | "recv"): NCCL matches by order, so keys only grow
@@ -158,15 +157,24 @@ class NcclTransport(Transport):
             return
         self._ranks = {n: i for i, n in enumerate(names)}
         rank, lead = self._ranks[self.name], names[0]
-        host, port = (self._address if lead == self.name else peers[lead]).rsplit(":", 1)
         timeout = timedelta(seconds=self._timeout_s)
-        store = dist.TCPStore(host, int(port), len(names), rank == 0, timeout=timeout)
+        store = self._world_store(lead, peers, timeout)
         kwargs = {"device_id": self.device} if self.backend == "nccl" else {}
         dist.init_process_group(
             self.backend, store=store, rank=rank, world_size=len(names), timeout=timeout, **kwargs
         )
         self._groups = (dist.new_group(backend=self.backend), dist.new_group(backend=self.backend))
         self._warm_up(names)
+
+    def _world_store(self, lead: str, peers: dict[str, str], timeout: timedelta) -> dist.Store:
+        """The lead's store serves the world; every other rank frees its port and joins it."""
+        own, self._store = self._store, None
+        assert own is not None, "connect() after close()"
+        if lead == self.name:
+            return own
+        del own
+        host, port = peers[lead].rsplit(":", 1)
+        return dist.TCPStore(host, int(port), None, False, timeout=timeout)
 
     def _warm_up(self, names: list[str]) -> None:
         """Exchange one tensor per pair and direction in one global order (deadlock-free), so
@@ -234,6 +242,7 @@ class NcclTransport(Transport):
         return _GlooWork(work) if self.backend == "gloo" else work
 
     def close(self) -> None:
+        self._store = None
         if self._groups is not None and dist.is_initialized():
             self._groups = None
             dist.destroy_process_group()
