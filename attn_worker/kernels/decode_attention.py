@@ -261,7 +261,9 @@ def paged_decode_attention_triton(
     """Triton path; see `paged_decode_attention`. `max_seq_len` avoids a device sync when the
     caller knows it; `num_splits`/`block_n`/warps/stages/`programs_per_sm` are tuning knobs for
     the benchmark; `out` [B, Hq, D] lets callers (and tests, with a poisoned buffer) own the
-    output. No host sync when `max_seq_len` is given: graph-capturable."""
+    output; `pdl` launches the split reduce by programmatic dependent launch (Hopper on; it
+    then starts while the decode kernel stores). No host sync when `max_seq_len` is given:
+    graph-capturable."""
     batch, num_heads, head_dim = q.shape  # [B, Hq, D]
     _, page, _ = k_cache.shape  # [num_blocks, page, D]
     assert page & (page - 1) == 0, "KV block_size must be a power of two"
