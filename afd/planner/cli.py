@@ -162,7 +162,13 @@ def _fraction(text: str) -> float:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="preset name or HF checkpoint folder/config")
     p.add_argument("--context", required=True, type=_positive(int), help="context tokens")
-    p.add_argument("--kv-bytes", type=int, choices=(1, 2), default=1, help="bytes per KV element")
+    p.add_argument(
+        "--kv-bytes",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="bytes per KV element (1: afd-serve --kv-cache-dtype fp8, 2: bf16)",
+    )
     p.add_argument("--hardware-file", help="YAML/JSON with extra or overriding hardware")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
