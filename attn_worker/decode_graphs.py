@@ -71,7 +71,9 @@ class DecodeGraphs:
             self.seq_lens[:size],
             self.slots[:size],
             self.scale,
-            num_splits=graph_num_splits(size, self.cache.block_size * self.block_tables.shape[1]),
+            num_splits=graph_num_splits(
+                size, self.cache.block_size * self.block_tables.shape[1], self.cache.fp8
+            ),
         )
         h, x, routing = self.side.layer(layer)(self.h[:size], cos, sin, attention.at(layer))
         self.h_out[:size].copy_(h)

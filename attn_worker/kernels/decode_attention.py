@@ -14,8 +14,10 @@ from attn_worker.kernels.decode_attention_ref import paged_decode_attention_ref
 
 _LOG2E = 1.4426950408889634
 # Default tiles, the fastest measured at every benchmarked shape (H100, bench/results): 32
-# tokens a tile, 4 warps, 4 stages (two tiles in flight), one 164 KB program per SM.
+# tokens a tile, 4 warps, 4 stages (two tiles in flight), one 164 KB program per SM. fp8 KV:
+# 2 stages, two programs per SM (1.5x faster than one: bench/NOTES-kernels.md, version 11).
 DEFAULT_BLOCK_N = 32
+FP8_PROGRAMS_PER_SM = 2
 
 
 @triton.jit
@@ -229,7 +231,7 @@ def choose_num_splits(batch: int, max_seq_len: int, block_n: int, slots: int) ->
     return best
 
 
-def graph_num_splits(batch: int, max_seq_len: int) -> int:
+def graph_num_splits(batch: int, max_seq_len: int, fp8: bool = False) -> int:
     """The split count for a launch captured once and replayed at any lengths up to
     `max_seq_len`: the default tiles' choice for the longest case (shorter sequences cut
     themselves into as many, smaller, splits)."""
@@ -237,7 +239,8 @@ def graph_num_splits(batch: int, max_seq_len: int) -> int:
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     )
     sms = _num_sms(device) if device is not None else _num_sms(torch.device("cpu"))
-    return choose_num_splits(batch, max_seq_len, DEFAULT_BLOCK_N, sms)
+    slots = sms * (FP8_PROGRAMS_PER_SM if fp8 else 1)
+    return choose_num_splits(batch, max_seq_len, DEFAULT_BLOCK_N, slots)
 
 
 def paged_decode_attention_triton(
@@ -254,7 +257,7 @@ def paged_decode_attention_triton(
     block_n: int = DEFAULT_BLOCK_N,
     num_warps: int = 4,
     num_stages: int | None = None,
-    programs_per_sm: int = 1,
+    programs_per_sm: int | None = None,
     out: Tensor | None = None,
     pdl: bool = True,
 ) -> Tensor:
@@ -272,8 +275,10 @@ def paged_decode_attention_triton(
     assert not is_fp8 or (k_scale is not None and v_scale is not None), "fp8 KV needs scales"
     block_h = max(16, triton.next_power_of_2(num_heads))  # tl.dot needs M >= 16
     block_d = max(16, triton.next_power_of_2(head_dim))
-    # 4 stages of 16-bit tiles fill 164 KB of shared memory at D=256; fp32 tiles take 2
-    num_stages = num_stages or (4 if k_cache.element_size() <= 2 else 2)
+    # 4 stages of 16-bit tiles fill 164 KB of shared memory at D=256 (one program an SM); fp32
+    # tiles take 2. fp8 runs two programs an SM: one converts its tiles while the other loads.
+    num_stages = num_stages or (2 if is_fp8 or k_cache.element_size() > 2 else 4)
+    programs_per_sm = programs_per_sm or (FP8_PROGRAMS_PER_SM if is_fp8 else 1)
     if num_splits is None or max_seq_len is not None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max().item())  # a host sync: callers that capture pass it
