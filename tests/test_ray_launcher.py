@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["hello world", "the quick brown fox", "Step3 serves"]
 SHUTDOWN_S = 5.0
+EXIT_MARGIN_S = 3.0  # afd-serve exits this soon after --shutdown-timeout
 
 
 def free_port() -> int:
@@ -225,6 +226,8 @@ def test_sigterm_drains_and_leaves_nothing(ray_server, ray_address) -> None:
     # each request either finished within the timeout or was aborted at its end
     assert len(load.results) == 4
     assert all(m == "ok" or "the server is shutting down" in m for m, _ in load.results)
-    assert took < SHUTDOWN_S + 15
+    # past the timeout: stopping the ranks and both processes' exits (1.6-1.8 s on a loaded
+    # 2-core VM; 2.1-2.7 s while Ray's exit hook slept 0.5 s first)
+    assert took < SHUTDOWN_S + EXIT_MARGIN_S, f"exit took {took:.1f}s"
     wait_until(lambda: not alive_actors(ray_address), 20, "actors left after SIGTERM")
     wait_until(lambda: not live_groups(ray_address), 20, "placement groups left after SIGTERM")

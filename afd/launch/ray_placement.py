@@ -3,6 +3,7 @@ an instance stays on one node, with the role's custom resources), and the --dry-
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 from dataclasses import dataclass
 
@@ -33,6 +34,10 @@ def connect(address: str | None) -> None:
     RAY_ADDRESS (see envs.ray_address) or starts a local cluster."""
     if not ray.is_initialized():
         ray.init(address=address, namespace="afd", log_to_driver=True)
+        # at exit, leave the cluster before Ray's own hook does: that one first sleeps 0.5 s
+        # for late log lines, on top of every shutdown. Hooks registered later (the executor's,
+        # which stops the ranks) still run before this one.
+        atexit.register(ray.shutdown)
 
 
 def coordinator_host(address: str | None) -> str:
