@@ -27,9 +27,13 @@ from transport.control import PeerTable, Shutdown
 
 
 class DisaggregatedExecutor(Executor):
-    def __init__(self, attn: list[str], ffn: list[str], host: str = "127.0.0.1") -> None:
-        """host: the address ranks reach the coordinator at (a node IP for multi-node)."""
+    def __init__(
+        self, attn: list[str], ffn: list[str], host: str = "127.0.0.1", stop_timeout_s: float = 5.0
+    ) -> None:
+        """host: the address ranks reach the coordinator at (a node IP for multi-node);
+        stop_timeout_s: how long ranks may take to exit on shutdown before they are killed."""
         self.attn, self.ffn, self.num_ranks = attn, ffn, len(attn)
+        self.stop_timeout_s = stop_timeout_s
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -134,17 +138,20 @@ class DisaggregatedExecutor(Executor):
 
     # -- stop --------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Asks every rank to stop, then kills what is left; idempotent."""
+        """Asks every rank to stop, kills all that are left after stop_timeout_s at once, and
+        waits for them at most as long again; idempotent."""
         if not self.procs:
             return
         for name, proc in self.procs.items():
             if proc.poll() is None:
                 self._send(name, Shutdown("coordinator shutting down"))
-        deadline = time.monotonic() + 5
-        for proc in self.procs.values():
-            if not proc.wait(max(0.1, deadline - time.monotonic())):
-                proc.kill()
-                proc.wait(5)
+        deadline = time.monotonic() + self.stop_timeout_s
+        left = [p for p in self.procs.values() if not p.wait(max(0.0, deadline - time.monotonic()))]
+        for proc in left:
+            proc.kill()
+        deadline = time.monotonic() + self.stop_timeout_s
+        for proc in left:
+            proc.wait(max(0.0, deadline - time.monotonic()))
         self.procs.clear()
         if self.on_shutdown is not None:
             self.on_shutdown()

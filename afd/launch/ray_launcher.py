@@ -58,6 +58,12 @@ class RankActor:
 
 _RemoteRankActor = ray.remote(RankActor)
 
+# On shutdown, ranks get this long to exit before their actors are killed. The coordinator is
+# stopped once the shutdown timeout is spent, and Ray aborts a driver 3 s after its SIGTERM
+# (the alarm of Ray's failure signal handler): the kills and the placement groups' removal
+# must come well before that.
+STOP_TIMEOUT_S = 0.5
+
 
 class RayRank(RankProcess):
     def __init__(self, name: str, actor: ray.actor.ActorHandle, spec_json: str) -> None:
@@ -148,7 +154,8 @@ def build_ray_disaggregated(
     spawner = RaySpawner(plan, reserve(plan), settings.device)
     attn, ffn = rank_names(settings)
     try:
-        executor = DisaggregatedExecutor(attn, ffn, host=coordinator_host(settings.ray_address))
+        host = coordinator_host(settings.ray_address)
+        executor = DisaggregatedExecutor(attn, ffn, host=host, stop_timeout_s=STOP_TIMEOUT_S)
     except BaseException:
         spawner.release()
         raise
