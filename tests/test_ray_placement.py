@@ -68,3 +68,35 @@ def test_role_resources_may_raise_the_cpus_per_rank() -> None:
     )
     bundles = [b for i in plan_instances(settings) for b in i.bundles]
     assert bundles == [{"CPU": 1.0}, {"CPU": 4.0}, {"CPU": 4.0}]
+
+
+def test_ranks_use_node_ip_transports_beyond_loopback() -> None:
+    from afd.launch.ray_launcher import node_transport
+
+    assert node_transport("zmq", "tcp://127.0.0.1:5555") == "zmq"
+    assert node_transport("nccl", "tcp://127.0.0.1:5555") == "nccl"
+    assert node_transport("zmq", "tcp://10.0.0.7:5555") == "zmq-node"
+    assert node_transport("nccl", "tcp://10.0.0.7:5555") == "nccl-node"
+
+
+def test_nccl_node_transport_serves_its_store_at_the_node_ip(monkeypatch) -> None:
+    """Across nodes the lead's rendezvous store must be reachable at the node's address, not
+    loopback (127.0.0.2 stands in for a node IP: Linux routes all of 127/8 locally)."""
+    from datetime import timedelta
+
+    import ray
+    import torch.distributed as dist
+
+    import afd.launch.ray_launcher  # noqa: F401 - registers the node-IP transports
+    from transport.base import create_transport
+
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.2")
+    transport = create_transport("nccl-node", "a0", device="cpu")
+    try:
+        host, port = transport.address().rsplit(":", 1)
+        assert host == "127.0.0.2"
+        client = dist.TCPStore(host, int(port), None, False, timeout=timedelta(seconds=10))
+        client.set("probe", "ok")
+        assert client.get("probe") == b"ok"
+    finally:
+        transport.close()

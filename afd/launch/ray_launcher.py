@@ -38,6 +38,23 @@ def zmq_on_node_ip(name: str, **options: object) -> Transport:
     return ZmqTransport(name, host=ray.util.get_node_ip_address(), **options)
 
 
+@register_transport("nccl-node")
+def nccl_on_node_ip(name: str, **options: object) -> Transport:
+    """The nccl transport advertising its rendezvous store at this node's IP instead of
+    loopback, so that ranks on other nodes can join the lead's store."""
+    from transport.nccl_backend import NcclTransport
+
+    return NcclTransport(name, host=ray.util.get_node_ip_address(), **options)
+
+
+def node_transport(transport: str, coordinator_address: str) -> str:
+    """The transport ranks use: the node-IP variant once the coordinator is reachable beyond
+    this machine (Ray with a cluster address), the given one on loopback."""
+    if coordinator_address.startswith("tcp://127.0.0.1:"):
+        return transport
+    return f"{transport}-node"
+
+
 class RankActor:
     """Hosts one rank: run() is the worker's main loop, in the actor's own process."""
 
@@ -164,8 +181,8 @@ def build_ray_disaggregated(
     # torch threads: the CPUs each bundle holds (1 unless the role resources ask for more)
     threads = int(min(cpus for _, _, cpus in spawner.slots.values()))
     specs = worker_specs(settings, cfg, executor.address, parent_pid=0, threads=max(1, threads))
-    if settings.transport == "zmq" and not executor.address.startswith("tcp://127.0.0.1:"):
-        specs = [dataclasses.replace(s, transport="zmq-node") for s in specs]
+    transport = node_transport(settings.transport, executor.address)
+    specs = [dataclasses.replace(s, transport=transport) for s in specs]
     return start_executor(executor, specs, spawner)
 
 

@@ -57,7 +57,8 @@ class WorkerSpec:
             torch.cuda.set_device(self.torch_device())  # the nccl transport uses this device
         channel = WorkerChannel(self.coordinator, self.name, self.heartbeat_s)
         # the nccl transport must know the rank's device: on a CUDA host a CPU rank uses gloo
-        options = {"device": str(self.torch_device())} if self.transport == "nccl" else {}
+        nccl = self.transport.startswith("nccl")  # nccl, or nccl-node (Ray across nodes)
+        options = {"device": str(self.torch_device())} if nccl else {}
         transport = create_transport(self.transport, self.name, **options)
         try:
             yield channel, transport
