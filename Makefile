@@ -4,13 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 # torch first, pinned to the CPU build that lies on these machines' disk, so nothing pulls
-# a multi-GB CUDA build; elsewhere the plain `torch>=2.4` requirement of pyproject applies.
+# a multi-GB CUDA build; elsewhere the plain `torch>=2.5` requirement of pyproject applies.
 TORCH_PIN ?= torch==2.13.0
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH_PIN) || $(BIN)/pip install -q "torch>=2.4"
+	$(BIN)/pip install -q $(TORCH_PIN) || $(BIN)/pip install -q "torch>=2.5"
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from attn_worker.kernels.decode_attention import paged_decode_attention
 from attn_worker.kv_cache import KVCache
@@ -108,25 +109,22 @@ class BatchAttention:
         for s in self.seqs:
             keys, values = self.cache.gather(layer, s.block_table, s.ctx_len)  # [L, D]
             rows = slice(s.q_start, s.q_start + s.q_len)
-            out[rows] = attend(q[rows], keys, values, s.ctx_len - s.q_len, self.scale)
+            out[rows] = attend(q[rows], keys, values, self.scale)  # the last q_len positions
         return out
 
 
-def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float
-) -> torch.Tensor:
-    """Causal attention of n queries at positions offset.. over L keys; one shared KV head."""
-    n, heads, _ = q.shape
-    length = k.shape[0]
-    mask = None
-    if n > 1:
-        pos_q = torch.arange(n, device=q.device)[:, None] + offset
-        mask = torch.arange(length, device=q.device)[None, :] <= pos_q  # [n, L]
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of n queries, the last n of L positions, over L keys of one shared KV
+    head. SDPA with grouped heads and a lower-right causal bias runs FlashAttention on GPUs;
+    an explicit [n, L] mask over expanded K/V fell back to the math kernel, 12-48x slower
+    (bench/NOTES-kernels.md, version 12)."""
+    n, length = q.shape[0], k.shape[0]
     o = F.scaled_dot_product_attention(
-        q.transpose(0, 1),  # [Hq, n, D]
-        k.unsqueeze(0).expand(heads, -1, -1),
-        v.unsqueeze(0).expand(heads, -1, -1),
-        attn_mask=mask,
+        q.transpose(0, 1)[None],  # [1, Hq, n, D]
+        k[None, None],  # [1, 1, L, D]
+        v[None, None],
+        attn_mask=causal_lower_right(n, length) if n > 1 else None,
         scale=scale,
+        enable_gqa=True,
     )
-    return o.transpose(0, 1)  # [n, Hq, D]
+    return o[0].transpose(0, 1)  # [n, Hq, D]

@@ -15,7 +15,7 @@ import torch
 import triton
 
 from afd.bench.kernel_timing import ceilings
-from afd.bench.kernels_attention import attention, attention_fp8
+from afd.bench.kernels_attention import attention, attention_fp8, prefill
 from afd.bench.kernels_moe import moe
 
 
@@ -33,6 +33,13 @@ def _table(results: dict) -> str:
         lines.append(
             f"{r['B']:>4} {r['L']:>6} fp8 KV (e4m3 + a scale a token): "
             f"{r['triton_ms']:9.3f} ms {r['triton_frac_copy']:5.2f} {r['err']:.1e}"
+        )
+    lines.append("prefill attention (n new tokens of L, causal): ms and fraction of matmul peak")
+    for r in results.get("prefill", []):
+        lines.append(
+            f"  n={r['n']:>5} L={r['L']:>5}: masked {r['masked_ms']:8.3f} "
+            f"({r['masked_frac_matmul']:.2f}), afd {r['attend_ms']:7.3f} "
+            f"({r['attend_frac_matmul']:.2f}) err {r['err_vs_masked']:.1e}"
         )
     lines.append("MoE (48 experts top-3, 7168->5120, bf16): ms / frac copy / frac matmul")
     for r in results.get("moe", []):
@@ -71,6 +78,7 @@ def main(argv: list[str]) -> int:
         if part == "attention" and part not in args.skip:
             attention(peaks["copy_bytes_per_s"], results)
             attention_fp8(peaks["copy_bytes_per_s"], results)
+            prefill(peaks, results)
         elif part == "moe" and part not in args.skip:
             moe(peaks, results, args.tokens)
         out_path.write_text(json.dumps(results, indent=1, default=str))

@@ -11,12 +11,14 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from afd.bench.kernel_timing import ceilings, cycle, ms_of, rel_err, rotate
+from attn_worker.attention import attend
 from attn_worker.kernels.decode_attention import DEFAULT_BLOCK_N, choose_num_splits
 from attn_worker.kernels.decode_attention import paged_decode_attention_ref as attn_ref
 from attn_worker.kernels.decode_attention import paged_decode_attention_triton as attn_triton
@@ -125,6 +127,42 @@ def attention_fp8(copy_bw: float, results: dict) -> None:
         del sets, runs
         rows.append(row)
         print("attn fp8", row, flush=True)
+
+
+PREFILL_SHAPES = [(2048, 2048), (512, 8192), (2048, 8192), (8192, 8192)]  # (n, L)
+
+
+def _masked_sdpa(q, k, v, scale):
+    """The prefill path before version 12: an explicit [n, L] mask over K/V expanded to every
+    head, which sends SDPA to its math kernel."""
+    n, heads, _ = q.shape
+    pos_q = torch.arange(n, device=q.device)[:, None] + k.shape[0] - n
+    mask = torch.arange(k.shape[0], device=q.device)[None, :] <= pos_q  # [n, L]
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.expand(heads, -1, -1), v.expand(heads, -1, -1),
+        attn_mask=mask, scale=scale,
+    )  # fmt: skip
+    return o.transpose(0, 1)
+
+
+def prefill(peaks: dict, results: dict) -> None:
+    """Causal prefill attention of n new tokens over L (the last n positions), one sequence,
+    as `attend` runs it, beside the masked path it replaced; FLOP/s against the matmul peak."""
+    rows = results.setdefault("prefill", [])
+    for n, length in PREFILL_SHAPES:
+        kv = dict(device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(n, HQ, HEAD_DIM, **kv)
+        k, v = torch.randn(length, HEAD_DIM, **kv), torch.randn(length, HEAD_DIM, **kv)
+        flops = 4 * HQ * HEAD_DIM * (n * length - n * n / 2)  # QK^T and PV, causal
+        row = {"n": n, "L": length, "flops": flops}
+        fast = attend(q, k, v, HEAD_DIM**-0.5)
+        row["err_vs_masked"] = rel_err(fast, _masked_sdpa(q, k, v, HEAD_DIM**-0.5))
+        for name, fn in (("masked", _masked_sdpa), ("attend", attend)):
+            run = partial(fn, q, k, v, HEAD_DIM**-0.5)
+            row[f"{name}_ms"] = ms = ms_of(run, graph=False)
+            row[f"{name}_frac_matmul"] = flops / (ms * 1e-3) / peaks["matmul_flop_per_s"]
+        rows.append(row)
+        print("prefill", row, flush=True)
 
 
 def _timed(sets: list[dict], seq_len: int, kv_bytes: int, copy_bw: float, **knobs) -> dict:
