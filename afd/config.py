@@ -44,11 +44,6 @@ class ModelConfig:
     def _moe_set(self) -> frozenset[int]:
         return frozenset(self.moe_layers)
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """K and V bytes per token over all layers at the model dtype (2 bytes)."""
-        return 2 * self.head_dim * self.num_attention_groups * 2 * self.num_hidden_layers
-
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<memory>") -> ModelConfig:
         return _parse(raw, source)

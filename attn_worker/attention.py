@@ -115,16 +115,16 @@ class BatchAttention:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of n queries, the last n of L positions, over L keys of one shared KV
-    head. SDPA with grouped heads and a lower-right causal bias runs FlashAttention on GPUs;
-    an explicit [n, L] mask over expanded K/V fell back to the math kernel, 12-48x slower
-    (bench/NOTES-kernels.md, version 12)."""
-    n, length = q.shape[0], k.shape[0]
+    head. Heads as the batch (K/V broadcast to them, no copy) with a lower-right causal bias
+    runs FlashAttention on GPUs; an explicit [n, L] mask fell back to SDPA's math kernel,
+    12-48x slower (bench/NOTES-kernels.md, version 12)."""
+    n, heads, dim = q.shape
+    length = k.shape[0]
     o = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None],  # [1, Hq, n, D]
-        k[None, None],  # [1, 1, L, D]
-        v[None, None],
+        q.transpose(0, 1)[:, None],  # [Hq, 1, n, D]
+        k[None, None].expand(heads, 1, length, dim),  # [Hq, 1, L, D], stride 0 over heads
+        v[None, None].expand(heads, 1, length, dim),
         attn_mask=causal_lower_right(n, length) if n > 1 else None,
         scale=scale,
-        enable_gqa=True,
     )
-    return o[0].transpose(0, 1)  # [n, Hq, D]
+    return o[:, 0].transpose(0, 1)  # [n, Hq, D]

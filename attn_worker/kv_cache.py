@@ -86,11 +86,11 @@ class KVCache:
             self.k[layer].view(-1, d).index_copy_(0, slots, k)
             self.v[layer].view(-1, d).index_copy_(0, slots, v)
             return
-        for data, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
-            quant, scale = quantize_fp8(x)  # [T, D], [T]
-            # as bytes: index_copy has no float8 kernels
-            data[layer].view(torch.uint8).view(-1, d).index_copy_(0, slots, quant.view(torch.uint8))
-            scales[layer].view(-1).index_copy_(0, slots, scale)
+        quant, scale = quantize_fp8(torch.stack((k, v)))  # [2, T, D], [2, T]: K and V at once
+        quant = quant.view(torch.uint8)  # as bytes: index_copy has no float8 kernels
+        for i, (data, scales) in enumerate(((self.k, self.k_scale), (self.v, self.v_scale))):
+            data[layer].view(torch.uint8).view(-1, d).index_copy_(0, slots, quant[i])
+            scales[layer].view(-1).index_copy_(0, slots, scale[i])
 
     def gather(
         self, layer: int, block_table: torch.Tensor, length: int

@@ -73,6 +73,9 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.started: list[str] = []
+        # outputs sent before the prompt's logprobs arrive (the real engine sends them with
+        # the first choice's first token; a choice served from the prefix cache can be faster)
+        self.prompt_logprobs_after = 0
         self.last_params: SamplingParams | None = None
         self.last_prompt: list[int] = []
 
@@ -121,7 +124,10 @@ class FakeEngine:
                 self.in_flight.discard(request_id)
                 self.finished.append(request_id)
             outs = [_copy(c.out) for c in choices]
-            yield RequestOutput(request_id, None, prompt, outs, done, prompt_logprobs=tables)
+            late = step <= self.prompt_logprobs_after and not done
+            yield RequestOutput(
+                request_id, None, prompt, outs, done, prompt_logprobs=None if late else tables
+            )
 
     def _step(self, c: _Choice, step: int, params: SamplingParams) -> None:
         eos = self.tokenizer.eos_token_id

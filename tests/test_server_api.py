@@ -341,3 +341,20 @@ def test_same_request_id_twice_at_once() -> None:
     num_short, num_long = int(streamed.split()[0]), int(whole.split()[0])
     assert num_short < num_long and (streamed, whole) == (answer(num_short), answer(num_long))
     assert len(set(engine.finished)) == 2 and not engine.aborted and not engine.in_flight
+
+
+def test_unexpected_error_is_a_500_with_the_request_id() -> None:
+    """A route without its own error handling (/health) that raises: the generic 500, in the
+    OpenAI error shape, still names the request."""
+    engine = FakeEngine()
+
+    def broken() -> bool:
+        raise RuntimeError("probe failed")
+
+    engine.is_healthy = broken
+    with running_server(build_app(engine, ServerSettings())) as url:
+        r = httpx.get(f"{url}/health", headers={"X-Request-Id": "probe-1"}, timeout=10)
+        assert r.status_code == 500 and r.headers["x-request-id"] == "probe-1"
+        assert r.json()["error"]["type"] == "InternalServerError"
+        engine.is_healthy = lambda: True  # and the server keeps serving
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200

@@ -129,3 +129,25 @@ def test_prompt_logprobs_extra_on_completions_and_chat(http: httpx.Client, engin
     tables, ids = r.json()["prompt_logprobs"], engine.last_prompt
     assert tables[0] is None and len(tables) == len(ids) > 1
     assert all(list(t) == [str(i)] for t, i in zip(tables[1:], ids[1:], strict=True))
+
+
+def test_streamed_echo_waits_for_prompt_logprobs_when_a_choice_finishes_first() -> None:
+    """n=2: choice 1 ends at its first token, before the prompt's logprobs arrive (they come
+    with choice 0's first token in the engine, and choice 1 may come from the prefix cache).
+    Its one chunk must still carry the prompt in front."""
+    replies = {0: "Hello there, this is a much longer reply.", 1: ""}  # 1: EOS at once
+    engine = FakeEngine(reply=lambda prompt, i: replies[i])
+    engine.prompt_logprobs_after = 2
+    with running_server(build_app(engine, ServerSettings())) as url:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            chunks = stream_chunks(client, echo=True, logprobs=1, max_tokens=8, n=2)
+    prompt_len = len(engine.last_prompt)
+    firsts = {}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            firsts.setdefault(choice["index"], choice)
+    assert set(firsts) == {0, 1}
+    for choice in firsts.values():
+        assert choice["text"].startswith(PROMPT)
+        assert len(choice["logprobs"]["tokens"]) >= prompt_len
+        assert choice["logprobs"]["token_logprobs"][0] is None

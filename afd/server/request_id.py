@@ -9,7 +9,7 @@ from fastapi import Request
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from afd.server.errors import BadRequestError, error_response
+from afd.server.errors import BadRequestError, error_response, to_api_error
 
 HEADER = "X-Request-Id"
 MAX_LENGTH = 256
@@ -34,12 +34,23 @@ class RequestIdMiddleware:
         request_id = raw.decode("ascii") or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 MutableHeaders(scope=message)[HEADER] = request_id
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            # An error no route turned into a response would reach Starlette's outermost
+            # handler, past this middleware: answer it here so the 500 carries the id too.
+            if started:
+                raise
+            await error_response(to_api_error(exc))(scope, receive, send_with_id)
 
 
 def request_id_of(raw: Request) -> str:

@@ -204,7 +204,7 @@ class CompletionServing(Serving):
                 last[i] = out
                 for c in out.outputs:
                     cursor = cursors.setdefault((i, c.index), ChoiceCursor())
-                    chunk = self._delta_chunk(ctx, i, cursor, c, out.prompt_logprobs)
+                    chunk = self._delta_chunk(ctx, i, cursor, c, out)
                     if chunk is not None:
                         yield sse(chunk)
             if self.include_usage(ctx.request) and len(last) == len(ctx.prompts):
@@ -234,14 +234,16 @@ class CompletionServing(Serving):
         i: int,
         cur: ChoiceCursor,
         c: CompletionOutput,
-        tables: list[dict[int, Logprob] | None] | None,
+        out: RequestOutput,
     ) -> CompletionResponse | None:
         if cur.done:
             return None
-        final = c.finish_reason is not None
+        final, tables = c.finish_reason is not None, out.prompt_logprobs
         echo_logprobs = ctx.request.echo and ctx.logprobs is not None
-        if not cur.started and echo_logprobs and tables is None and not final:
-            return None  # the echo waits for the prompt's logprobs (they come with a token)
+        if not cur.started and echo_logprobs and tables is None and not out.finished:
+            # The echo waits for the prompt's logprobs. They come with the first choice's
+            # first token: another choice (from the prefix cache) may finish before that.
+            return None
         echo = "" if cur.started else ctx.echo_texts[i]
         text = echo + c.text[cur.num_chars :]
         if not text and not final and len(c.token_ids) == cur.num_tokens:

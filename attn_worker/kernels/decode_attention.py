@@ -198,8 +198,10 @@ def _workspace(device: torch.device, rows: int, head_dim: int) -> tuple[Tensor, 
 
 @functools.cache
 def _has_gdc(device: torch.device) -> bool:
-    """Programmatic dependent launch (griddepcontrol) exists from Hopper (sm_90) on."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Programmatic dependent launch (griddepcontrol) exists from Hopper (sm_90) on, and in
+    Triton from 3.4 (older ones have no gdc_wait and no launch_pdl)."""
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return hopper and hasattr(tl.extra.cuda, "gdc_wait")
 
 
 # The split-count model's two measured constants (H100, bench/NOTES-kernels.md, version 10):
@@ -273,6 +275,8 @@ def paged_decode_attention_triton(
     assert k_cache.stride(2) == 1 and k_cache.stride(1) == head_dim and q.stride(2) == 1
     is_fp8 = k_cache.dtype == torch.float8_e4m3fn
     assert not is_fp8 or (k_scale is not None and v_scale is not None), "fp8 KV needs scales"
+    for s in (k_scale, v_scale):  # one per token vector, as the kernel indexes them
+        assert s is None or (s.shape == k_cache.shape[:2] and s.is_contiguous()), s.shape
     block_h = max(16, triton.next_power_of_2(num_heads))  # tl.dot needs M >= 16
     block_d = max(16, triton.next_power_of_2(head_dim))
     # 4 stages of 16-bit tiles fill 164 KB of shared memory at D=256 (one program an SM); fp32
