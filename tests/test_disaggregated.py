@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from afd import LLM, SamplingParams
+from afd import LLM, SamplingParams, envs
 from afd.engine.executor import ExecutorError
 from tests.conftest import PROMPTS
 
@@ -117,3 +117,15 @@ def test_dead_rank_fails_generate_and_leaves_no_process(tiny_ckpt, monkeypatch, 
     assert all(p.poll() is not None for p in procs)
     with pytest.raises(ExecutorError):  # the engine stays failed rather than hanging
         llm.generate(prompts, GREEDY)
+
+
+def test_idle_past_the_heartbeat_timeout_then_serve(tiny_ckpt, monkeypatch) -> None:
+    """An idle coordinator reads no heartbeats; the first step after a long idle must not take
+    the queued beats' age for silent ranks (it failed every first request after 10 s idle)."""
+    monkeypatch.setattr(envs, "HEARTBEAT_TIMEOUT_S", 1.5)
+    with LLM(
+        str(tiny_ckpt), dtype="float32", num_kv_blocks=64, block_size=4, colocated=False
+    ) as llm:
+        first = outputs(llm, [PROMPTS[0]])
+        time.sleep(4 * envs.HEARTBEAT_TIMEOUT_S)  # idle: ranks beat, nobody listens
+        assert outputs(llm, [PROMPTS[0]]) == first

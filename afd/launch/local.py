@@ -95,9 +95,12 @@ class DisaggregatedExecutor(Executor):
         the heartbeats alone would otherwise keep the poll from ever timing out."""
         deadline = time.monotonic() + timeout_s
         next_check = 0.0
+        # First what queued up while no step ran: an idle coordinator reads no heartbeats, so
+        # the last one it handled can be minutes old for a rank that beat all along.
+        self._drain(into, kind)
         while len(into) < count:
             if self.router.poll(100):
-                self._handle(into, kind)
+                self._drain(into, kind)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + 0.1
@@ -105,6 +108,10 @@ class DisaggregatedExecutor(Executor):
             if now > deadline:
                 missing = sorted(set(self.procs) - set(into))
                 self._fail(f"{what}: ranks {missing} did not answer within {timeout_s:.0f}s")
+
+    def _drain(self, into: dict, kind: type) -> None:
+        while self.router.poll(0):
+            self._handle(into, kind)
 
     def _handle(self, into: dict, kind: type) -> None:
         ident, data = self.router.recv_multipart()
