@@ -4,8 +4,11 @@ checkpoint, driven by the official openai SDK."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -28,8 +31,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_ckpt) -> Iterator[str]:
+@contextlib.contextmanager
+def serving(tiny_ckpt) -> Iterator[tuple[subprocess.Popen, str]]:
+    """afd-serve (1+1 ranks, CPU) on a free port, healthy; terminated on exit."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -65,10 +69,16 @@ def server(tiny_ckpt) -> Iterator[str]:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        yield url
+        yield proc, url
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt) -> Iterator[str]:
+    with serving(tiny_ckpt) as (_, url):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +262,24 @@ def test_coordinator_death_fails_in_flight_streams(server: str) -> None:
     assert time.monotonic() - start < 30
     assert any('"error"' in line for line in rest)
     assert httpx.get(f"{server}/health").status_code == 503
+
+
+def _children(pid: int, pattern: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid), "-f", pattern], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
+
+
+def test_rank_death_while_idle_shows_without_a_request(tiny_ckpt) -> None:
+    """No step runs while idle, yet a rank that dies must turn /health 503 within seconds (the
+    coordinator looks every 0.5 s), and the next request fails at once instead of hanging."""
+    with serving(tiny_ckpt) as (proc, url):
+        [coordinator] = _children(proc.pid, "afd.engine.coordinator")
+        [ffn_rank] = _children(coordinator, "ffn_worker.worker")
+        os.kill(ffn_rank, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{url}/health", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline, "/health still 200 10 s after a rank died"
+            time.sleep(0.2)
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
+        assert r.status_code == 500 and "f0" in r.json()["error"]["message"]

@@ -8,6 +8,9 @@ import json
 import os
 import signal
 import sys
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import zmq
 
@@ -21,6 +24,8 @@ from afd.server.messages import EngineReady, EngineRestarted, SeqUpdate, StepOut
 from transport.codec import decode, encode
 
 IDLE_POLL_MS = 20
+IDLE_CHECK_S = 0.5  # how often an idle coordinator checks that its ranks are alive
+T = TypeVar("T")
 
 
 class Coordinator:
@@ -39,6 +44,7 @@ class Coordinator:
         self.error: str | None = None
         self._ids = itertools.count(1)
         self.aborted_idle = False
+        self.next_idle_check = 0.0
 
     def run(self, parent_pid: int) -> None:
         while os.getppid() == parent_pid:
@@ -46,8 +52,13 @@ class Coordinator:
             self._drain(0 if busy else IDLE_POLL_MS)
             if self.engine.has_work() and self.error is None:
                 self._step()
-            elif self.aborted_idle:
-                self._send([])  # aborts freed KV with no step to report it: send fresh stats
+            else:
+                if self.aborted_idle:  # aborts freed KV with no step to report it
+                    self._send([])  # fresh stats
+                if self.error is None and time.monotonic() >= self.next_idle_check:
+                    # no step is coming to notice a dead or silent rank: look now and then
+                    self.next_idle_check = time.monotonic() + IDLE_CHECK_S
+                    self._guarded(self.engine.executor.check)
             self.aborted_idle = False
 
     def _drain(self, timeout_ms: int) -> None:
@@ -81,14 +92,20 @@ class Coordinator:
         self._forget([s for s in seqs if s.finished])
         self.aborted_idle = True
 
-    def _step(self) -> None:
+    def _guarded(self, work: Callable[[], T]) -> T | None:
+        """work(); a failed rank fails the requests in flight, or restarts the ranks."""
         try:
-            changed = self.engine.step()
+            return work()
         except ExecutorError as e:
             if self.restart_with is None:
                 self._fail_all(str(e))
             else:
                 self._restart(str(e))
+            return None
+
+    def _step(self) -> None:
+        changed = self._guarded(self.engine.step)
+        if changed is None:
             return
         updates = [self._update(s) for s in changed]
         self._forget([s for s in changed if s.finished])

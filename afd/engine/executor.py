@@ -25,6 +25,10 @@ class Executor(ABC):
     def shutdown(self) -> None:
         """Stops every rank this executor started."""
 
+    def check(self) -> None:  # noqa: B027 - optional: in-process executors have none
+        """Raises ExecutorError if a rank died or went silent; called while no step runs, so
+        a failure shows without waiting for the next request. Nothing to check in-process."""
+
 
 class ColocatedExecutor(Executor):
     """Attention and FFN in one process: the reference the disaggregated path must match."""

@@ -109,6 +109,12 @@ class DisaggregatedExecutor(Executor):
                 missing = sorted(set(self.procs) - set(into))
                 self._fail(f"{what}: ranks {missing} did not answer within {timeout_s:.0f}s")
 
+    def check(self) -> None:
+        if self.failed:
+            raise ExecutorError(self.failed)
+        self._drain({}, WorkerReady)  # heartbeats (and a WorkerError) that came in meanwhile
+        self._check_alive("idle")
+
     def _drain(self, into: dict, kind: type) -> None:
         while self.router.poll(0):
             self._handle(into, kind)
