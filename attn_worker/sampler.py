@@ -148,10 +148,15 @@ def _draw(probs: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:
     tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     unseeded = [r for r, state in enumerate(states) if state.spec.seed is None]
     if unseeded:
-        idx = torch.tensor(unseeded, device=probs.device)
-        exp = torch.empty_like(probs[idx]).exponential_()
-        race = probs[idx] / exp.clamp_(min=torch.finfo(exp.dtype).tiny)  # a 0 draw is no NaN
-        tokens[idx] = torch.argmax(race, dim=-1)
+        every = len(unseeded) == len(states)
+        idx = None if every else torch.tensor(unseeded, device=probs.device)
+        sub = probs if every else probs[idx]  # [U, V], one gather at most
+        exp = torch.empty_like(sub).exponential_()
+        race = sub / exp.clamp_(min=torch.finfo(exp.dtype).tiny)  # a 0 draw is no NaN
+        if every:
+            tokens = torch.argmax(race, dim=-1)
+        else:
+            tokens[idx] = torch.argmax(race, dim=-1)
     for r, state in enumerate(states):
         if state.spec.seed is not None:
             gen = torch.Generator(device=probs.device)

@@ -82,7 +82,9 @@ def test_echo_with_logprobs_and_no_tokens_is_the_prompt_alone(http: httpx.Client
     body = complete(http, echo=True, logprobs=1, max_tokens=0, n=2)
     n = len(engine.last_prompt)
     assert engine.last_params.max_tokens == 1  # one token computes the prompt's logprobs
+    assert engine.last_params.n == 1  # for both choices
     assert body["usage"]["completion_tokens"] == 0
+    assert sorted(c["index"] for c in body["choices"]) == [0, 1]
     for choice in body["choices"]:
         assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
         lp = choice["logprobs"]

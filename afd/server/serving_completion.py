@@ -97,8 +97,10 @@ class CompletionServing(Serving):
             self.max_tokens(None, 1, prompt_len)  # still reject prompts that do not fit
             if prompt_logprobs is None:
                 return None  # echo only: nothing to generate
-            # the prompt's logprobs come with the first token: compute one, show none
-            return self.sampling_params(req, 1, prompt_logprobs=prompt_logprobs)
+            # the prompt's logprobs come with the first token: compute one, show none; one
+            # sample scores the prompt for all n choices, which are the prompt alone
+            params = self.sampling_params(req, 1, prompt_logprobs=prompt_logprobs)
+            return dataclasses.replace(params, n=1)
         max_tokens = self.max_tokens(req.max_tokens, DEFAULT_MAX_TOKENS, prompt_len)
         return self.sampling_params(
             req,
@@ -127,7 +129,7 @@ class CompletionServing(Serving):
                 streams.append(_echo_only(ctx.n, ids))
                 continue
             stream = self.generate(f"{ctx.request_id}-{i}" if many else ctx.request_id, ids, p)
-            streams.append(_without_generated(stream) if ctx.echo_only else stream)
+            streams.append(_without_generated(stream, ctx.n) if ctx.echo_only else stream)
         return streams
 
     async def _collect(
@@ -264,17 +266,16 @@ class CompletionServing(Serving):
         return self._chunk(ctx, [choice])
 
 
-async def _without_generated(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-    """`echo` with `max_tokens=0` and prompt logprobs: the engine samples one token to score
-    the prompt; the answer is the prompt alone, as from `_echo_only`."""
+async def _without_generated(
+    outputs: AsyncIterator[RequestOutput], n: int
+) -> AsyncIterator[RequestOutput]:
+    """`echo` with `max_tokens=0` and prompt logprobs: the engine samples one token (one
+    choice) to score the prompt; the answer is the prompt alone, n times, as `_echo_only`."""
     async with aclosing(outputs) as stream:  # closing this closes (aborts) the engine request
         async for out in stream:
-            shown = [
-                CompletionOutput(
-                    c.index, finish_reason=None if c.finish_reason is None else "length"
-                )
-                for c in out.outputs
-            ]
+            done = all(c.finish_reason is not None for c in out.outputs)
+            reason = "length" if done else None
+            shown = [CompletionOutput(j, finish_reason=reason) for j in range(n)]
             yield dataclasses.replace(out, outputs=shown)
 
 
