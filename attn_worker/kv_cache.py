@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from afd.config import ConfigError
+from afd.config import ConfigError, ModelConfig
 
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype
 _FP8 = torch.float8_e4m3fn
@@ -72,6 +72,20 @@ class KVCache:
             self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
         self.block_size = block_size
         self.scratch_block = num_blocks  # the block padding rows read and write
+
+    @classmethod
+    def for_model(
+        cls,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        kv_cache_dtype: str = "auto",
+    ) -> KVCache:
+        """A cache with one layer per model layer at the model's head size."""
+        layers, dim = cfg.num_hidden_layers, cfg.head_dim
+        return cls(layers, num_blocks, block_size, dim, dtype, device, kv_cache_dtype)
 
     def scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """This layer's K and V scales [blocks + 1, block_size], (None, None) unless fp8."""

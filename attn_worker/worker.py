@@ -27,15 +27,7 @@ def main(argv: list[str]) -> int:
         blocks = spec.num_kv_blocks or blocks_in_memory(
             cfg, spec.block_size, dtype, device, spec.kv_cache_dtype
         )
-        cache = KVCache(
-            cfg.num_hidden_layers,
-            blocks,
-            spec.block_size,
-            cfg.head_dim,
-            dtype,
-            device,
-            spec.kv_cache_dtype,
-        )
+        cache = KVCache.for_model(cfg, blocks, spec.block_size, dtype, device, spec.kv_cache_dtype)
         graphs = None
         if spec.cuda_graph_max_batch and device.type == "cuda":
             max_len = spec.max_model_len or cfg.max_position_embeddings

@@ -118,14 +118,8 @@ def build_colocated(settings: EngineSettings, cfg: ModelConfig) -> tuple[Executo
     attn = load_attention_side(settings.model, cfg, dtype, device)
     ffn = load_ffn_side(settings.model, cfg, FFNShard(), dtype, device)
     num_blocks = default_num_blocks(settings, cfg, dtype, device)
-    cache = KVCache(
-        cfg.num_hidden_layers,
-        num_blocks,
-        settings.block_size,
-        cfg.head_dim,
-        dtype,
-        device,
-        settings.kv_cache_dtype,
+    cache = KVCache.for_model(
+        cfg, num_blocks, settings.block_size, dtype, device, settings.kv_cache_dtype
     )
     graphs, ffn_graphs = None, None
     if max_batch := settings.graph_max_batch():
