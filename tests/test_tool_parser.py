@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from afd.server.protocol import DeltaToolCall, ToolParam
+from afd.server.protocol import ToolParam
+from afd.server.protocol_responses import DeltaToolCall
 from afd.server.tool_parser import (
     TOOL_PARSERS,
     ToolParser,

@@ -11,8 +11,9 @@ from afd.engine.admission import Admission, AdmitAll
 from afd.engine.block_manager import BlockManager, block_hashes
 from afd.engine.micro_batches import split_micro_batches
 from afd.engine.sequence import SeqStatus, Sequence
+from afd.engine.step_plan import new_sequence, scheduled_chunks
 from afd.engine.step_time import StepShapeStats
-from attn_worker.messages import NewSequence, SamplingSpec, ScheduledChunk, StepPlan
+from attn_worker.messages import StepPlan
 
 
 @dataclass(frozen=True)
@@ -268,24 +269,14 @@ class Scheduler:
     def _plan(
         self, rank: int, scheduled: dict[int, int], decodes: list[Sequence], new: list[Sequence]
     ) -> StepPlan:
-        chunks = []
-        for seq in self.running[rank]:
-            n = scheduled.get(seq.seq_id, 0)
-            if n:
-                start = seq.num_computed_tokens
-                chunk = ScheduledChunk(
-                    seq.seq_id, seq.token_ids(start, start + n), start, start + n == seq.num_tokens
-                )
-                if seq.needs_prompt_logprobs:  # rows score the next tokens, to the prompt's last
-                    chunk.prompt_logprob_targets = seq.prompt_token_ids[start + 1 : start + n + 1]
-                chunks.append(chunk)
+        chunks = scheduled_chunks(self.running[rank], scheduled)
         decode_mbs = split_micro_batches(chunks, decodes, self.config.num_micro_batches)
         freed, self.to_free[rank] = self.to_free[rank], []
         (seq_ids, block_ids), self.new_blocks[rank] = self.new_blocks[rank], ([], [])
         return StepPlan(
             self.step_id,
             self.config.num_micro_batches,
-            [_new_sequence(s) for s in new],
+            [new_sequence(s) for s in new],
             chunks,
             [s.seq_id for s in decodes],
             decode_mbs,
@@ -293,22 +284,3 @@ class Scheduler:
             block_ids,
             freed,
         )
-
-
-def _new_sequence(seq: Sequence) -> NewSequence:
-    p = seq.params
-    spec = SamplingSpec(
-        p.temperature,
-        p.top_p,
-        p.top_k,
-        seq.seed,
-        p.presence_penalty,
-        p.frequency_penalty,
-        p.logprobs,
-        p.min_p,
-        dict(p.logit_bias),
-        p.repetition_penalty,
-        sorted(set(seq.prompt_token_ids)) if p.repetition_penalty != 1.0 else [],
-        p.prompt_logprobs or 0,
-    )
-    return NewSequence(seq.seq_id, spec, list(seq.output_token_ids))

@@ -19,11 +19,13 @@ from afd.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    TokenizeRequest,
+)
+from afd.server.protocol_responses import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
     ModelPermission,
-    TokenizeRequest,
     TokenizeResponse,
 )
 from afd.server.reasoning_parser import REASONING_PARSERS

@@ -17,13 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from afd.server.protocol import (
-    DeltaFunctionCall,
-    DeltaToolCall,
-    FunctionCall,
-    ToolCall,
-    ToolParam,
-)
+from afd.server.protocol import ToolParam
+from afd.server.protocol_responses import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
 from afd.server.reasoning_parser import held_prefix_len
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {}
