@@ -27,6 +27,8 @@ STEP_TIMEOUT_S = _float("AFD_STEP_TIMEOUT_S", 60.0)
 RUN_AHEAD_LAYERS = int(_float("AFD_RUN_AHEAD_LAYERS", 2))
 # Longest a rank may take to load its weights and report ready.
 STARTUP_TIMEOUT_S = _float("AFD_STARTUP_TIMEOUT_S", 300.0)
+# 1: norms and RoPE through torch's elementwise ops instead of the fused Triton kernels.
+TORCH_ELEMENTWISE = os.environ.get("AFD_TORCH_ELEMENTWISE", "") == "1"
 # Test hook: compute time per token per layer simulated on each stage ("attn_ms,ffn_ms"), so
 # pipeline overlap shows on a machine whose tiny model computes in microseconds.
 STAGE_DELAY_MS = os.environ.get("AFD_TEST_STAGE_DELAY_MS", "")

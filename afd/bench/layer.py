@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from afd.config import ModelConfig
+from afd.models import layers
 from afd.models.layers import Rope
 from afd.models.step3 import AttnLayer, FFNLayer, FFNShard
 from afd.models.tiny import TINY_TEXT_CONFIG
@@ -125,8 +126,15 @@ def attention_stage(
     fn = lambda: layer(h, cos, sin, attn.at(0))  # noqa: E731
     kv_bytes = 2 * batch * context * cfg.head_dim * h.element_size()
     row = {"batch": batch, "context": context, "kv_bytes": kv_bytes}
-    graph_us = time_us(fn, True) if graph else float("nan")
-    return row | {"eager_us": time_us(fn, False), "graph_us": graph_us}
+    fused = layers.FUSED_KERNELS
+    try:  # norms and RoPE through torch's elementwise ops first, then as serving runs them
+        for prefix, on in (("torch_elementwise_", False), ("", fused)):
+            layers.FUSED_KERNELS = on
+            row[f"{prefix}graph_us"] = time_us(fn, True) if graph else float("nan")
+            row[f"{prefix}eager_us"] = time_us(fn, False)
+    finally:
+        layers.FUSED_KERNELS = fused
+    return row
 
 
 def routing(cfg: ModelConfig, tokens: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,10 +224,14 @@ def main(argv: list[str]) -> int:
 
 
 def print_tables(attn: list[dict], ffn: list[dict], rt: list[dict]) -> None:
-    print("attention stage (attention block + router, decode)")
-    print(f"{'B':>5} {'C':>6} {'eager µs':>9} {'graph µs':>9}")
+    print("attention stage (attention block + router, decode); norms and RoPE by torch ops")
+    heads = ("B", 5), ("C", 6), ("eager µs", 9), ("graph µs", 9), ("torch eager", 11)
+    print(" ".join(f"{name:>{width}}" for name, width in (*heads, ("torch graph", 11))))
     for r in attn:
-        print(f"{r['batch']:>5} {r['context']:>6} {r['eager_us']:>9.1f} {r['graph_us']:>9.1f}")
+        print(
+            f"{r['batch']:>5} {r['context']:>6} {r['eager_us']:>9.1f} {r['graph_us']:>9.1f}"
+            f" {r['torch_elementwise_eager_us']:>11.1f} {r['torch_elementwise_graph_us']:>11.1f}"
+        )
     print("FFN stage (MoE layer: 48 experts top-3 + shared expert)")
     print(f"{'T':>5} {'eager µs':>9} {'graph µs':>9}")
     for r in ffn:

@@ -6,6 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from afd import envs
+from attn_worker.kernels.rms_norm import add_rms_norm, rms_norm
+from attn_worker.kernels.rope import rope_qk
+
+# On CUDA, norms and RoPE run as fused Triton kernels (attn_worker/kernels/rms_norm.py, rope.py)
+# unless AFD_TORCH_ELEMENTWISE=1; benchmarks flip this to time both paths in one run.
+FUSED_KERNELS = not envs.TORCH_ELEMENTWISE
+
+
+def _fused(*tensors: torch.Tensor) -> bool:
+    return FUSED_KERNELS and all(t.is_cuda for t in tensors)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -14,10 +26,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused(x) and x.dim() == 2 and x.dtype == self.weight.dtype and x.stride(1) == 1:
+            return rms_norm(x, self.weight, self.eps)
         # fp32 statistics, as every Step3 implementation does, then back to the input dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.to(x.dtype) * self.weight
+
+    def add(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A residual add and this norm: (h + delta, norm(h + delta)), one kernel on CUDA."""
+        fusable = h.dim() == 2 and h.stride(1) == 1 and delta.stride(-1) == 1
+        if _fused(h, delta) and fusable and h.dtype == delta.dtype == self.weight.dtype:
+            return add_rms_norm(h, delta, self.weight, self.eps)
+        h = h + delta
+        return h, self(h)
 
 
 class Rope:
@@ -38,6 +60,15 @@ class Rope:
         freqs = positions.float()[:, None] * inv[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         return emb.cos(), emb.sin()
+
+    @staticmethod
+    def apply_qk(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotates q [T, Hq, D] and k [T, Hk, D]: one kernel for both on CUDA."""
+        if _fused(q, k, cos, sin) and q.stride(-1) == k.stride(-1) == 1:
+            return rope_qk(q, k, cos.contiguous(), sin.contiguous())
+        return Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,8 @@ class Step3Attention(nn.Module):
         q = self.wq(self.inter_norm(self.q_proj(x))).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, 1, self.head_dim)  # [T, 1, D]
         v = self.v_proj(x).view(t, 1, self.head_dim)
-        o = attn(Rope.apply(q, cos, sin), Rope.apply(k, cos, sin), v)  # [T, Hq, D]
+        q, k = Rope.apply_qk(q, k, cos, sin)
+        o = attn(q, k, v)  # [T, Hq, D]
         return self.o_proj(o.reshape(t, -1))
 
 
@@ -102,8 +103,8 @@ class AttnLayer(nn.Module):
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Returns the residual stream after attention, the FFN input, and the routing."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn)
-        x = self.post_attention_layernorm(h)
+        delta = self.self_attn(self.input_layernorm(h), cos, sin, attn)
+        h, x = self.post_attention_layernorm.add(h, delta)
         return h, x, (self.moe(x) if self.moe is not None else None)
 
 
