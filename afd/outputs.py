@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Logprob:
-    """One token's entry in a prompt position's table, as vLLM's `Logprob`."""
+    """One token's entry in the table of a prompt or generated position, as vLLM's `Logprob`."""
 
     logprob: float
     rank: int | None = None  # 1: the most likely token at that position
@@ -19,8 +19,9 @@ class CompletionOutput:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    # one dict per generated token: token id -> logprob (holds at least the sampled token)
-    logprobs: list[dict[int, float]] | None = None
+    # with SamplingParams.logprobs, one table per generated token: its own entry first, then
+    # the top alternatives (vLLM's shape, as prompt_logprobs)
+    logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from afd.engine.messages import PromptLogprobs, SampledToken
+from afd.engine.messages import PromptLogprobs, SampledToken, TokenLogprobs
 from attn_worker.messages import SamplingSpec
 
 
@@ -30,21 +30,19 @@ def sample(
     """logits [S, V] float32 (raw model output) -> one token per row.
 
     Plain greedy rows are argmax of the raw logits; the others go through `_pick` together.
-    Tokens and their logprobs reach the host in one transfer each: a per-row loop would sync
-    with the GPU once per sequence."""
-    logprobs = torch.log_softmax(logits, dim=-1)  # logprobs of the raw distribution, as vLLM
+    Tokens reach the host in one transfer: a per-row loop would sync with the GPU once per
+    sequence."""
     rows = [states[i] for i in seq_ids]
     tokens = torch.argmax(logits, dim=-1)  # [S]
     picked = [r for r, state in enumerate(rows) if not _plain_greedy(state.spec)]
     if picked:
         idx = torch.tensor(picked, device=logits.device)
         tokens[idx] = _pick(logits[idx], [rows[r] for r in picked])
-    values = torch.gather(logprobs, 1, tokens[:, None])[:, 0].tolist()  # [S]
     out = []
-    for seq_id, state, token, value in zip(seq_ids, rows, tokens.tolist(), values, strict=True):
+    for seq_id, state, token in zip(seq_ids, rows, tokens.tolist(), strict=True):
         state.output_token_ids.append(token)
-        out.append(SampledToken(seq_id, token, value))
-    _add_top_logprobs(out, logprobs, [state.spec for state in rows])
+        out.append(SampledToken(seq_id, token))
+    _add_logprobs(out, logits, tokens, [state.spec for state in rows])
     return out
 
 
@@ -77,19 +75,25 @@ def _penalised(spec: SamplingSpec) -> bool:
     )
 
 
-def _add_top_logprobs(
-    out: list[SampledToken], logprobs: torch.Tensor, specs: list[SamplingSpec]
+def _add_logprobs(
+    out: list[SampledToken], logits: torch.Tensor, tokens: torch.Tensor, specs: list[SamplingSpec]
 ) -> None:
-    """Top-k logprobs for the rows that asked, from one topk over the largest k."""
-    k = max((s.num_logprobs or 0 for s in specs), default=0)
-    if k == 0:
+    """The sampled token's logprob and rank and the top-k, of the raw distribution as vLLM
+    returns them by default, for the rows that asked: computed for all rows at once, with one
+    topk over the largest k, and brought to the host in two transfers."""
+    if all(spec.num_logprobs is None for spec in specs):
         return
-    values, ids = torch.topk(logprobs, k, dim=-1)  # [S, k]
-    values, ids = values.tolist(), ids.tolist()
-    for row, (token, spec) in enumerate(zip(out, specs, strict=True)):
-        if spec.num_logprobs:
-            token.top_ids = ids[row][: spec.num_logprobs]
-            token.top_logprobs = values[row][: spec.num_logprobs]
+    k = max(spec.num_logprobs or 0 for spec in specs)
+    logprobs = torch.log_softmax(logits, dim=-1)  # [S, V]
+    chosen = logprobs.gather(1, tokens[:, None])  # [S, 1]
+    ranks = (logprobs >= chosen).sum(-1, keepdim=True)  # [S, 1]; vLLM's rank: 1 is the top
+    values, ids = torch.topk(logprobs, k, dim=-1)  # [S, k]; k = 0: empty rows
+    floats = torch.cat([chosen, values], dim=1).tolist()  # [S, 1 + k]
+    ints = torch.cat([ranks, ids], dim=1).tolist()  # [S, 1 + k]
+    for token, spec, f, i in zip(out, specs, floats, ints, strict=True):
+        if spec.num_logprobs is not None:
+            n = spec.num_logprobs + 1
+            token.logprobs = TokenLogprobs(f[0], i[0], i[1:n], f[1:n])
 
 
 def _pick(logits: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:

@@ -179,10 +179,14 @@ class FakeEngine:
             tables.append(table)
         return tables
 
-    def _logprobs(self, token: int, k: int) -> dict[int, float]:
-        vocab = self.tokenizer.vocab_size
-        table = {(token + j) % vocab: -1.0 - j for j in range(1, k + 1)}
-        table[token] = -0.25  # the sampled token is always the most likely here
+    def _logprobs(self, token: int, k: int) -> dict[int, Logprob]:
+        """The sampled token is always the most likely here (-0.25), its k successors in the
+        vocabulary the next most likely; vLLM's table: its own entry, then the top k."""
+        vocab, text = self.tokenizer.vocab_size, self.tokenizer.decode
+        table = {token: Logprob(-0.25, 1, text([token], skip_special_tokens=False))}
+        for j in range(1, k + 1):
+            other = (token + j) % vocab
+            table[other] = Logprob(-1.0 - j, j + 1, text([other], skip_special_tokens=False))
         return table
 
 

@@ -4,7 +4,7 @@ lets scheduling policies be tested on the CPU in seconds, with no model."""
 from __future__ import annotations
 
 from afd.engine.executor import Executor
-from afd.engine.messages import SampledToken, StepResult
+from afd.engine.messages import SampledToken, StepResult, TokenLogprobs
 from attn_worker.messages import StepPlan
 
 
@@ -56,7 +56,7 @@ class FakeExecutor(Executor):
 
     def _sampled(self, plan: StepPlan) -> list[SampledToken]:
         ids = [c.seq_id for c in plan.chunks if c.sample] + plan.decode_seq_ids
-        return [SampledToken(i, self.token_id, -1.0) for i in ids]
+        return [SampledToken(i, self.token_id, TokenLogprobs(-1.0, 1)) for i in ids]
 
     def shutdown(self) -> None:
         self.context.clear()

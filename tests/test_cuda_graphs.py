@@ -79,9 +79,8 @@ def _generate(runner: AttnRunner, prompts, steps: int = 4, micro_batches: int = 
     out = []
     for plan in _plans(prompts, steps, micro_batches):
         result = runner.execute(plan)
-        out.append(
-            [(s.seq_id, s.token_id, s.logprob, s.top_ids, s.top_logprobs) for s in result.sampled]
-        )
+        rows = [(s.seq_id, s.token_id, s.logprobs) for s in result.sampled]
+        out.append([(i, t, lp.logprob, lp.top_ids, lp.top_logprobs) for i, t, lp in rows])
     return out
 
 

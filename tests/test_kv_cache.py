@@ -12,6 +12,7 @@ import torch
 from afd import LLM, SamplingParams
 from afd.config import ConfigError, ModelConfig
 from afd.engine.builder import blocks_in_memory
+from afd.outputs import Logprob
 from attn_worker.attention import BatchAttention, SeqView
 from attn_worker.kv_cache import KVCache, kv_bytes_per_block
 from tests.conftest import PROMPTS
@@ -98,7 +99,7 @@ def test_fp8_attention_is_close_to_exact(decode: bool) -> None:
     assert rel(outs["poisoned"], outs["fp8"]) > 1e-3
 
 
-def _greedy(llm: LLM) -> list[tuple[list[int], list[dict[int, float]]]]:
+def _greedy(llm: LLM) -> list[tuple[list[int], list[dict[int, Logprob]]]]:
     params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=5, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
@@ -126,7 +127,7 @@ def _track(a, b, tol: float) -> None:
             if ta != tb:
                 assert ta in lb and tb in la
                 break
-            assert abs(la[ta] - lb[tb]) < tol
+            assert abs(la[ta].logprob - lb[tb].logprob) < tol
 
 
 @pytest.mark.slow
@@ -144,7 +145,7 @@ def test_fp8_disaggregated_equals_colocated(tiny_ckpt, fp8_colocated) -> None:
         assert ids == want_ids
         for want, have in zip(want_lps, lps, strict=True):
             assert want.keys() == have.keys()
-            assert max(abs(want[t] - have[t]) for t in want) < 1e-4
+            assert max(abs(want[t].logprob - have[t].logprob) for t in want) < 1e-4
 
 
 def test_bad_kv_cache_dtype_names_the_flag(tiny_ckpt) -> None:

@@ -27,7 +27,10 @@ def run(llm: LLM, batch: list[dict]) -> list[tuple[list[int], list[float]]]:
     return [
         (
             o.outputs[0].token_ids,
-            [lp[t] for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)],
+            [
+                lp[t].logprob
+                for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)
+            ],
         )
         for o in outs
     ]

@@ -33,7 +33,7 @@ def run(llm: LLM, prompts: list[list[int]]):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy())
     tokens = [o.outputs[0].token_ids for o in outs]
     lps = [
-        [lp[t] for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]
+        [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]
         for o in outs
     ]
     return tokens, lps
@@ -97,4 +97,4 @@ def test_bfloat16_within_bf16_tolerance(tiny_ckpt, llm):
     lp16 = bf16.generate(prompt, params)[0].outputs[0].logprobs[0]
     shared = set(lp32) & set(lp16)
     assert len(shared) >= 3
-    assert max(abs(lp32[t] - lp16[t]) for t in shared) < 0.15
+    assert max(abs(lp32[t].logprob - lp16[t].logprob) for t in shared) < 0.15

@@ -160,7 +160,7 @@ def test_completion_logprobs_equal_offline(client: openai.OpenAI, tiny_ckpt) -> 
     )
     want = offline[0].outputs[0]
     got = served.choices[0].logprobs.token_logprobs
-    expected = [lp[t] for lp, t in zip(want.logprobs, want.token_ids, strict=True)]
+    expected = [lp[t].logprob for lp, t in zip(want.logprobs, want.token_ids, strict=True)]
     assert len(got) == len(expected)
     assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-4
 
@@ -187,7 +187,7 @@ def test_echo_logprobs_equal_offline(server: str, tiny_ckpt) -> None:
     )[0]
     tables, out = offline.prompt_logprobs, offline.outputs[0]
     want = [tables[j][t].logprob for j, t in enumerate(PROMPT_IDS) if j > 0]
-    want += [lp[t] for lp, t in zip(out.logprobs, out.token_ids, strict=True)]
+    want += [lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids, strict=True)]
     n = len(PROMPT_IDS)
     for got in (served["logprobs"], first["choices"][0]["logprobs"]):
         assert got["token_logprobs"][0] is None

@@ -62,7 +62,7 @@ def generate(model: Path, prompts: list[list[int]], steps: int, **kwargs) -> lis
     rows = []
     for o in outs:
         c = o.outputs[0]
-        lps = [lp.get(t) for lp, t in zip(c.logprobs or [], c.token_ids, strict=False)]
+        lps = [lp[t].logprob for lp, t in zip(c.logprobs or [], c.token_ids, strict=False)]
         rows.append({"tokens": list(c.token_ids), "logprobs": lps})
     del llm, outs
     gc.collect()

@@ -31,7 +31,7 @@ class _InstantExecutor(Executor):
 
     def execute(self, plans: list[StepPlan]) -> list[StepResult]:
         return [
-            StepResult(p.step, r, [SampledToken(i, 11, -0.5) for i in _sampling_ids(p)])
+            StepResult(p.step, r, [SampledToken(i, 11) for i in _sampling_ids(p)])
             for r, p in enumerate(plans)
         ]
 

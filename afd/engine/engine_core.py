@@ -94,9 +94,8 @@ class EngineCore:
     def _append(self, seq: Sequence, token: SampledToken, now: float) -> None:
         seq.output_token_ids.append(token.token_id)
         if seq.params.logprobs is not None:
-            lp = dict(zip(token.top_ids, token.top_logprobs, strict=True))
-            lp[token.token_id] = token.logprob
-            seq.output_logprobs.append(lp)
+            assert token.logprobs is not None, f"seq {seq.seq_id} asked for logprobs, got none"
+            seq.output_logprobs.append(token.logprobs)
         seq.first_token_time = seq.first_token_time or now
         seq.last_token_time = now
         reason = self._stop_reason(seq, token.token_id)

@@ -10,12 +10,22 @@ from transport.codec import message
 
 @message
 @dataclass
+class TokenLogprobs:
+    """A sampled token's logprob and rank in the raw distribution, and the top alternatives
+    that SamplingParams.logprobs asked for, most likely first."""
+
+    logprob: float
+    rank: int  # 1: it was the most likely token
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+
+@message
+@dataclass
 class SampledToken:
     seq_id: int
     token_id: int
-    logprob: float
-    top_ids: list[int] = field(default_factory=list)
-    top_logprobs: list[float] = field(default_factory=list)
+    logprobs: TokenLogprobs | None = None  # only for sequences that asked for logprobs
 
 
 @message

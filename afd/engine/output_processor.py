@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from afd.detokenizer import IncrementalDetokenizer, find_stop, safe_emit_length
+from afd.engine.messages import TokenLogprobs
 from afd.engine.sequence import Sequence
 from afd.outputs import CompletionOutput, Logprob, RequestOutput
 from afd.sampling_params import SamplingParams
@@ -20,6 +21,7 @@ class _Choice:
     detok: IncrementalDetokenizer | None
     text: str = ""
     num_seen: int = 0  # output tokens already detokenized
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # of those tokens, if asked
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -92,6 +94,9 @@ class OutputProcessor:
             return False
         seq = choice.seq
         new = seq.output_token_ids[choice.num_seen :]
+        if params.logprobs is not None:
+            records = seq.output_logprobs[choice.num_seen : len(seq.output_token_ids)]
+            choice.logprobs += [self._table(t, r) for t, r in zip(new, records, strict=True)]
         choice.num_seen = len(seq.output_token_ids)
         if seq.finished and seq.finish_reason == "stop" and new:
             new = new[:-1]  # the EOS or stop token ends the text; it is not part of it
@@ -121,9 +126,7 @@ class OutputProcessor:
                 index=c.seq.index,
                 text=_visible(c, req.params),
                 token_ids=c.seq.output_token_ids[: c.num_seen],
-                logprobs=(
-                    c.seq.output_logprobs[: c.num_seen] if req.params.logprobs is not None else None
-                ),
+                logprobs=list(c.logprobs) if req.params.logprobs is not None else None,
                 finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason,
             )
@@ -149,17 +152,22 @@ class OutputProcessor:
         for chunk in seq.prompt_logprobs:
             tokens = seq.prompt_token_ids[chunk.start : chunk.start + len(chunk)]
             for i, token in enumerate(tokens):
-                table = {token: self._logprob(token, chunk.logprobs[i], chunk.ranks[i])}
-                top = zip(chunk.top_ids[i], chunk.top_logprobs[i], strict=True)
-                for rank, (other, value) in enumerate(top, 1):
-                    if other not in table:
-                        table[other] = self._logprob(other, value, rank)
-                tables.append(table)
+                record = TokenLogprobs(
+                    chunk.logprobs[i], chunk.ranks[i], chunk.top_ids[i], chunk.top_logprobs[i]
+                )
+                tables.append(self._table(token, record))
         req.prompt_logprobs = tables
         return tables
 
-    def _logprob(self, token: int, value: float, rank: int) -> Logprob:
-        return Logprob(value, rank, self.token_text(token))
+    def _table(self, token: int, record: TokenLogprobs) -> dict[int, Logprob]:
+        """vLLM's table of one position: the token's own entry first, then the alternatives
+        (ranks 1, 2, ... in order) that are not the token."""
+        table = {token: Logprob(record.logprob, record.rank, self.token_text(token))}
+        top = zip(record.top_ids, record.top_logprobs, strict=True)
+        for rank, (other, value) in enumerate(top, 1):
+            if other not in table:
+                table[other] = Logprob(value, rank, self.token_text(other))
+        return table
 
     def _decode_token(self, token: int) -> str | None:
         if self.tokenizer is None:

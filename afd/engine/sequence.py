@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from afd.engine.messages import PromptLogprobs
+from afd.engine.messages import PromptLogprobs, TokenLogprobs
 from afd.sampling_params import SamplingParams
 
 
@@ -27,7 +27,7 @@ class Sequence:
     params: SamplingParams
     seed: int | None = None
     output_token_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # with params.logprobs
     # chunks as the rank computed them, covering prompt positions 1, 2, ... in order
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
     num_computed_tokens: int = 0

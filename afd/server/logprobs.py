@@ -1,5 +1,5 @@
-"""Engine logprobs (token id -> logprob per generated token, vLLM's tables per prompt token)
-in OpenAI's two shapes and vLLM's `prompt_logprobs`."""
+"""Engine logprobs (vLLM's tables, token id -> Logprob, per generated or prompt token) in
+OpenAI's two shapes and vLLM's `prompt_logprobs`."""
 
 from __future__ import annotations
 
@@ -28,26 +28,26 @@ class LogprobFormatter:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     @staticmethod
-    def _top(table: dict[int, float], n: int) -> list[tuple[int, float]]:
-        ranked = sorted(table.items(), key=lambda kv: -kv[1])[:n]
-        return [(i, max(lp, MIN_LOGPROB)) for i, lp in ranked]
+    def _top(table: dict[int, Logprob], n: int) -> list[tuple[int, float]]:
+        ranked = sorted(table.items(), key=lambda kv: -kv[1].logprob)[:n]
+        return [(i, max(lp.logprob, MIN_LOGPROB)) for i, lp in ranked]
 
     def _entry(self, token_id: int, logprob: float) -> TopLogprob:
         token = self.token_str(token_id)
         logprob = max(logprob, MIN_LOGPROB)
         return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
 
-    def chat(self, ids: list[int], lps: list[dict[int, float]], top_n: int) -> ChatLogprobs:
+    def chat(self, ids: list[int], lps: list[dict[int, Logprob]], top_n: int) -> ChatLogprobs:
         """Chat shape: one entry per token with its `top_n` alternatives."""
         entries = []
         for tid, table in zip(ids, lps, strict=False):
-            entry = self._entry(tid, table.get(tid, MIN_LOGPROB))
+            entry = self._entry(tid, _value(table, tid))
             top = [self._entry(i, lp) for i, lp in self._top(table, top_n)]
             entries.append(ChatLogprob(**entry.model_dump(), top_logprobs=top))
         return ChatLogprobs(content=entries)
 
     def completion(
-        self, ids: list[int], lps: list[dict[int, float] | None], top_n: int, offset: int
+        self, ids: list[int], lps: list[dict[int, Logprob] | None], top_n: int, offset: int
     ) -> tuple[CompletionLogprobs, int]:
         """Legacy completions shape; returns it and the text offset after these tokens. A None
         table (the first prompt token, when echoed) gives null logprobs, as OpenAI's."""
@@ -62,7 +62,7 @@ class LogprobFormatter:
                 out.token_logprobs.append(None)
                 out.top_logprobs.append(None)
                 continue
-            logprob = max(table.get(tid, MIN_LOGPROB), MIN_LOGPROB)
+            logprob = max(_value(table, tid), MIN_LOGPROB)
             top = {self.token_str(i): lp for i, lp in self._top(table, top_n)}
             top.setdefault(token, logprob)  # the sampled token is always listed
             out.token_logprobs.append(logprob)
@@ -87,6 +87,6 @@ class LogprobFormatter:
         ]
 
 
-def prompt_values(tables: list[dict[int, Logprob] | None]) -> list[dict[int, float] | None]:
-    """Prompt tables as the token id -> logprob dicts of generated tokens (for echo)."""
-    return [None if t is None else {i: lp.logprob for i, lp in t.items()} for t in tables]
+def _value(table: dict[int, Logprob], token_id: int) -> float:
+    entry = table.get(token_id)
+    return MIN_LOGPROB if entry is None else entry.logprob

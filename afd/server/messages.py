@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from afd.engine.messages import PromptLogprobs
+from afd.engine.messages import PromptLogprobs, TokenLogprobs
 from transport.codec import message
 
 
@@ -16,7 +16,7 @@ class SeqUpdate:
     request_id: str
     index: int
     token_ids: list[int]
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, if asked
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None

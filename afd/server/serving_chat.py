@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from afd.outputs import CompletionOutput, RequestOutput
+from afd.outputs import CompletionOutput, Logprob, RequestOutput
 from afd.sampling_params import SamplingParams
 from afd.server.engine_client import EngineClient
 from afd.server.errors import BadRequestError
@@ -192,7 +192,7 @@ class ChatServing(Serving):
         return UsageInfo.of(num_in, num_out)
 
     def _logprobs(
-        self, ctx: ChatContext, ids: list[int], lps: list[dict[int, float]] | None
+        self, ctx: ChatContext, ids: list[int], lps: list[dict[int, Logprob]] | None
     ) -> ChatLogprobs | None:
         if ctx.top_logprobs is None or lps is None:
             return None

@@ -15,7 +15,6 @@ from afd.outputs import CompletionOutput, Logprob, RequestOutput
 from afd.sampling_params import SamplingParams
 from afd.server.engine_stream import merge_streams
 from afd.server.errors import BadRequestError
-from afd.server.logprobs import prompt_values
 from afd.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -174,7 +173,7 @@ class CompletionServing(Serving):
         self,
         ctx: CompletionContext,
         ids: list[int],
-        lps: list[dict[int, float] | None] | None,
+        lps: list[dict[int, Logprob] | None] | None,
         at: int,
     ) -> tuple[CompletionLogprobs | None, int]:
         if ctx.logprobs is None or lps is None:
@@ -187,12 +186,12 @@ class CompletionServing(Serving):
         i: int,
         tables: list[dict[int, Logprob] | None] | None,
         ids: list[int],
-        lps: list[dict[int, float]] | None,
-    ) -> tuple[list[int], list[dict[int, float] | None] | None]:
+        lps: list[dict[int, Logprob]] | None,
+    ) -> tuple[list[int], list[dict[int, Logprob] | None] | None]:
         """With echo and logprobs, the prompt's tokens and logprobs go in front."""
         if not ctx.request.echo or ctx.logprobs is None or tables is None:
             return ids, lps
-        return ctx.prompts[i] + ids, prompt_values(tables) + (lps or [])
+        return ctx.prompts[i] + ids, tables + (lps or [])
 
     # ------------------------------------------------------------------ SSE stream
 
