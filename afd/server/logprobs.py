@@ -7,7 +7,7 @@ from functools import lru_cache
 from typing import Any
 
 from afd.outputs import Logprob
-from afd.server.protocol import (
+from afd.server.protocol_responses import (
     ChatLogprob,
     ChatLogprobs,
     CompletionLogprobs,

@@ -11,26 +11,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# Moved to protocol_responses.py; importable from here only until serving_chat.py,
-# serving_completion.py and logprobs.py (being edited in parallel) import them from there.
-from afd.server.protocol_responses import (  # noqa: F401
-    AssistantMessage,
-    ChatChoice,
-    ChatCompletionChunk,
-    ChatCompletionResponse,
-    ChatLogprob,
-    ChatLogprobs,
-    ChatStreamChoice,
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionResponse,
-    DeltaMessage,
-    PromptLogprob,
-    PromptLogprobs,
-    TopLogprob,
-    UsageInfo,
-)
-
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")

@@ -14,16 +14,15 @@ from afd.sampling_params import SamplingParams
 from afd.server.engine_client import EngineClient
 from afd.server.errors import BadRequestError
 from afd.server.prompts import echo_text
-from afd.server.protocol import (
+from afd.server.protocol import ChatCompletionRequest, NamedToolChoice
+from afd.server.protocol_responses import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
     ChatStreamChoice,
     DeltaMessage,
-    NamedToolChoice,
     UsageInfo,
 )
 from afd.server.reasoning_parser import ReasoningStream, create_reasoning_parser, extract_reasoning

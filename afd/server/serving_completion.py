@@ -15,10 +15,10 @@ from afd.outputs import CompletionOutput, Logprob, RequestOutput
 from afd.sampling_params import SamplingParams
 from afd.server.engine_stream import merge_streams
 from afd.server.errors import BadRequestError
-from afd.server.protocol import (
+from afd.server.protocol import CompletionRequest
+from afd.server.protocol_responses import (
     CompletionChoice,
     CompletionLogprobs,
-    CompletionRequest,
     CompletionResponse,
     UsageInfo,
 )
