@@ -33,15 +33,26 @@ class LLM:
         self._ids = itertools.count()
 
     def generate(
-        self, prompts: PromptType | list[PromptType], sampling_params: SamplingParams | None = None
+        self,
+        prompts: PromptType | list[PromptType],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
+        """One output per prompt, in order; `sampling_params` is one for all prompts or one
+        per prompt (as in vLLM)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(
+                    f"{len(sampling_params)} sampling params for {len(prompts)} prompts"
+                )
+            per_prompt = sampling_params
+        else:
+            per_prompt = [sampling_params or SamplingParams()] * len(prompts)
         processor = OutputProcessor(self.tokenizer)
-        order = [self._add(processor, p, params) for p in prompts]
         final: dict[str, RequestOutput] = {}
-        try:
+        try:  # a prompt refused on adding takes the ones added before it out again
+            order = [self._add(processor, p, s) for p, s in zip(prompts, per_prompt, strict=True)]
             while self.engine.has_work():
                 outputs, to_abort = processor.process(self.engine.step())
                 self.engine.abort(to_abort, "stop")

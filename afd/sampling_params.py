@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json as jsonlib
 from dataclasses import dataclass, field
 
 from transport.codec import message
@@ -9,6 +10,42 @@ from transport.codec import message
 
 class SamplingError(ValueError):
     """A sampling parameter is out of range; the message names the parameter."""
+
+
+@message
+@dataclass
+class StructuredOutputs:
+    """Constrains the output (vLLM's StructuredOutputsParams): exactly one of a JSON schema
+    (`json`, a dict or its JSON text), any JSON object (`json_object`), a regular expression,
+    a choice of strings, or a Lark / GBNF grammar. The coordinator enforces it with one
+    grammar matcher per sequence (afd/engine/grammar.py)."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            self.json = jsonlib.dumps(self.json)
+        given = [name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise SamplingError(
+                "structured_outputs must set exactly one of json, json_object, regex, choice, "
+                f"grammar; got {given or 'none'}"
+            )
+        if self.choice is not None and (
+            not self.choice or not all(isinstance(c, str) for c in self.choice)
+        ):
+            raise SamplingError(f"structured_outputs.choice must be strings, got {self.choice!r}")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False))
+
+
+_STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
 @message
@@ -33,6 +70,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

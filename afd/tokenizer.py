@@ -55,6 +55,10 @@ class Tokenizer:
         template = load_chat_template(folder, chat_template)
         return cls(hf, config, generation_config, template)
 
+    def to_json(self) -> str:
+        """The HF tokenizer.json text (structured outputs build their token trie from it)."""
+        return self._hf.to_str()
+
     @property
     def vocab_size(self) -> int:
         return self._hf.get_vocab_size(with_added_tokens=True)

@@ -55,6 +55,16 @@ class ScheduledChunk:
 
 @message
 @dataclass
+class TokenMask:
+    """The tokens a constrained sequence may sample this step (structured outputs): bit t of
+    little-endian 32-bit word t // 32 is set when token t is allowed."""
+
+    seq_id: int
+    bitmask: bytes
+
+
+@message
+@dataclass
 class StepPlan:
     """One attention rank's step, as diffs against what the rank already knows. Decodes are
     columnar: each continues from its last sampled token at its next position."""
@@ -68,6 +78,11 @@ class StepPlan:
     new_block_seq_ids: list[int] = field(default_factory=list)  # block-table growth, as
     new_block_ids: list[int] = field(default_factory=list)  # parallel (seq, block) lists
     freed_seq_ids: list[int] = field(default_factory=list)  # finished or preempted
+    token_masks: list[TokenMask] = field(default_factory=list)  # constrained samplers only
+
+    def sampling_seq_ids(self) -> list[int]:
+        """The sequences that sample a token this step: decodes and last prompt chunks."""
+        return self.decode_seq_ids + [c.seq_id for c in self.chunks if c.sample]
 
     def tokens_per_micro_batch(self) -> list[int]:
         counts = [0] * self.num_micro_batches

@@ -76,11 +76,12 @@ class AttnRunner:
         timings = StepTimings(attention=attention_s, ffn_wait=wait_s)
         t0 = time.perf_counter()
         sampled = []
+        masks = {m.seq_id: m.bitmask for m in plan.token_masks}
         for mb, h in zip(mbs, hidden, strict=True):
             if mb is not None and mb.sample_rows:
                 logits = self.side.logits(h[mb.sample_rows])
                 states = {i: self.seqs[i].sampling for i in mb.sample_seq_ids}
-                sampled += sample(logits, mb.sample_seq_ids, states)
+                sampled += sample(logits, mb.sample_seq_ids, states, masks)
         prompt_logprobs = [
             self._score_prompt(chunk, h, row)
             for mb, h in zip(mbs, hidden, strict=True)

@@ -25,14 +25,21 @@ class SeqSamplingState:
 
 
 def sample(
-    logits: torch.Tensor, seq_ids: list[int], states: dict[int, SeqSamplingState]
+    logits: torch.Tensor,
+    seq_ids: list[int],
+    states: dict[int, SeqSamplingState],
+    masks: dict[int, bytes] | None = None,
 ) -> list[SampledToken]:
     """logits [S, V] float32 (raw model output) -> one token per row.
 
     Plain greedy rows are argmax of the raw logits; the others go through `_pick` together.
-    Tokens reach the host in one transfer: a per-row loop would sync with the GPU once per
-    sequence."""
+    `masks` (structured outputs): seq id -> bitmask of the tokens it may sample; the others
+    get -inf before any knob, while logprobs stay those of the raw distribution. Tokens reach
+    the host in one transfer: a per-row loop would sync with the GPU once per sequence."""
     rows = [states[i] for i in seq_ids]
+    raw = logits
+    if masks:
+        logits = apply_token_masks(logits, seq_ids, masks)
     tokens = torch.argmax(logits, dim=-1)  # [S]
     picked = [r for r, state in enumerate(rows) if not _plain_greedy(state.spec)]
     if picked:
@@ -42,8 +49,29 @@ def sample(
     for seq_id, state, token in zip(seq_ids, rows, tokens.tolist(), strict=True):
         state.output_token_ids.append(token)
         out.append(SampledToken(seq_id, token))
-    _add_logprobs(out, logits, tokens, [state.spec for state in rows])
+    _add_logprobs(out, raw, tokens, [state.spec for state in rows])
     return out
+
+
+def apply_token_masks(
+    logits: torch.Tensor, seq_ids: list[int], masks: dict[int, bytes]
+) -> torch.Tensor:
+    """A copy of logits [S, V] with each masked row's disallowed tokens at -inf (bit t of
+    little-endian int32 word t // 32 set: token t allowed)."""
+    rows = [r for r, i in enumerate(seq_ids) if i in masks]
+    if not rows:
+        return logits
+    packed = bytearray(b"".join(masks[seq_ids[r]] for r in rows))
+    words = torch.frombuffer(packed, dtype=torch.int32).view(len(rows), -1)  # [M, W]
+    words = words.to(logits.device)
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((words[:, :, None] >> bits) & 1).bool().flatten(1)  # [M, 32 W]
+    vocab = logits.shape[1]
+    if allowed.shape[1] < vocab:  # ids past the mask's width are never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    idx = torch.tensor(rows, device=logits.device)
+    masked = logits[idx].masked_fill(~allowed[:, :vocab], float("-inf"))
+    return logits.index_copy(0, idx, masked)
 
 
 def score_prompt(

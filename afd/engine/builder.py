@@ -12,6 +12,7 @@ from afd.config import ConfigError, ModelConfig, RoleShape
 from afd.engine.admission import AdmitAll, TPOTAdmission
 from afd.engine.engine_core import EngineCore
 from afd.engine.executor import ColocatedExecutor, Executor
+from afd.engine.grammar import Grammars
 from afd.engine.scheduler import Scheduler, SchedulerConfig
 from afd.engine.step_time import StepTimeModel
 from afd.models.build import load_attention_side, load_ffn_side, resolve_dtype
@@ -167,7 +168,11 @@ def build_engine(settings: EngineSettings) -> EngineCore:
     admission = (
         TPOTAdmission(model, settings.tpot_slo_ms / 1000) if settings.tpot_slo_ms else AdmitAll()
     )
-    return EngineCore(Scheduler(sched, admission), executor, cfg.eos_token_ids, max_len, model)
+    eos = list(cfg.eos_token_ids)
+    grammars = lambda: Grammars.for_model(settings.model, cfg.vocab_size, eos)  # noqa: E731
+    return EngineCore(
+        Scheduler(sched, admission), executor, cfg.eos_token_ids, max_len, model, grammars=grammars
+    )
 
 
 def fit_model_len(settings: EngineSettings, max_len: int, num_blocks: int) -> int:

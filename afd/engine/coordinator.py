@@ -20,6 +20,7 @@ from afd.engine.executor import ExecutorError
 from afd.engine.messages import AbortRequest, AddRequest
 from afd.engine.sequence import Sequence, request_sequences
 from afd.engine.stats import engine_stats
+from afd.sampling_params import SamplingError
 from afd.server.messages import EngineReady, EngineRestarted, SeqUpdate, StepOutputs
 from transport.codec import decode, encode
 
@@ -72,18 +73,26 @@ class Coordinator:
 
     def _add(self, req: AddRequest) -> None:
         if self.error is not None:
-            self._send(
-                [
-                    SeqUpdate(req.request_id, i, [], None, "error", None, self.error)
-                    for i in range(req.params.n)
-                ]
-            )
+            self._refuse(req, self.error)
             return
         seqs = request_sequences(req.request_id, req.prompt_token_ids, req.params, self._ids)
-        for seq in seqs:
-            seq.arrival_time = req.arrival_time or seq.arrival_time
-            self.engine.add(seq)
+        try:
+            for seq in seqs:
+                seq.arrival_time = req.arrival_time or seq.arrival_time
+                self.engine.add(seq)
+        except SamplingError as e:  # a constraint the server let through: this request only
+            self.engine.abort([s.seq_id for s in seqs])
+            self._refuse(req, str(e))
+            return
         self.by_request[req.request_id] = seqs
+
+    def _refuse(self, req: AddRequest, why: str) -> None:
+        self._send(
+            [
+                SeqUpdate(req.request_id, i, [], None, "error", None, why)
+                for i in range(req.params.n)
+            ]
+        )
 
     def _abort(self, msg: AbortRequest) -> None:
         seqs = self.by_request.get(msg.request_id, [])

@@ -8,10 +8,12 @@ import time
 from collections.abc import Callable
 
 from afd.engine.executor import Executor
+from afd.engine.grammar import Grammars
 from afd.engine.messages import PromptLogprobs, SampledToken, StepResult
 from afd.engine.scheduler import Scheduler, SchedulerOutput
 from afd.engine.sequence import SeqStatus, Sequence
 from afd.engine.step_time import StepTimeModel
+from afd.sampling_params import SamplingError
 
 
 class EngineCore:
@@ -23,8 +25,12 @@ class EngineCore:
         max_model_len: int,
         step_model: StepTimeModel | None = None,
         clock: Callable[[], float] = time.monotonic,
+        grammars: Callable[[], Grammars] | None = None,
     ) -> None:
+        """grammars: builds the structured-outputs matcher store on first use (None: requests
+        with structured_outputs are refused)."""
         self.scheduler, self.executor = scheduler, executor
+        self._make_grammars, self._grammars = grammars, None
         self.eos_token_ids, self.max_model_len = set(eos_token_ids), max_model_len
         self.seqs: dict[int, Sequence] = {}
         self.last_output: SchedulerOutput | None = None
@@ -35,8 +41,19 @@ class EngineCore:
         self.clock = clock  # tests drive a virtual clock
 
     def add(self, seq: Sequence) -> None:
+        """Queues a sequence; SamplingError if its structured_outputs cannot be enforced."""
+        spec = seq.params.structured_outputs
+        if spec is not None:
+            self.grammars().start(seq.seq_id, spec)
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
+
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            if self._make_grammars is None:
+                raise SamplingError("structured_outputs are not available on this engine")
+            self._grammars = self._make_grammars()
+        return self._grammars
 
     def abort(self, seq_ids: list[int], reason: str = "abort") -> list[Sequence]:
         aborted = []
@@ -45,6 +62,8 @@ class EngineCore:
             if seq is not None and not seq.finished:
                 self.scheduler.finish(seq, reason)
                 aborted.append(seq)
+            if self._grammars is not None:
+                self._grammars.finish(seq_id)
         return aborted
 
     def has_work(self) -> bool:
@@ -58,6 +77,9 @@ class EngineCore:
         if not out.scheduled and not out.decodes and not any(p.freed_seq_ids for p in out.plans):
             return []
         self.last_predicted_s = self.step_model.predict(out.shape)
+        if self._grammars is not None and self._grammars.matchers:
+            for plan in out.plans:
+                plan.token_masks = self._grammars.masks(plan.sampling_seq_ids())
         t0 = self.clock()
         self.last_results = self.executor.execute(out.plans)
         self.step_model.observe(out.shape, self.clock() - t0)
@@ -89,6 +111,8 @@ class EngineCore:
         for seq in changed:
             if seq.finished:
                 self.seqs.pop(seq.seq_id, None)
+                if self._grammars is not None:
+                    self._grammars.finish(seq.seq_id)
         return changed
 
     def _append(self, seq: Sequence, token: SampledToken, now: float) -> None:
@@ -98,6 +122,10 @@ class EngineCore:
             seq.output_logprobs.append(token.logprobs)
         seq.first_token_time = seq.first_token_time or now
         seq.last_token_time = now
+        if self._grammars is not None and not self._grammars.advance(seq.seq_id, token.token_id):
+            # cannot happen while the rank applies the mask; stop rather than emit off-grammar
+            self.scheduler.finish(seq, "stop")
+            return
         reason = self._stop_reason(seq, token.token_id)
         if reason is not None:
             self.scheduler.finish(seq, *reason)

@@ -41,6 +41,19 @@ class NamedToolChoice(OpenAIModel):
     function: NamedFunction
 
 
+class JsonSchemaFormat(OpenAIModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ContentPart(OpenAIModel):
     type: str
     text: str | None = None
@@ -81,6 +94,13 @@ class SamplingFields(OpenAIModel):
     echo: bool = False
     request_id: str | None = None
     prompt_logprobs: int | None = None  # vLLM's extra: the prompt tokens' logprobs, top N
+    # structured outputs: OpenAI's response_format, or one of vLLM's extras
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):

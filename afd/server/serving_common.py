@@ -22,6 +22,7 @@ from afd.server.metrics import ServerMetrics
 from afd.server.prompts import PromptBuilder
 from afd.server.protocol import SamplingFields
 from afd.server.settings import ServerSettings
+from afd.server.structured import StructuredRequests
 
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
@@ -51,6 +52,7 @@ class Serving:
         self.streams = EngineStreams(engine, self.metrics)
         self.generate = self.streams.stream
         self.logprobs = LogprobFormatter(engine.tokenizer)
+        self.structured = StructuredRequests(engine.tokenizer)
 
     def resolve_model(self, name: str | None) -> str:
         if not name:
@@ -147,6 +149,7 @@ class Serving:
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
             include_stop_str_in_output=req.include_stop_str_in_output,
+            structured_outputs=self.structured.parse(req),
             **kw,
         )
 

@@ -1,0 +1,97 @@
+"""Structured outputs on the coordinator, with llguidance (Microsoft's grammar engine, also a
+vLLM and SGLang backend): one matcher per constrained sequence. Before a step, each
+constrained sequence that samples gets the bitmask of tokens its grammar allows next (sent in
+its rank's StepPlan, applied by the rank's sampler); after the step its matcher consumes the
+sampled token. The matchers live with the sequences here, so preemption and recompute, which
+replay tokens the matcher already consumed, need nothing from them."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import llguidance
+
+from afd.sampling_params import SamplingError, StructuredOutputs
+from attn_worker.messages import TokenMask
+
+# JSON without optional whitespace (`{"a":1}`): with it allowed, a weak or unsure model can
+# spend its whole budget on blanks between tokens, vLLM's disable-any-whitespace case
+_JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+def llguidance_grammar(spec: StructuredOutputs) -> str:
+    """The request's constraint as an llguidance grammar (not yet checked)."""
+    kind = spec.kind
+    if kind in ("json", "json_object"):
+        schema = spec.json if kind == "json" else '{"type": "object"}'
+        try:
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"not a JSON schema: {e}") from None
+    if kind == "regex":
+        return llguidance.grammar_from("regex", spec.regex or "")
+    if kind == "choice":
+        return llguidance.grammar_from("choice", json.dumps(spec.choice))
+    return llguidance.grammar_from("grammar", spec.grammar or "")  # Lark or GBNF
+
+
+class Grammars:
+    """Compiles request grammars for one tokenizer and keeps the live sequences' matchers."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int]) -> None:
+        """tokenizer_json: the HF tokenizer.json text; vocab_size: the logits' width (masks
+        cover it; ids past the tokenizer's are never allowed)."""
+        self.tokenizer = llguidance.LLTokenizer(
+            tokenizer_json, n_vocab=vocab_size, eos_token=eos_token_ids or None
+        )
+        self.matchers: dict[int, llguidance.LLMatcher] = {}
+
+    @classmethod
+    def for_model(cls, folder: str | Path, vocab_size: int, eos_token_ids: list[int]) -> Grammars:
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise SamplingError(f"structured_outputs need a tokenizer: {path} not found")
+        return cls(path.read_text(), vocab_size, eos_token_ids)
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 (one Grammars per process)
+    def compile(self, spec_key: tuple) -> str:
+        spec = StructuredOutputs(*spec_key)
+        try:
+            grammar = llguidance_grammar(spec)
+        except ValueError as e:
+            raise SamplingError(f"structured_outputs.{spec.kind} is invalid: {e}") from None
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
+        if error:
+            raise SamplingError(f"structured_outputs.{spec.kind} is invalid: {error}")
+        return grammar
+
+    def check(self, spec: StructuredOutputs) -> None:
+        """SamplingError naming what is wrong with the request's constraint, if anything."""
+        self.compile(_key(spec))
+
+    def start(self, seq_id: int, spec: StructuredOutputs) -> None:
+        matcher = llguidance.LLMatcher(self.tokenizer, self.compile(_key(spec)), log_level=0)
+        if matcher.is_error():
+            raise SamplingError(f"structured_outputs: {matcher.get_error()}")
+        self.matchers[seq_id] = matcher
+
+    def masks(self, seq_ids: list[int]) -> list[TokenMask]:
+        """Allowed-token bitmasks of the constrained sequences among `seq_ids`."""
+        return [
+            TokenMask(i, self.matchers[i].compute_bitmask()) for i in seq_ids if i in self.matchers
+        ]
+
+    def advance(self, seq_id: int, token: int) -> bool:
+        """The matcher consumes a sampled token; False if the grammar rejected it."""
+        matcher = self.matchers.get(seq_id)
+        return matcher is None or matcher.consume_token(token)
+
+    def finish(self, seq_id: int) -> None:
+        self.matchers.pop(seq_id, None)
+
+
+def _key(spec: StructuredOutputs) -> tuple:
+    choice = tuple(spec.choice) if spec.choice is not None else None
+    return (spec.json, spec.json_object, spec.regex, choice, spec.grammar)

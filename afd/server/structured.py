@@ -1,0 +1,69 @@
+"""A request's structured-outputs constraint, from OpenAI's `response_format` or vLLM's extras
+(`structured_outputs`, `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`),
+checked here so that a bad schema or pattern is a 400 naming its field, not a failed request."""
+
+from __future__ import annotations
+
+from afd.engine.grammar import Grammars
+from afd.sampling_params import SamplingError, StructuredOutputs
+from afd.server.errors import BadRequestError
+from afd.server.protocol import SamplingFields
+from afd.tokenizer import Tokenizer
+
+
+class StructuredRequests:
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer = tokenizer
+        self._grammars: Grammars | None = None  # built on the first constrained request
+
+    def parse(self, req: SamplingFields) -> StructuredOutputs | None:
+        given = _given(req)
+        if not given:
+            return None
+        if len(given) > 1:
+            names = ", ".join(name for name, _ in given)
+            raise BadRequestError(f"use one structured-output field, got {names}", given[1][0])
+        field, make = given[0]
+        try:
+            spec = make()
+            self.grammars().check(spec)
+        except (SamplingError, TypeError, ValueError) as e:
+            raise BadRequestError(f"{field}: {e}", field) from None
+        return spec
+
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise SamplingError("structured outputs need the model's tokenizer")
+            tok = self.tokenizer
+            self._grammars = Grammars(tok.to_json(), tok.vocab_size, sorted(tok.eos_token_ids))
+        return self._grammars
+
+
+def _given(req: SamplingFields) -> list[tuple[str, object]]:
+    """(field name, builder of its StructuredOutputs) for each constraint the request sets."""
+    found: list[tuple[str, object]] = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        found.append(("response_format", lambda: StructuredOutputs(json_object=True)))
+    elif fmt is not None and fmt.type == "json_schema":
+
+        def from_schema() -> StructuredOutputs:
+            schema = fmt.json_schema.json_schema if fmt.json_schema is not None else None
+            if schema is None:
+                raise ValueError("json_schema.schema is required for type json_schema")
+            return StructuredOutputs(json=schema)
+
+        found.append(("response_format", from_schema))
+    if req.structured_outputs is not None:
+        found.append(("structured_outputs", lambda: StructuredOutputs(**req.structured_outputs)))
+    for field, kind in (
+        ("guided_json", "json"),
+        ("guided_regex", "regex"),
+        ("guided_choice", "choice"),
+        ("guided_grammar", "grammar"),
+    ):
+        value = getattr(req, field)
+        if value is not None:
+            found.append((field, lambda kind=kind, value=value: StructuredOutputs(**{kind: value})))
+    return found

@@ -1,0 +1,115 @@
+"""Structured outputs (llguidance): generations through LLM.generate, colocated and
+disaggregated, that must satisfy their JSON schema, regex, choice or grammar; a bad
+constraint fails its request only; the sampler's mask leaves logprobs raw."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from afd.llm import LLM
+from afd.sampling_params import SamplingError, SamplingParams, StructuredOutputs
+from attn_worker.messages import SamplingSpec
+from attn_worker.sampler import SeqSamplingState, sample
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "ok": {"type": "boolean"},
+        "size": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["color", "ok", "size"],
+    "additionalProperties": False,
+}
+PROMPTS = ["Hello there", "the", "Describe the weather in one word"]
+
+
+def _texts(llm: LLM, spec: StructuredOutputs, temperature: float, seed: int = 0) -> list:
+    params = SamplingParams(
+        max_tokens=48, temperature=temperature, seed=seed, structured_outputs=spec
+    )
+    return [(o.outputs[0].text, o.outputs[0].finish_reason) for o in llm.generate(PROMPTS, params)]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_ckpt):
+    return LLM(str(tiny_ckpt), dtype="float32")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_is_followed(llm: LLM, temperature: float) -> None:
+    for text, reason in _texts(llm, StructuredOutputs(json=SCHEMA), temperature):
+        assert reason == "stop", text
+        value = json.loads(text)
+        assert set(value) == {"color", "ok", "size"}
+        assert value["color"] in ("red", "green", "blue") and isinstance(value["ok"], bool)
+        assert isinstance(value["size"], int) and 0 <= value["size"] <= 99
+
+
+def test_regex_choice_and_grammar_are_followed(llm: LLM) -> None:
+    for text, reason in _texts(llm, StructuredOutputs(regex=r"[0-9]{3}-[a-c]{2}"), 1.0):
+        assert reason == "stop" and re.fullmatch(r"[0-9]{3}-[a-c]{2}", text), text
+    for text, reason in _texts(llm, StructuredOutputs(choice=["yes", "no", "maybe"]), 1.0, 5):
+        assert reason == "stop" and text in ("yes", "no", "maybe"), text
+    lark = 'start: "x=" NUM ";"\nNUM: /[1-9][0-9]?/'
+    for text, reason in _texts(llm, StructuredOutputs(grammar=lark), 1.0, 7):
+        assert reason == "stop" and re.fullmatch(r"x=[1-9][0-9]?;", text), text
+
+
+def test_json_object_and_unconstrained_neighbours(llm: LLM) -> None:
+    """A constrained request batched with a free one: only the former is constrained."""
+    free = SamplingParams(max_tokens=12, temperature=0.0)
+    obj = SamplingParams(
+        max_tokens=48, temperature=0.0, structured_outputs=StructuredOutputs(json_object=True)
+    )
+    alone = llm.generate(PROMPTS[:1], free)[0].outputs[0].token_ids
+    outs = llm.generate(PROMPTS[:2], [free, obj])
+    assert outs[0].outputs[0].token_ids == alone  # the mask did not leak into its row
+    text = outs[1].outputs[0].text
+    assert text.startswith("{")
+    if outs[1].outputs[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
+def test_bad_constraint_fails_only_its_request(llm: LLM) -> None:
+    for spec in (StructuredOutputs(json={"type": "objectx"}), StructuredOutputs(regex="(")):
+        with pytest.raises(SamplingError, match=f"structured_outputs.{spec.kind} is invalid"):
+            llm.generate(PROMPTS[:1], SamplingParams(structured_outputs=spec))
+    assert llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4))[0].outputs[0].token_ids
+
+
+def test_exactly_one_constraint() -> None:
+    with pytest.raises(SamplingError, match="exactly one"):
+        StructuredOutputs(regex="a", choice=["b"])
+    with pytest.raises(SamplingError, match="exactly one"):
+        StructuredOutputs()
+
+
+def test_disaggregated_follows_the_same_constraint(tiny_ckpt, llm: LLM) -> None:
+    """The masks travel in the StepPlan to attention ranks in other processes: greedy
+    constrained tokens equal the colocated engine's."""
+    spec = StructuredOutputs(json=SCHEMA)
+    params = SamplingParams(max_tokens=48, temperature=0.0, structured_outputs=spec)
+    want = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    with LLM(str(tiny_ckpt), dtype="float32", colocated=False, attn="2x1", ffn="1x1") as remote:
+        got = [o.outputs[0].token_ids for o in remote.generate(PROMPTS, params)]
+    assert got == want
+
+
+def test_sampler_mask_picks_allowed_tokens_and_keeps_raw_logprobs() -> None:
+    logits = torch.randn(3, 70)
+    allowed = [5, 66]  # neither is the argmax of row 1 below
+    logits[1, 7] = 50.0
+    words = torch.zeros(3, dtype=torch.int32)  # 70 tokens: 3 words of 32 bits
+    for t in allowed:
+        words[t // 32] |= 1 << (t % 32)
+    states = {i: SeqSamplingState(SamplingSpec(temperature=0.0, num_logprobs=0)) for i in (0, 1, 2)}
+    out = sample(logits, [0, 1, 2], states, {1: words.numpy().tobytes()})
+    assert out[1].token_id == max(allowed, key=lambda t: logits[1, t])
+    raw = torch.log_softmax(logits, dim=-1)
+    assert abs(out[1].logprobs.logprob - float(raw[1, out[1].token_id])) < 1e-5
+    assert out[0].token_id == int(logits[0].argmax()) and out[2].token_id == int(logits[2].argmax())
