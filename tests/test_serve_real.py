@@ -189,6 +189,53 @@ def test_structured_outputs_over_http(client: openai.OpenAI) -> None:
     assert picked.choices[0].finish_reason == "stop"
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["C", "F"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": None}}
+
+
+def test_forced_tool_calls(client: openai.OpenAI) -> None:
+    """tool_choice named or "required" on a model with no tool-call parser: the calls come
+    from structured outputs, valid against their schemas, streamed or not."""
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    out = client.chat.completions.create(
+        model="tiny", messages=messages, tools=[WEATHER, TIME], tool_choice=named, max_tokens=30
+    )
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and args["city"] in ("Paris", "Oslo")
+    assert args["unit"] in ("C", "F")
+    required = client.chat.completions.create(
+        model="tiny", messages=messages, tools=[WEATHER, TIME], tool_choice="required",
+        max_tokens=60, temperature=0,
+    )  # fmt: skip
+    calls = required.choices[0].message.tool_calls
+    if required.choices[0].finish_reason == "tool_calls":  # 60 tokens may cut a long array
+        assert calls and all(c.function.name in ("get_weather", "get_time") for c in calls)
+        assert all(isinstance(json.loads(c.function.arguments), dict) for c in calls)
+    stream = client.chat.completions.create(
+        model="tiny", messages=messages, tools=[WEATHER], tool_choice=named, max_tokens=30,
+        stream=True,
+    )  # fmt: skip
+    deltas = [d for c in stream if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id
+    streamed = json.loads("".join(d.function.arguments or "" for d in deltas))
+    assert streamed["city"] in ("Paris", "Oslo")
+
+
 def test_completion_logprobs_equal_offline(client: openai.OpenAI, tiny_ckpt) -> None:
     served = client.completions.create(
         model="tiny",

@@ -76,6 +76,23 @@ CASES: list[tuple[str, str, object, int, str]] = [
     ),
     ("bad tool_choice", CHAT, chat(tools=TOOLS, tool_choice="sometimes"), 400, "tool_choice"),
     (
+        "forced tool + response_format",
+        CHAT,
+        chat(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}),
+        400,
+        "cannot be combined",
+    ),
+    (
+        "forced tool, bad parameters schema",
+        CHAT,
+        chat(
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": 7}}}],
+            tool_choice={"type": "function", "function": {"name": "f"}},
+        ),
+        400,
+        "parameters schema is invalid",
+    ),
+    (
         "continue + generation prompt",
         CHAT,
         chat(continue_final_message=True),

@@ -13,6 +13,7 @@ from afd.outputs import CompletionOutput, Logprob, RequestOutput
 from afd.sampling_params import SamplingParams
 from afd.server.engine_client import EngineClient
 from afd.server.errors import BadRequestError
+from afd.server.forced_tools import ForcedToolParser
 from afd.server.prompts import echo_text
 from afd.server.protocol import ChatCompletionRequest, NamedToolChoice
 from afd.server.protocol_responses import (
@@ -103,6 +104,8 @@ class ChatServing(Serving):
             prompt_logprobs=self.prompt_logprobs(req),
             skip_special_tokens=skip_special,
         )
+        if isinstance(tool_parser, ForcedToolParser):
+            params.structured_outputs = self.structured.forced(params, tool_parser.schema)
         in_reasoning = self.reasoning is not None and self.reasoning.starts_in_reasoning(prompt)
         ctx = ChatContext(
             req, request_id, model, prompt_ids, in_reasoning,
@@ -133,15 +136,13 @@ class ChatServing(Serving):
         if named is not None and named not in {t.function.name for t in tools}:
             message = f"tool_choice names `{named}`, which is not in `tools`"
             raise BadRequestError(message, param="tool_choice")
+        if choice == "required" or named is not None:  # enforced by structured outputs
+            return ForcedToolParser(tools, choice)
         if (choice or "auto") == "auto" and not self.settings.enable_auto_tool_choice:
             raise BadRequestError(
                 '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
                 "to be set",
                 param="tool_choice",
-            )
-        if not name:
-            raise BadRequestError(
-                "tool_choice needs --tool-call-parser (afd has no guided decoding)", "tool_choice"
             )
         return create_tool_parser(name, tools)
 

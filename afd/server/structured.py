@@ -5,7 +5,7 @@ checked here so that a bad schema or pattern is a 400 naming its field, not a fa
 from __future__ import annotations
 
 from afd.engine.grammar import Grammars
-from afd.sampling_params import SamplingError, StructuredOutputs
+from afd.sampling_params import SamplingError, SamplingParams, StructuredOutputs
 from afd.server.errors import BadRequestError
 from afd.server.protocol import SamplingFields
 from afd.tokenizer import Tokenizer
@@ -29,6 +29,20 @@ class StructuredRequests:
             self.grammars().check(spec)
         except (SamplingError, TypeError, ValueError) as e:
             raise BadRequestError(f"{field}: {e}", field) from None
+        return spec
+
+    def forced(self, params: SamplingParams, schema: dict) -> StructuredOutputs:
+        """The constraint of a forced tool call (tool_choice "required" or named)."""
+        if params.structured_outputs is not None:
+            raise BadRequestError(
+                "tool_choice required or named cannot be combined with a structured-output field",
+                "tool_choice",
+            )
+        spec = StructuredOutputs(json=schema)
+        try:
+            self.grammars().check(spec)
+        except SamplingError as e:
+            raise BadRequestError(f"tools: a parameters schema is invalid: {e}", "tools") from None
         return spec
 
     def grammars(self) -> Grammars:
