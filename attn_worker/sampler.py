@@ -32,14 +32,16 @@ def sample(
 ) -> list[SampledToken]:
     """logits [S, V] float32 (raw model output) -> one token per row.
 
-    Plain greedy rows are argmax of the raw logits; the others go through `_pick` together.
+    Plain greedy rows are argmax of the (masked) logits; the others go through `_pick`
+    together.
     `masks` (structured outputs): seq id -> bitmask of the tokens it may sample; the others
     get -inf before any knob, while logprobs stay those of the raw distribution. Tokens reach
     the host in one transfer: a per-row loop would sync with the GPU once per sequence."""
     rows = [states[i] for i in seq_ids]
     raw = logits
-    if masks:
-        logits = apply_token_masks(logits, seq_ids, masks)
+    if masks:  # in place unless logprobs, which are of the raw distribution, are asked for
+        keep_raw = any(state.spec.num_logprobs is not None for state in rows)
+        logits = apply_token_masks(logits, seq_ids, masks, in_place=not keep_raw)
     tokens = torch.argmax(logits, dim=-1)  # [S]
     picked = [r for r, state in enumerate(rows) if not _plain_greedy(state.spec)]
     if picked:
@@ -54,24 +56,25 @@ def sample(
 
 
 def apply_token_masks(
-    logits: torch.Tensor, seq_ids: list[int], masks: dict[int, bytes]
+    logits: torch.Tensor, seq_ids: list[int], masks: dict[int, bytes], in_place: bool = False
 ) -> torch.Tensor:
-    """A copy of logits [S, V] with each masked row's disallowed tokens at -inf (bit t of
-    little-endian int32 word t // 32 set: token t allowed)."""
+    """logits [S, V] with each masked row's disallowed tokens at -inf (bit t of the
+    little-endian bitmask set: token t allowed), in a copy unless `in_place`. Unpacked a byte
+    at a time: one bool per token of each masked row on the device."""
     rows = [r for r, i in enumerate(seq_ids) if i in masks]
     if not rows:
         return logits
     packed = bytearray(b"".join(masks[seq_ids[r]] for r in rows))
-    words = torch.frombuffer(packed, dtype=torch.int32).view(len(rows), -1)  # [M, W]
-    words = words.to(logits.device)
-    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((words[:, :, None] >> bits) & 1).bool().flatten(1)  # [M, 32 W]
+    octets = torch.frombuffer(packed, dtype=torch.uint8).view(len(rows), -1)  # [M, 4 W]
+    octets = octets.to(logits.device)
+    bits = torch.arange(8, dtype=torch.uint8, device=logits.device)
+    allowed = ((octets[:, :, None] >> bits) & 1).bool().flatten(1)  # [M, 32 W]
     vocab = logits.shape[1]
     if allowed.shape[1] < vocab:  # ids past the mask's width are never allowed
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
     idx = torch.tensor(rows, device=logits.device)
     masked = logits[idx].masked_fill(~allowed[:, :vocab], float("-inf"))
-    return logits.index_copy(0, idx, masked)
+    return logits.index_copy_(0, idx, masked) if in_place else logits.index_copy(0, idx, masked)
 
 
 def score_prompt(

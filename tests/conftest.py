@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -50,3 +55,72 @@ def run_interpreted(test_file: str) -> dict:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# The real afd-serve on the tiny checkpoint, for the tests that drive it over HTTP
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(tiny_ckpt) -> Iterator[tuple[subprocess.Popen, str]]:
+    """afd-serve (1+1 ranks, CPU) on a free port, healthy; terminated on exit."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "afd.launch.serve",
+        "--model",
+        str(tiny_ckpt),
+        "--served-model-name",
+        "tiny",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--block-size",
+        "4",
+        "--num-kv-blocks",
+        "4096",
+        "--attn",
+        "1x1",
+        "--ffn",
+        "1x1",
+    ]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, "afd-serve exited during start-up"
+            assert time.monotonic() < deadline, "afd-serve did not become healthy"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield proc, url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt) -> Iterator[str]:
+    with serving(tiny_ckpt) as (_, url):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server: str):  # -> openai.OpenAI (a test extra: imported here, not at the top)
+    import openai
+
+    # strict: every response must parse into the SDK's models exactly
+    return openai.OpenAI(
+        base_url=f"{server}/v1", api_key="none", max_retries=0, _strict_response_validation=True
+    )

@@ -44,12 +44,18 @@ def norm_cases() -> dict[str, float]:
                 norm.weight.copy_(1 + 0.1 * torch.randn(width, generator=g))
             h = torch.randn(rows, width, generator=g).to(dtype)
             delta = torch.randn(rows, width, generator=g).to(dtype)
+            if name == "fp16" and rows > 1:  # every other row of a wider buffer: strided rows
+                wide = torch.randn(2 * rows, width + 8, generator=g).to(dtype)
+                h = wide[::2, :width]
             tag = f"{name}_{rows}x{width}"
             with torch.no_grad():
                 found[f"norm_{tag}"] = _max_ulps(rms_norm(h, norm.weight, 1e-6), norm(h))
                 total, x = add_rms_norm(h, delta, norm.weight, 1e-6)
                 found[f"add_sum_{tag}"] = float((total.double() - (h + delta).double()).abs().max())
                 found[f"add_norm_{tag}"] = _max_ulps(x, norm(h + delta))
+    empty, weight = torch.empty(0, 64, dtype=torch.float16), torch.ones(64, dtype=torch.float16)
+    total, x = add_rms_norm(empty, empty, weight, 1e-6)
+    found["zero_rows"] = [list(t.shape) for t in (total, x, rms_norm(empty, weight, 1e-6))]
     return found
 
 
@@ -60,6 +66,8 @@ def rope_cases() -> dict[str, float]:
         for tokens, hq, hk, dim in ROPE_SHAPES:
             cos, sin = Rope(dim, 10000.0).cos_sin(torch.randint(0, 5000, (tokens,), generator=g))
             q = torch.randn(tokens, hq, dim, generator=g).to(dtype)
+            if name == "fp16":  # every other head of a wider buffer: strided heads
+                q = torch.randn(tokens, 2 * hq, dim, generator=g).to(dtype)[:, ::2]
             k = torch.randn(tokens, hk, dim, generator=g).to(dtype)
             q_out, k_out = rope_qk(q, k, cos, sin)
             tag = f"{name}_{tokens}x{hq}x{hk}x{dim}"
@@ -89,6 +97,10 @@ def test_rope_matches_torch(interpreted: dict) -> None:
     ropes = {k: v for k, v in interpreted.items() if k.startswith("rope_")}
     assert len(ropes) == 2 * len(DTYPES) * len(ROPE_SHAPES)
     assert all(v <= (FP32_ULPS if "fp32" in k else 1.0) for k, v in ropes.items()), ropes
+
+
+def test_zero_rows(interpreted: dict) -> None:
+    assert interpreted["zero_rows"] == [[0, 64]] * 3
 
 
 def test_torch_path_add_equals_add_then_norm() -> None:

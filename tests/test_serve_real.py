@@ -4,89 +4,22 @@ checkpoint, driven by the official openai SDK."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 
 from afd import LLM, SamplingParams
+from tests.conftest import serving
 
 pytestmark = pytest.mark.slow
 PROMPT_IDS = [11, 250, 37, 99, 123, 7, 64, 900, 3]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(tiny_ckpt) -> Iterator[tuple[subprocess.Popen, str]]:
-    """afd-serve (1+1 ranks, CPU) on a free port, healthy; terminated on exit."""
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "afd.launch.serve",
-        "--model",
-        str(tiny_ckpt),
-        "--served-model-name",
-        "tiny",
-        "--port",
-        str(port),
-        "--dtype",
-        "float32",
-        "--block-size",
-        "4",
-        "--num-kv-blocks",
-        "4096",
-        "--attn",
-        "1x1",
-        "--ffn",
-        "1x1",
-    ]
-    proc = subprocess.Popen(cmd)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, "afd-serve exited during start-up"
-            assert time.monotonic() < deadline, "afd-serve did not become healthy"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        yield proc, url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_ckpt) -> Iterator[str]:
-    with serving(tiny_ckpt) as (_, url):
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server: str) -> openai.OpenAI:
-    # strict: every response must parse into the SDK's models exactly
-    return openai.OpenAI(
-        base_url=f"{server}/v1", api_key="none", max_retries=0, _strict_response_validation=True
-    )
 
 
 def test_chat_and_completions(client: openai.OpenAI) -> None:
@@ -143,97 +76,6 @@ def test_chat_and_completions(client: openai.OpenAI) -> None:
     )
     assert stopped.choices[0].text == text[: text.find(stop)]
     assert stopped.choices[0].finish_reason == "stop"
-
-
-def test_structured_outputs_over_http(client: openai.OpenAI) -> None:
-    """response_format json_schema through the SDK (chat, n=2, and streamed), vLLM's
-    guided_choice on completions: the served text satisfies the constraint."""
-    schema = {
-        "type": "object",
-        "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer"}},
-        "required": ["city", "days"],
-        "additionalProperties": False,
-    }
-    fmt = {"type": "json_schema", "json_schema": {"name": "trip", "schema": schema, "strict": True}}
-    chat = client.chat.completions.create(
-        model="tiny",
-        messages=[{"role": "user", "content": "Plan a trip"}],
-        max_tokens=40,
-        n=2,
-        seed=1,
-        response_format=fmt,
-    )
-    for choice in chat.choices:
-        if choice.finish_reason == "stop":  # a long integer may run out of tokens
-            value = json.loads(choice.message.content)
-            assert value["city"] in ("Paris", "Oslo") and isinstance(value["days"], int)
-        else:
-            assert choice.message.content.startswith('{"city":"')
-    streamed = client.chat.completions.create(
-        model="tiny",
-        messages=[{"role": "user", "content": "Plan a trip"}],
-        max_tokens=40,
-        temperature=0,
-        response_format={"type": "json_object"},
-        stream=True,
-    )
-    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
-    assert text.startswith("{")
-    picked = client.completions.create(
-        model="tiny",
-        prompt="Answer:",
-        max_tokens=10,
-        extra_body={"guided_choice": ["alpha", "beta"]},
-    )
-    assert picked.choices[0].text in ("alpha", "beta")
-    assert picked.choices[0].finish_reason == "stop"
-
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["C", "F"]}},
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": None}}
-
-
-def test_forced_tool_calls(client: openai.OpenAI) -> None:
-    """tool_choice named or "required" on a model with no tool-call parser: the calls come
-    from structured outputs, valid against their schemas, streamed or not."""
-    messages = [{"role": "user", "content": "Weather in Paris?"}]
-    named = {"type": "function", "function": {"name": "get_weather"}}
-    out = client.chat.completions.create(
-        model="tiny", messages=messages, tools=[WEATHER, TIME], tool_choice=named, max_tokens=30
-    )
-    choice = out.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    (call,) = choice.message.tool_calls
-    args = json.loads(call.function.arguments)
-    assert call.function.name == "get_weather" and args["city"] in ("Paris", "Oslo")
-    assert args["unit"] in ("C", "F")
-    required = client.chat.completions.create(
-        model="tiny", messages=messages, tools=[WEATHER, TIME], tool_choice="required",
-        max_tokens=60, temperature=0,
-    )  # fmt: skip
-    calls = required.choices[0].message.tool_calls
-    if required.choices[0].finish_reason == "tool_calls":  # 60 tokens may cut a long array
-        assert calls and all(c.function.name in ("get_weather", "get_time") for c in calls)
-        assert all(isinstance(json.loads(c.function.arguments), dict) for c in calls)
-    stream = client.chat.completions.create(
-        model="tiny", messages=messages, tools=[WEATHER], tool_choice=named, max_tokens=30,
-        stream=True,
-    )  # fmt: skip
-    deltas = [d for c in stream if c.choices for d in (c.choices[0].delta.tool_calls or [])]
-    assert deltas[0].function.name == "get_weather" and deltas[0].id
-    streamed = json.loads("".join(d.function.arguments or "" for d in deltas))
-    assert streamed["city"] in ("Paris", "Oslo")
 
 
 def test_completion_logprobs_equal_offline(client: openai.OpenAI, tiny_ckpt) -> None:

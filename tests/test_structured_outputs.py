@@ -10,8 +10,10 @@ import re
 import pytest
 import torch
 
+from afd.engine.grammar import Grammars
 from afd.llm import LLM
 from afd.sampling_params import SamplingError, SamplingParams, StructuredOutputs
+from afd.tokenizer import Tokenizer
 from attn_worker.messages import SamplingSpec
 from attn_worker.sampler import SeqSamplingState, sample
 
@@ -113,3 +115,51 @@ def test_sampler_mask_picks_allowed_tokens_and_keeps_raw_logprobs() -> None:
     raw = torch.log_softmax(logits, dim=-1)
     assert abs(out[1].logprobs.logprob - float(raw[1, out[1].token_id])) < 1e-5
     assert out[0].token_id == int(logits[0].argmax()) and out[2].token_id == int(logits[2].argmax())
+
+
+def test_ignore_eos_stops_when_the_grammar_is_complete(llm: LLM) -> None:
+    """A complete grammar allows only EOS: the sequence stops there, EOS ignored or not."""
+    spec = StructuredOutputs(choice=["yes", "no"])
+    for ignore_eos in (False, True):
+        params = SamplingParams(max_tokens=10, ignore_eos=ignore_eos, structured_outputs=spec)
+        out = llm.generate(PROMPTS[:1], params)[0].outputs[0]
+        assert out.text in ("yes", "no") and out.finish_reason == "stop", out
+
+
+def test_matcher_resumes_past_generated_tokens(tiny_ckpt) -> None:
+    """A sequence re-added after a rank restart brings its output: the matcher replays it, and
+    an output the grammar rejects fails the sequence."""
+    tok = Tokenizer.from_pretrained(tiny_ckpt)
+    grammars = Grammars(tok.to_json(), tok.vocab_size, sorted(tok.eos_token_ids))
+    spec = StructuredOutputs(regex="[0-9]{3}")
+    digits = [tok.encode(d, add_special_tokens=False) for d in "123"]
+    assert all(len(d) == 1 for d in digits)  # the tiny tokenizer has single-digit tokens
+    grammars.start(1, spec, digits[0] + digits[1])
+    assert grammars.advance(1, digits[2][0]) is None  # complete: the EOS comes next
+    assert grammars.advance(1, sorted(tok.eos_token_ids)[0]) == "stop"
+    letters = tok.encode("ab", add_special_tokens=False)
+    with pytest.raises(SamplingError, match="structured_outputs"):
+        grammars.start(2, spec, letters)
+
+
+def test_unusable_tokenizer_refuses_constrained_requests_only(tiny_ckpt) -> None:
+    tok = Tokenizer.from_pretrained(tiny_ckpt)
+    with pytest.raises(ValueError):  # config vocabulary smaller than the tokenizer's
+        Grammars(tok.to_json(), 10, sorted(tok.eos_token_ids))
+    with LLM(str(tiny_ckpt), dtype="float32") as llm:
+        llm.engine._grammars, llm.engine._no_grammars = None, "vocab size too small"
+        spec = StructuredOutputs(regex="a")
+        with pytest.raises(SamplingError, match="unavailable: vocab size too small"):
+            llm.generate(PROMPTS[:1], SamplingParams(structured_outputs=spec))
+        assert llm.generate(PROMPTS[:1], SamplingParams(max_tokens=3))[0].outputs[0].token_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_masks_with_cuda_graphs(tiny_ckpt) -> None:
+    """bf16 on the GPU with decode graphs: masks built on the host reach the device rows."""
+    with LLM(str(tiny_ckpt), device="cuda", dtype="bfloat16", num_kv_blocks=64) as llm:
+        for text, reason in _texts(llm, StructuredOutputs(json=SCHEMA), 1.0):
+            assert reason == "stop" and json.loads(text)["color"] in ("red", "green", "blue")
+        for text, _ in _texts(llm, StructuredOutputs(choice=["yes", "no"]), 0.0):
+            assert text in ("yes", "no")

@@ -168,11 +168,20 @@ def build_engine(settings: EngineSettings) -> EngineCore:
     admission = (
         TPOTAdmission(model, settings.tpot_slo_ms / 1000) if settings.tpot_slo_ms else AdmitAll()
     )
-    eos = list(cfg.eos_token_ids)
-    grammars = lambda: Grammars.for_model(settings.model, cfg.vocab_size, eos)  # noqa: E731
     return EngineCore(
-        Scheduler(sched, admission), executor, cfg.eos_token_ids, max_len, model, grammars=grammars
-    )
+        Scheduler(sched, admission), executor, cfg.eos_token_ids, max_len, model,
+        grammars=build_grammars(settings.model, cfg),
+    )  # fmt: skip
+
+
+def build_grammars(folder: str, cfg: ModelConfig) -> Grammars | str:
+    """The structured-outputs store, built at start (its token table takes ~1 s for a large
+    vocabulary: not on a request's path); or, without a usable tokenizer, the reason."""
+    try:
+        return Grammars.for_model(folder, cfg.vocab_size, list(cfg.eos_token_ids))
+    except (ValueError, RuntimeError) as e:  # llguidance's refusals
+        logger.warning("structured outputs disabled: %s", e)
+        return str(e)
 
 
 def fit_model_len(settings: EngineSettings, max_len: int, num_blocks: int) -> int:

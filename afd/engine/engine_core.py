@@ -4,6 +4,7 @@ OutputProcessor on the client side)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -15,6 +16,8 @@ from afd.engine.sequence import SeqStatus, Sequence
 from afd.engine.step_time import StepTimeModel
 from afd.sampling_params import SamplingError
 
+log = logging.getLogger(__name__)
+
 
 class EngineCore:
     def __init__(
@@ -25,12 +28,13 @@ class EngineCore:
         max_model_len: int,
         step_model: StepTimeModel | None = None,
         clock: Callable[[], float] = time.monotonic,
-        grammars: Callable[[], Grammars] | None = None,
+        grammars: Grammars | str | None = None,
     ) -> None:
-        """grammars: builds the structured-outputs matcher store on first use (None: requests
-        with structured_outputs are refused)."""
+        """grammars: the structured-outputs matcher store, or why there is none (requests
+        with structured_outputs then fail with that reason)."""
         self.scheduler, self.executor = scheduler, executor
-        self._make_grammars, self._grammars = grammars, None
+        self._grammars = grammars if isinstance(grammars, Grammars) else None
+        self._no_grammars = grammars if isinstance(grammars, str) else "no tokenizer"
         self.eos_token_ids, self.max_model_len = set(eos_token_ids), max_model_len
         self.seqs: dict[int, Sequence] = {}
         self.last_output: SchedulerOutput | None = None
@@ -44,16 +48,11 @@ class EngineCore:
         """Queues a sequence; SamplingError if its structured_outputs cannot be enforced."""
         spec = seq.params.structured_outputs
         if spec is not None:
-            self.grammars().start(seq.seq_id, spec)
+            if self._grammars is None:
+                raise SamplingError(f"structured outputs are unavailable: {self._no_grammars}")
+            self._grammars.start(seq.seq_id, spec, seq.output_token_ids)
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
-
-    def grammars(self) -> Grammars:
-        if self._grammars is None:
-            if self._make_grammars is None:
-                raise SamplingError("structured_outputs are not available on this engine")
-            self._grammars = self._make_grammars()
-        return self._grammars
 
     def abort(self, seq_ids: list[int], reason: str = "abort") -> list[Sequence]:
         aborted = []
@@ -122,11 +121,16 @@ class EngineCore:
             seq.output_logprobs.append(token.logprobs)
         seq.first_token_time = seq.first_token_time or now
         seq.last_token_time = now
-        if self._grammars is not None and not self._grammars.advance(seq.seq_id, token.token_id):
-            # cannot happen while the rank applies the mask; stop rather than emit off-grammar
-            self.scheduler.finish(seq, "stop")
-            return
         reason = self._stop_reason(seq, token.token_id)
+        grammar = (
+            None if self._grammars is None else self._grammars.advance(seq.seq_id, token.token_id)
+        )
+        if reason is None and grammar == "stop":  # the EOS after a complete grammar
+            reason = ("stop", None)
+        elif grammar not in (None, "stop"):  # cannot happen while the rank applies the mask
+            log.error("seq %d: structured output rejected token %d: %s", seq.seq_id,
+                      token.token_id, grammar)  # fmt: skip
+            reason = ("abort", None)
         if reason is not None:
             self.scheduler.finish(seq, *reason)
 

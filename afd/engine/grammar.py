@@ -7,7 +7,6 @@ replay tokens the matcher already consumed, need nothing from them."""
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -38,41 +37,52 @@ def llguidance_grammar(spec: StructuredOutputs) -> str:
 
 
 class Grammars:
-    """Compiles request grammars for one tokenizer and keeps the live sequences' matchers."""
+    """Compiles request grammars for one tokenizer and keeps the live sequences' matchers.
+    Every failure a request can cause is a SamplingError (a 400, or that request's error)."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int]) -> None:
         """tokenizer_json: the HF tokenizer.json text; vocab_size: the logits' width (masks
-        cover it; ids past the tokenizer's are never allowed)."""
+        cover it; ids past the tokenizer's are never allowed). ValueError when the two
+        disagree (a checkpoint whose config.json vocab is smaller than its tokenizer's)."""
         self.tokenizer = llguidance.LLTokenizer(
             tokenizer_json, n_vocab=vocab_size, eos_token=eos_token_ids or None
         )
         self.matchers: dict[int, llguidance.LLMatcher] = {}
+        self._compiled: dict[tuple, str] = {}  # a request's constraint -> its checked grammar
 
     @classmethod
     def for_model(cls, folder: str | Path, vocab_size: int, eos_token_ids: list[int]) -> Grammars:
         path = Path(folder) / "tokenizer.json"
         if not path.is_file():
-            raise SamplingError(f"structured_outputs need a tokenizer: {path} not found")
+            raise ValueError(f"{path} not found")
         return cls(path.read_text(), vocab_size, eos_token_ids)
 
-    @functools.lru_cache(maxsize=256)  # noqa: B019 (one Grammars per process)
-    def compile(self, spec_key: tuple) -> str:
-        spec = StructuredOutputs(*spec_key)
-        try:
-            grammar = llguidance_grammar(spec)
-        except ValueError as e:
-            raise SamplingError(f"structured_outputs.{spec.kind} is invalid: {e}") from None
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
-        if error:
-            raise SamplingError(f"structured_outputs.{spec.kind} is invalid: {error}")
+    def compile(self, spec: StructuredOutputs) -> str:
+        key = _key(spec)
+        grammar = self._compiled.get(key)
+        if grammar is None:
+            try:
+                grammar = llguidance_grammar(spec)
+            except ValueError as e:
+                raise SamplingError(f"structured_outputs.{spec.kind} is invalid: {e}") from None
+            error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
+            if error:
+                raise SamplingError(f"structured_outputs.{spec.kind} is invalid: {error}")
+            if len(self._compiled) >= _MAX_COMPILED:
+                self._compiled.pop(next(iter(self._compiled)))  # the oldest
+            self._compiled[key] = grammar
         return grammar
 
     def check(self, spec: StructuredOutputs) -> None:
         """SamplingError naming what is wrong with the request's constraint, if anything."""
-        self.compile(_key(spec))
+        self.compile(spec)
 
-    def start(self, seq_id: int, spec: StructuredOutputs) -> None:
-        matcher = llguidance.LLMatcher(self.tokenizer, self.compile(_key(spec)), log_level=0)
+    def start(self, seq_id: int, spec: StructuredOutputs, output_token_ids: list[int]) -> None:
+        """A matcher for a sequence, past the tokens it already generated (a sequence that
+        comes back after the ranks were restarted)."""
+        matcher = llguidance.LLMatcher(self.tokenizer, self.compile(spec), log_level=0)
+        if output_token_ids and not matcher.is_error():
+            matcher.consume_tokens(output_token_ids)
         if matcher.is_error():
             raise SamplingError(f"structured_outputs: {matcher.get_error()}")
         self.matchers[seq_id] = matcher
@@ -83,13 +93,23 @@ class Grammars:
             TokenMask(i, self.matchers[i].compute_bitmask()) for i in seq_ids if i in self.matchers
         ]
 
-    def advance(self, seq_id: int, token: int) -> bool:
-        """The matcher consumes a sampled token; False if the grammar rejected it."""
+    def advance(self, seq_id: int, token: int) -> str | None:
+        """The matcher consumes a sampled token: None while the grammar goes on, "stop" for
+        the EOS that follows a complete grammar (the only token it then allows; it ends the
+        sequence even under ignore_eos), or the error if the grammar rejected the token."""
         matcher = self.matchers.get(seq_id)
-        return matcher is None or matcher.consume_token(token)
+        if matcher is None:
+            return None
+        complete = matcher.is_stopped()
+        if not matcher.consume_token(token):
+            return matcher.get_error() or "token rejected"
+        return "stop" if complete else None
 
     def finish(self, seq_id: int) -> None:
         self.matchers.pop(seq_id, None)
+
+
+_MAX_COMPILED = 256
 
 
 def _key(spec: StructuredOutputs) -> tuple:

@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
 
     def add(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A residual add and this norm: (h + delta, norm(h + delta)), one kernel on CUDA."""
-        fusable = h.dim() == 2 and h.stride(1) == 1 and delta.stride(-1) == 1
+        fusable = h.dim() == 2 and delta.shape == h.shape and h.stride(1) == delta.stride(1) == 1
         if _fused(h, delta) and fusable and h.dtype == delta.dtype == self.weight.dtype:
             return add_rms_norm(h, delta, self.weight, self.eps)
         h = h + delta

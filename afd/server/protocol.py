@@ -54,6 +54,17 @@ class ResponseFormat(OpenAIModel):
     json_schema: JsonSchemaFormat | None = None
 
 
+class StructuredOutputsParam(OpenAIModel):
+    """vLLM's `structured_outputs`: one of these (its other options are ignored)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    json_schema: str | dict[str, Any] | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class ContentPart(OpenAIModel):
     type: str
     text: str | None = None
@@ -96,7 +107,7 @@ class SamplingFields(OpenAIModel):
     prompt_logprobs: int | None = None  # vLLM's extra: the prompt tokens' logprobs, top N
     # structured outputs: OpenAI's response_format, or one of vLLM's extras
     response_format: ResponseFormat | None = None
-    structured_outputs: dict[str, Any] | None = None
+    structured_outputs: StructuredOutputsParam | None = None
     guided_json: str | dict[str, Any] | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None

@@ -13,8 +13,16 @@ from afd.tokenizer import Tokenizer
 
 class StructuredRequests:
     def __init__(self, tokenizer: Tokenizer | None) -> None:
-        self.tokenizer = tokenizer
-        self._grammars: Grammars | None = None  # built on the first constrained request
+        """Builds the grammar compiler now: its token table takes ~1 s for a large vocabulary,
+        which would otherwise stall the event loop on the first constrained request."""
+        self._grammars: Grammars | None = None
+        self._unavailable = "the model has no tokenizer"
+        if tokenizer is not None:
+            try:
+                eos = sorted(tokenizer.eos_token_ids)
+                self._grammars = Grammars(tokenizer.to_json(), tokenizer.vocab_size, eos)
+            except (ValueError, RuntimeError) as e:  # llguidance's refusals
+                self._unavailable = str(e)
 
     def parse(self, req: SamplingFields) -> StructuredOutputs | None:
         given = _given(req)
@@ -47,11 +55,11 @@ class StructuredRequests:
 
     def grammars(self) -> Grammars:
         if self._grammars is None:
-            if self.tokenizer is None:
-                raise SamplingError("structured outputs need the model's tokenizer")
-            tok = self.tokenizer
-            self._grammars = Grammars(tok.to_json(), tok.vocab_size, sorted(tok.eos_token_ids))
+            raise SamplingError(f"structured outputs are unavailable: {self._unavailable}")
         return self._grammars
+
+
+_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
 def _given(req: SamplingFields) -> list[tuple[str, object]]:
@@ -70,7 +78,10 @@ def _given(req: SamplingFields) -> list[tuple[str, object]]:
 
         found.append(("response_format", from_schema))
     if req.structured_outputs is not None:
-        found.append(("structured_outputs", lambda: StructuredOutputs(**req.structured_outputs)))
+        so = req.structured_outputs
+        kinds = (so.json_schema, so.json_object, so.regex, so.choice, so.grammar)
+        fields = {k: v for k, v in zip(_KINDS, kinds, strict=True) if v is not None}
+        found.append(("structured_outputs", lambda: StructuredOutputs(**fields)))
     for field, kind in (
         ("guided_json", "json"),
         ("guided_regex", "regex"),
