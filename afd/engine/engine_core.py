@@ -77,8 +77,10 @@ class EngineCore:
             return []
         self.last_predicted_s = self.step_model.predict(out.shape)
         if self._grammars is not None and self._grammars.matchers:
-            for plan in out.plans:
-                plan.token_masks = self._grammars.masks(plan.sampling_seq_ids())
+            ids = [plan.sampling_seq_ids() for plan in out.plans]
+            masks = self._grammars.masks([i for rank in ids for i in rank])  # one batch
+            for plan, rank in zip(out.plans, ids, strict=True):
+                plan.token_masks = [masks[i] for i in rank if i in masks]
         t0 = self.clock()
         self.last_results = self.executor.execute(out.plans)
         self.step_model.observe(out.shape, self.clock() - t0)

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 import llguidance
+import numpy as np
+from llguidance.numpy import fill_next_token_bitmask_par
 
 from afd.sampling_params import SamplingError, StructuredOutputs
 from attn_worker.messages import TokenMask
@@ -48,6 +50,8 @@ class Grammars:
             tokenizer_json, n_vocab=vocab_size, eos_token=eos_token_ids or None
         )
         self.matchers: dict[int, llguidance.LLMatcher] = {}
+        self.words = (vocab_size + 31) // 32  # int32 words of one mask
+        self.executor = llguidance.LLExecutor()
         self._compiled: dict[tuple, str] = {}  # a request's constraint -> its checked grammar
 
     @classmethod
@@ -87,11 +91,16 @@ class Grammars:
             raise SamplingError(f"structured_outputs: {matcher.get_error()}")
         self.matchers[seq_id] = matcher
 
-    def masks(self, seq_ids: list[int]) -> list[TokenMask]:
-        """Allowed-token bitmasks of the constrained sequences among `seq_ids`."""
-        return [
-            TokenMask(i, self.matchers[i].compute_bitmask()) for i in seq_ids if i in self.matchers
-        ]
+    def masks(self, seq_ids: list[int]) -> dict[int, TokenMask]:
+        """Allowed-token bitmasks of the constrained sequences among `seq_ids`, computed on
+        llguidance's thread pool (one mask takes ~0.1 ms at a 128K vocabulary)."""
+        ids = [i for i in seq_ids if i in self.matchers]
+        if not ids:
+            return {}
+        bitmask = np.zeros((len(ids), self.words), dtype=np.int32)
+        jobs = [(self.matchers[i], row) for row, i in enumerate(ids)]
+        fill_next_token_bitmask_par(self.executor, jobs, bitmask)
+        return {i: TokenMask(i, bitmask[row].tobytes()) for row, i in enumerate(ids)}
 
     def advance(self, seq_id: int, token: int) -> str | None:
         """The matcher consumes a sampled token: None while the grammar goes on, "stop" for
