@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
+import httpx
 import uvicorn
 
 from afd.detokenizer import IncrementalDetokenizer, find_stop, safe_emit_length
@@ -218,3 +219,13 @@ def running_server(app: object) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@contextmanager
+def fake_http(engine: object) -> Iterator[httpx.Client]:
+    """An httpx client of the API server over `engine`, served by running_server."""
+    from afd.server.api_server import ServerSettings, build_app
+
+    with running_server(build_app(engine, ServerSettings())) as url:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            yield client

@@ -9,9 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from fake_engine import DEFAULT_REPLY, FakeEngine, running_server
-
-from afd.server.api_server import ServerSettings, build_app
+from fake_engine import DEFAULT_REPLY, FakeEngine, fake_http
 
 MODEL = "tiny-step3"
 NUM_TOKENS = 4
@@ -24,9 +22,8 @@ def engine() -> FakeEngine:
 
 @pytest.fixture(scope="module")
 def http(engine: FakeEngine) -> Iterator[httpx.Client]:
-    with running_server(build_app(engine, ServerSettings())) as url:
-        with httpx.Client(base_url=url, timeout=30) as client:
-            yield client
+    with fake_http(engine) as client:
+        yield client
 
 
 def post(http: httpx.Client, path: str, body: dict) -> dict:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from fake_engine import FakeEngine, running_server
+from fake_engine import FakeEngine, fake_http, running_server
 
 from afd.server.api_server import ServerSettings, build_app
 
@@ -23,9 +23,8 @@ def engine() -> FakeEngine:
 
 @pytest.fixture(scope="module")
 def http(engine: FakeEngine) -> Iterator[httpx.Client]:
-    with running_server(build_app(engine, ServerSettings())) as url:
-        with httpx.Client(base_url=url, timeout=30) as client:
-            yield client
+    with fake_http(engine) as client:
+        yield client
 
 
 def complete(http: httpx.Client, **fields: object) -> dict:
