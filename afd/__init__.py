@@ -7,14 +7,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from afd.llm import LLM
     from afd.outputs import CompletionOutput, RequestOutput
-    from afd.sampling_params import SamplingParams
+    from afd.sampling_params import SamplingParams, StructuredOutputs
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
 _LAZY = {
     "LLM": "afd.llm",
     "SamplingParams": "afd.sampling_params",
+    "StructuredOutputs": "afd.sampling_params",
     "RequestOutput": "afd.outputs",
     "CompletionOutput": "afd.outputs",
 }
