@@ -25,6 +25,9 @@ class StructuredOutputs:
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    # token ids the output must contain before the constraint applies: a reasoning model's
+    # end-of-thinking marker (the server sets it when a reasoning parser is on)
+    after: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.json, dict):

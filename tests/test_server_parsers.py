@@ -171,3 +171,17 @@ def test_special_think_marker_is_kept_for_the_parser() -> None:
         r = httpx.post(url + "/v1/chat/completions", json={"messages": MESSAGES}).json()
     assert r["choices"][0]["message"]["reasoning"] == THINK
     assert engine.last_params.skip_special_tokens is False
+
+
+def test_structured_output_waits_for_the_end_of_reasoning(
+    client: openai.OpenAI, engine: FakeEngine
+) -> None:
+    """The step3 template opens <think>: the constraint must start after </think>, or the JSON
+    would land in the reasoning."""
+    client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=8, response_format={"type": "json_object"}
+    )
+    assert engine.last_params is not None
+    spec = engine.last_params.structured_outputs
+    assert spec is not None and spec.json_object
+    assert spec.after == engine.tokenizer.encode("</think>", add_special_tokens=False)

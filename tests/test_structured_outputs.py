@@ -140,6 +140,12 @@ def test_matcher_resumes_past_generated_tokens(tiny_ckpt) -> None:
     letters = tok.encode("ab", add_special_tokens=False)
     with pytest.raises(SamplingError, match="structured_outputs"):
         grammars.start(2, spec, letters)
+    (end,) = tok.encode("</think>", add_special_tokens=False)
+    after = StructuredOutputs(regex="[0-9]{3}", after=[end])  # free text, marker, 2 digits
+    grammars.start(3, after, letters + [end] + digits[0] + digits[1])
+    assert 3 not in grammars.waiting and grammars.advance(3, digits[2][0]) is None
+    grammars.start(4, after, letters)  # still thinking: no mask yet
+    assert 4 in grammars.waiting and grammars.masks([4]) == {}
 
 
 def test_unusable_tokenizer_refuses_constrained_requests_only(tiny_ckpt) -> None:
@@ -163,3 +169,20 @@ def test_gpu_masks_with_cuda_graphs(tiny_ckpt) -> None:
             assert reason == "stop" and json.loads(text)["color"] in ("red", "green", "blue")
         for text, _ in _texts(llm, StructuredOutputs(choice=["yes", "no"]), 0.0):
             assert text in ("yes", "no")
+
+
+def test_constraint_waits_for_the_reasoning_end(llm: LLM, tiny_ckpt) -> None:
+    """With `after` (a reasoning model's `</think>`), only the answer is constrained: free
+    text before the marker, the grammar after it."""
+    tok = Tokenizer.from_pretrained(tiny_ckpt)
+    (end,) = tok.encode("</think>", add_special_tokens=False)
+    spec = StructuredOutputs(choice=["yes", "no"], after=[end])
+    bias_end = SamplingParams(
+        max_tokens=10, temperature=0.0, logit_bias={end: 100.0}, structured_outputs=spec
+    )  # the marker comes first, pushed by the bias
+    ids = llm.generate(PROMPTS[:1], bias_end)[0].outputs[0].token_ids
+    assert ids[0] == end and tok.decode(ids[1:], skip_special_tokens=True) in ("yes", "no")
+    no_end = SamplingParams(max_tokens=6, temperature=0.0, logit_bias={end: -100.0})
+    free = llm.generate(PROMPTS[:1], no_end)[0].outputs[0].token_ids
+    no_end.structured_outputs = spec  # never reaches the marker: never constrained
+    assert llm.generate(PROMPTS[:1], no_end)[0].outputs[0].token_ids == free

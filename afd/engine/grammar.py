@@ -50,6 +50,8 @@ class Grammars:
             tokenizer_json, n_vocab=vocab_size, eos_token=eos_token_ids or None
         )
         self.matchers: dict[int, llguidance.LLMatcher] = {}
+        # sequences whose constraint waits for a marker: seq id -> (marker, last tokens seen)
+        self.waiting: dict[int, tuple[list[int], list[int]]] = {}
         self.words = (vocab_size + 31) // 32  # int32 words of one mask
         self.executor = llguidance.LLExecutor()
         self._compiled: dict[tuple, str] = {}  # a request's constraint -> its checked grammar
@@ -85,8 +87,15 @@ class Grammars:
         """A matcher for a sequence, past the tokens it already generated (a sequence that
         comes back after the ranks were restarted)."""
         matcher = llguidance.LLMatcher(self.tokenizer, self.compile(spec), log_level=0)
-        if output_token_ids and not matcher.is_error():
-            matcher.consume_tokens(output_token_ids)
+        constrained = list(output_token_ids)
+        if spec.after:  # only what follows the marker is constrained
+            end = _find(output_token_ids, spec.after)
+            if end is None:
+                tail = list(output_token_ids[len(output_token_ids) - len(spec.after) + 1 :])
+                self.waiting[seq_id] = (list(spec.after), tail)
+            constrained = [] if end is None else list(output_token_ids[end:])
+        if constrained and not matcher.is_error():
+            matcher.consume_tokens(constrained)
         if matcher.is_error():
             raise SamplingError(f"structured_outputs: {matcher.get_error()}")
         self.matchers[seq_id] = matcher
@@ -94,7 +103,7 @@ class Grammars:
     def masks(self, seq_ids: list[int]) -> dict[int, TokenMask]:
         """Allowed-token bitmasks of the constrained sequences among `seq_ids`, computed on
         llguidance's thread pool (one mask takes ~0.1 ms at a 128K vocabulary)."""
-        ids = [i for i in seq_ids if i in self.matchers]
+        ids = [i for i in seq_ids if i in self.matchers and i not in self.waiting]
         if not ids:
             return {}
         bitmask = np.zeros((len(ids), self.words), dtype=np.int32)
@@ -109,6 +118,13 @@ class Grammars:
         matcher = self.matchers.get(seq_id)
         if matcher is None:
             return None
+        if seq_id in self.waiting:  # before the marker: free text
+            marker, tail = self.waiting[seq_id]
+            tail.append(token)
+            del tail[: len(tail) - len(marker)]
+            if tail == marker:
+                del self.waiting[seq_id]
+            return None
         complete = matcher.is_stopped()
         if not matcher.consume_token(token):
             return matcher.get_error() or "token rejected"
@@ -116,11 +132,18 @@ class Grammars:
 
     def finish(self, seq_id: int) -> None:
         self.matchers.pop(seq_id, None)
+        self.waiting.pop(seq_id, None)
+
+
+def _find(tokens: list[int], marker: list[int]) -> int | None:
+    """The position just past the first occurrence of `marker` in `tokens`, or None."""
+    n = len(marker)
+    return next((i + n for i in range(len(tokens) - n + 1) if tokens[i : i + n] == marker), None)
 
 
 _MAX_COMPILED = 256
 
 
-def _key(spec: StructuredOutputs) -> tuple:
+def _key(spec: StructuredOutputs) -> tuple:  # what the grammar depends on (not `after`)
     choice = tuple(spec.choice) if spec.choice is not None else None
     return (spec.json, spec.json_object, spec.regex, choice, spec.grammar)

@@ -107,6 +107,9 @@ class ChatServing(Serving):
         if isinstance(tool_parser, ForcedToolParser):
             params.structured_outputs = self.structured.forced(params, tool_parser.schema)
         in_reasoning = self.reasoning is not None and self.reasoning.starts_in_reasoning(prompt)
+        if in_reasoning and params.structured_outputs is not None:  # constrain the answer only
+            marker = self.reasoning.end_marker  # type: ignore[union-attr]
+            params.structured_outputs.after = self.prompts.encode(marker, add_special_tokens=False)
         ctx = ChatContext(
             req, request_id, model, prompt_ids, in_reasoning,
             tool_parser, top_logprobs, echo_text(req),
