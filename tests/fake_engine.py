@@ -181,11 +181,12 @@ class FakeEngine:
         return tables
 
     def _logprobs(self, token: int, k: int) -> dict[int, Logprob]:
-        """The sampled token is always the most likely here (-0.25), its k successors in the
-        vocabulary the next most likely; vLLM's table: its own entry, then the top k."""
+        """The sampled token is always the most likely here (-0.25), its successors in the
+        vocabulary the next most likely; vLLM's table: its own entry, then the top k, of which
+        it is the first (so k entries in all, one for k=0), as the engine's sampler gives."""
         vocab, text = self.tokenizer.vocab_size, self.tokenizer.decode
         table = {token: Logprob(-0.25, 1, text([token], skip_special_tokens=False))}
-        for j in range(1, k + 1):
+        for j in range(1, k):
             other = (token + j) % vocab
             table[other] = Logprob(-1.0 - j, j + 1, text([other], skip_special_tokens=False))
         return table
