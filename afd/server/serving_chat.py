@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -73,7 +74,9 @@ class ChatServing(Serving):
             create_tool_parser(self.settings.tool_call_parser, [])  # fail fast on a bad name
 
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
-        ctx, params = self._prepare(req, f"chatcmpl-{request_id_of(raw)}")
+        # off the event loop: templating, tokenizing and grammar compiling are CPU work
+        request_id = f"chatcmpl-{request_id_of(raw)}"
+        ctx, params = await asyncio.to_thread(self._prepare, req, request_id)
         if req.stream:
             return SSEResponse(self._stream(ctx, params))
         final = await until_disconnect(raw, self._last_output(ctx, params))

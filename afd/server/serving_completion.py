@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -53,7 +54,8 @@ class ChoiceCursor:
 
 class CompletionServing(Serving):
     async def create(self, req: CompletionRequest, raw: Request) -> Response:
-        ctx, params = self._prepare(req, f"cmpl-{request_id_of(raw)}")
+        # off the event loop: templating, tokenizing and grammar compiling are CPU work
+        ctx, params = await asyncio.to_thread(self._prepare, req, f"cmpl-{request_id_of(raw)}")
         if req.stream:
             return SSEResponse(self._stream(ctx, params))
         outs = await until_disconnect(raw, self._collect(ctx, params))
