@@ -32,7 +32,7 @@ class StructuredOutputs:
     def __post_init__(self) -> None:
         if isinstance(self.json, dict):
             self.json = jsonlib.dumps(self.json)
-        given = [name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
+        given = self._given()
         if len(given) != 1:
             raise SamplingError(
                 "structured_outputs must set exactly one of json, json_object, regex, choice, "
@@ -45,10 +45,13 @@ class StructuredOutputs:
 
     @property
     def kind(self) -> str:
-        return next(name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False))
+        return self._given()[0]
+
+    def _given(self) -> list[str]:
+        return [name for name in STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
 
 
-_STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")  # one per request
 
 
 @message

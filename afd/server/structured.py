@@ -5,7 +5,12 @@ checked here so that a bad schema or pattern is a 400 naming its field, not a fa
 from __future__ import annotations
 
 from afd.engine.grammar import Grammars
-from afd.sampling_params import SamplingError, SamplingParams, StructuredOutputs
+from afd.sampling_params import (
+    STRUCTURED_KINDS,
+    SamplingError,
+    SamplingParams,
+    StructuredOutputs,
+)
 from afd.server.errors import BadRequestError
 from afd.server.protocol import SamplingFields
 from afd.tokenizer import Tokenizer
@@ -59,9 +64,6 @@ class StructuredRequests:
         return self._grammars
 
 
-_KINDS = ("json", "json_object", "regex", "choice", "grammar")
-
-
 def _given(req: SamplingFields) -> list[tuple[str, object]]:
     """(field name, builder of its StructuredOutputs) for each constraint the request sets."""
     found: list[tuple[str, object]] = []
@@ -80,7 +82,7 @@ def _given(req: SamplingFields) -> list[tuple[str, object]]:
     if req.structured_outputs is not None:
         so = req.structured_outputs
         kinds = (so.json_schema, so.json_object, so.regex, so.choice, so.grammar)
-        fields = {k: v for k, v in zip(_KINDS, kinds, strict=True) if v is not None}
+        fields = {k: v for k, v in zip(STRUCTURED_KINDS, kinds, strict=True) if v is not None}
         found.append(("structured_outputs", lambda: StructuredOutputs(**fields)))
     for field, kind in (
         ("guided_json", "json"),
