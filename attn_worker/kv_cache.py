@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from afd.config import ConfigError, ModelConfig
+from afd.models.layers import use_fused
+from attn_worker.kernels.kv_write import kv_write
 
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype
 _FP8 = torch.float8_e4m3fn
@@ -96,6 +98,11 @@ class KVCache:
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores k/v [T, D] at flat slots [T] (block * block_size + offset)."""
         d = k.shape[-1]
+        fusable = d & (d - 1) == 0 and k.stride(-1) == v.stride(-1) == 1
+        if use_fused(k, v) and fusable and (self.fp8 or k.dtype == v.dtype == self.k.dtype):
+            k_scale, v_scale = self.scales(layer)
+            kv_write(k, v, slots, self.k[layer], self.v[layer], k_scale, v_scale)  # one launch
+            return
         if not self.fp8:
             self.k[layer].view(-1, d).index_copy_(0, slots, k)
             self.v[layer].view(-1, d).index_copy_(0, slots, v)

@@ -98,3 +98,40 @@ def test_bfloat16_within_bf16_tolerance(tiny_ckpt, llm):
     shared = set(lp32) & set(lp16)
     assert len(shared) >= 3
     assert max(abs(lp32[t].logprob - lp16[t].logprob) for t in shared) < 0.15
+
+
+def test_fused_projections_hold_the_checkpoint_weights_once(tiny_ckpt):
+    """q_proj, k_proj and v_proj run as one GEMM over slices of one tensor: the parameters keep
+    their checkpoint names and values, no copy is left beside it, and the block's output is
+    the three-GEMM one."""
+    from safetensors import safe_open
+
+    from afd.config import ModelConfig
+    from afd.models.build import load_attention_side
+    from afd.models.layers import Rope
+
+    cfg = ModelConfig.from_pretrained(tiny_ckpt)
+    side = load_attention_side(tiny_ckpt, cfg, torch.float32, "cpu")
+    attn = side.layer(1).self_attn
+    fused = attn.qkv_weight
+    assert fused is not None and fused.shape == (cfg.share_q_dim + 2 * cfg.head_dim, 64)
+    index = json.loads((tiny_ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    for name in ("q_proj", "k_proj", "v_proj"):
+        key = f"model.layers.1.self_attn.{name}.weight"
+        with safe_open(str(tiny_ckpt / index[key]), framework="pt") as f:
+            assert torch.equal(getattr(attn, name).weight, f.get_tensor(key))
+        assert getattr(attn, name).weight.untyped_storage().data_ptr() == fused.data_ptr()
+    x = torch.randn(5, cfg.hidden_size)
+    cos, sin = Rope(cfg.head_dim, cfg.rope_theta).cos_sin(torch.arange(5))
+    seen = []  # the attention function gets q, k, v: return q and keep k, v
+    keep = lambda q, k, v: seen.append((k, v)) or q  # noqa: E731
+    with torch.no_grad():
+        out = attn(x, cos, sin, keep)
+        attn.qkv_weight = None
+        try:
+            ref = attn(x, cos, sin, keep)
+        finally:
+            attn.qkv_weight = fused
+    assert torch.allclose(out, ref, atol=1e-6)
+    for a, b in zip(*seen, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

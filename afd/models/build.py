@@ -8,7 +8,7 @@ import torch
 
 from afd.config import ConfigError, ModelConfig
 from afd.models.loader import build_on_device, load_params
-from afd.models.step3 import AttentionSide, FFNShard, FFNSide
+from afd.models.step3 import AttentionSide, FFNShard, FFNSide, fuse_attention_projections
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,7 +30,7 @@ def load_attention_side(
 ) -> AttentionSide:
     side = build_on_device(lambda: AttentionSide(cfg), dtype, device)
     load_params(side, side.param_specs(), path, dtype, device)
-    return side.eval()
+    return fuse_attention_projections(side).eval()
 
 
 def load_ffn_side(

@@ -10,12 +10,14 @@ from afd import envs
 from attn_worker.kernels.rms_norm import add_rms_norm, rms_norm
 from attn_worker.kernels.rope import rope_qk
 
-# On CUDA, norms and RoPE run as fused Triton kernels (attn_worker/kernels/rms_norm.py, rope.py)
+# On CUDA, norms, RoPE, the router's top-k and the KV-cache write run as fused Triton kernels
+# (attn_worker/kernels/)
 # unless AFD_TORCH_ELEMENTWISE=1; benchmarks flip this to time both paths in one run.
 FUSED_KERNELS = not envs.TORCH_ELEMENTWISE
 
 
-def _fused(*tensors: torch.Tensor) -> bool:
+def use_fused(*tensors: torch.Tensor) -> bool:
+    """Whether the fused Triton kernels take these tensors (CUDA, not switched off)."""
     return FUSED_KERNELS and all(t.is_cuda for t in tensors)
 
 
@@ -26,7 +28,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fused(x) and x.dim() == 2 and x.dtype == self.weight.dtype and x.stride(1) == 1:
+        if use_fused(x) and x.dim() == 2 and x.dtype == self.weight.dtype and x.stride(1) == 1:
             return rms_norm(x, self.weight, self.eps)
         # fp32 statistics, as every Step3 implementation does, then back to the input dtype
         xf = x.float()
@@ -36,7 +38,7 @@ class RMSNorm(nn.Module):
     def add(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A residual add and this norm: (h + delta, norm(h + delta)), one kernel on CUDA."""
         fusable = h.dim() == 2 and delta.shape == h.shape and h.stride(1) == delta.stride(1) == 1
-        if _fused(h, delta) and fusable and h.dtype == delta.dtype == self.weight.dtype:
+        if use_fused(h, delta) and fusable and h.dtype == delta.dtype == self.weight.dtype:
             return add_rms_norm(h, delta, self.weight, self.eps)
         h = h + delta
         return h, self(h)
@@ -66,7 +68,7 @@ class Rope:
         q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotates q [T, Hq, D] and k [T, Hk, D]: one kernel for both on CUDA."""
-        if _fused(q, k, cos, sin) and q.stride(-1) == k.stride(-1) == 1:
+        if use_fused(q, k, cos, sin) and q.stride(-1) == k.stride(-1) == 1:
             return rope_qk(q, k, cos.contiguous(), sin.contiguous())
         return Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from afd.config import ModelConfig
-from afd.models.layers import RMSNorm, Rope, swiglu
+from afd.models.layers import RMSNorm, Rope, swiglu, use_fused
+from attn_worker.kernels.router_topk import router_topk
 from ffn_worker.kernels.fused_moe import fused_moe
 
 # (q [T, Hq, D], k [T, 1, D], v [T, 1, D]) -> o [T, Hq, D]; owns the KV cache and batch layout
@@ -62,17 +63,44 @@ class Step3Attention(nn.Module):
         self.inter_norm = RMSNorm(cfg.share_q_dim, cfg.rms_norm_eps)
         self.wq = nn.Linear(cfg.share_q_dim, cfg.num_attention_heads * d, bias=False)
         self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=False)
+        # [share_q + 2D, H] once fuse_projections ran: q_proj, k_proj, v_proj as one GEMM
+        self.qkv_weight: torch.Tensor | None = None
+        self._qkv_sizes = [cfg.share_q_dim, d, d]
+
+    def fuse_projections(self) -> None:
+        """Runs q_proj, k_proj and v_proj as one GEMM (x read once, one launch instead of
+        three; bench/NOTES-kernels.md, version 15). Their weights become row slices of one
+        tensor, so memory does not grow and the parameters keep their checkpoint names. Call
+        it once the weights are loaded on their device: moving the module afterwards would
+        copy the slices apart from the fused tensor."""
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        for proj, part in zip(projections, w.split(self._qkv_sizes), strict=True):
+            proj.weight.data = part
+        self.qkv_weight = w
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.wq(self.inter_norm(self.q_proj(x))).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, 1, self.head_dim)  # [T, 1, D]
-        v = self.v_proj(x).view(t, 1, self.head_dim)
+        if self.qkv_weight is not None:
+            q_low, k, v = F.linear(x, self.qkv_weight).split(self._qkv_sizes, dim=-1)
+        else:
+            q_low, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.wq(self.inter_norm(q_low)).view(t, self.num_heads, self.head_dim)
+        k = k.view(t, 1, self.head_dim)  # [T, 1, D]
+        v = v.view(t, 1, self.head_dim)
         q, k = Rope.apply_qk(q, k, cos, sin)
         o = attn(q, k, v)  # [T, Hq, D]
         return self.o_proj(o.reshape(t, -1))
+
+
+def fuse_attention_projections(module: nn.Module) -> nn.Module:
+    """Step3Attention.fuse_projections on every attention block in `module` (loaded weights)."""
+    for m in module.modules():
+        if isinstance(m, Step3Attention):
+            m.fuse_projections()
+    return module
 
 
 class Router(nn.Module):
@@ -84,7 +112,10 @@ class Router(nn.Module):
         self.top_k, self.renormalise = cfg.moe_top_k, cfg.norm_expert_weight
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = F.softmax(self.gate(x).float(), dim=-1)  # [T, E]
+        logits = self.gate(x)  # [T, E]
+        if use_fused(logits) and logits.stride(1) == 1:  # one kernel instead of five
+            return router_topk(logits, self.top_k, self.renormalise, x.dtype)
+        probs = F.softmax(logits.float(), dim=-1)  # [T, E]
         weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
         if self.renormalise:
             weights = weights / weights.sum(-1, keepdim=True)
