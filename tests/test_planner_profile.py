@@ -185,3 +185,22 @@ def test_slower_profile_means_fewer_tokens(tmp_path: Path, capsys: pytest.Captur
         assert main([*argv, write(tmp_path, raw, name)]) == 0
         rates.append(json.loads(capsys.readouterr().out)["plans"][0]["tokens_per_s_per_gpu"])
     assert rates[1] < rates[0]
+
+
+def test_layer_bench_profile_holds_graph_times(tmp_path: Path) -> None:
+    """afd-bench layer writes the stage times afd serves decodes at (graph replay), falling
+    back to eager only where a capture failed; the planner reads them back."""
+    from afd.bench.layer import write_profile
+
+    attn = [
+        {"batch": 32, "context": 4096, "eager_us": 1132.0, "graph_us": 320.0},
+        {"batch": 64, "context": 4096, "eager_us": 1163.0, "graph_us": float("nan")},
+    ]
+    ffn = [{"tokens": 32, "eager_us": 2025.0, "graph_us": 1993.0}]
+    rt = [{"tokens": 32, "transport_us": 156.0}]
+    env = {"device": "NVIDIA H200"}
+    write_profile(tmp_path / "p.json", env, attn, ffn, rt)
+    profile = load_profile(tmp_path / "p.json")
+    assert profile.attention_us(32, 4096) == 320.0
+    assert profile.attention_us(64, 4096) == 1163.0  # no graph: eager
+    assert profile.ffn_us(32) == 1993.0 and profile.transfer_us(32) == 156.0
