@@ -76,6 +76,28 @@ def measure(group: RankGroup, a: int, f: int, args: argparse.Namespace, layers: 
     return rows
 
 
+def planner_layer_us(args: argparse.Namespace, a: int, f: int, batch: int, m: int) -> float | None:
+    """The planner's per-layer time (every layer MoE, as the swept model's) for a measured point:
+    `batch` sequences per attention rank (or replica) in m micro-batches. Set beside the
+    measured layer time, this tests the planner's stage model at the same point, where the
+    best-plan comparison can pick batches beyond the swept grid."""
+    from afd.planner.hardware import PRESETS, match_device
+    from afd.planner.models import load_model
+    from afd.planner.profile import load_profile
+    from afd.planner.search import layer_time
+    from afd.planner.stages import Layout, StageModel
+
+    profile = load_profile(args.profile)
+    hw = match_device(profile.device, PRESETS)
+    if hw is None:
+        return None
+    if f == 0:  # a colocated replica runs both stages back to back
+        return profile.attention_us(batch, args.context) + profile.ffn_us(batch)
+    model = StageModel(load_model("step3"), args.context, 2, None, profile, hw)
+    st = model.stages(Layout(hw, a, 1, hw, f, 1), max(1, round(batch / m)), 400.0)
+    return 1e6 * layer_time(st.ffn_moe, st, m)[0]
+
+
 def predict(args: argparse.Namespace, a: int, f: int, tpot_ms: float) -> dict | None:
     """The planner's best plan with `a` attention and `f` FFN ranks (one device each) on the
     profiled hardware; colocated: the profile's attention(B) + FFN(B) per layer, B maximal.
@@ -222,6 +244,8 @@ def main(argv: list[str]) -> int:
             "measured": {},
             "predicted": {},
         }
+        for row in rows if args.profile else ():
+            row["planner_layer_us"] = planner_layer_us(args, a, f, row["batch"], row["m"])
         for tpot in args.tpot:
             entry["measured"][f"{tpot:g}"] = best(rows, tpot)
             entry["predicted"][f"{tpot:g}"] = predict(args, a, f, tpot) if args.profile else None
@@ -262,6 +286,15 @@ def print_table(result: dict) -> None:
             got = f"{m['tokens_per_s_per_gpu']:.0f} (B={m['batch']}, m={m['m']})" if m else "none"
             pred = f"{p['tokens_per_s_per_gpu']:.0f}" if p else "none"
             print(f"  {s['name']:>14}: measured {got}, planner {pred} tok/s/GPU")
+    for s in result["splits"]:  # the stage model itself, at the measured points
+        errs = [
+            r["planner_layer_us"] / r["layer_us"] - 1
+            for r in s["measurements"]
+            if r.get("planner_layer_us")
+        ]
+        if errs:
+            mid = sorted(errs)[len(errs) // 2]
+            print(f"  {s['name']:>14}: planner layer time vs measured, median {mid:+.0%}")
 
 
 if __name__ == "__main__":
