@@ -59,6 +59,7 @@ class FakeEngine:
         max_model_len: int = 512,
     ) -> None:
         self.tokenizer = tokenizer or tiny_tokenizer()
+        self.vocab_size = self.tokenizer.vocab_size
         self.model_name = "tiny-step3"
         self.model_root = "/models/tiny-step3"
         self.max_model_len = max_model_len

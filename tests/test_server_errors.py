@@ -247,3 +247,20 @@ def test_bad_request_id_header(base_url: str, engine: FakeEngine, value: bytes, 
     )
     assert ok.status_code == 200 and ok.json()["id"] == f"cmpl-{longest}"
     assert ok.headers["x-request-id"] == longest and not engine.in_flight
+
+
+def test_constraint_the_engine_cannot_mask_is_400() -> None:
+    """The engine builds its grammars at config.json's vocabulary; when that is smaller than
+    the tokenizer's, llguidance refuses it there, so the server, checking at the same width,
+    refuses constrained requests with that reason instead of passing them on to fail."""
+    engine = FakeEngine()
+    engine.vocab_size = 10  # a config vocabulary smaller than the tokenizer's
+    with running_server(build_app(engine, ServerSettings())) as url:
+        started = len(engine.started)
+        r = httpx.post(url + CHAT, json=chat(guided_choice=["yes", "no"]))
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "guided_choice" and "unavailable" in error["message"]
+        assert len(engine.started) == started
+        r = httpx.post(url + CHAT, json=chat(max_tokens=2))  # unconstrained: served
+        assert r.status_code == 200

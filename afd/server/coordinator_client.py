@@ -16,6 +16,7 @@ from dataclasses import asdict
 import zmq
 import zmq.asyncio
 
+from afd.config import ModelConfig
 from afd.engine.builder import EngineSettings
 from afd.engine.messages import AbortRequest, AddRequest
 from afd.engine.output_processor import OutputProcessor
@@ -43,6 +44,8 @@ class CoordinatorClient:
         on_stats: Callable[[EngineStats], None] | None = None,
     ) -> None:
         self.settings, self.tokenizer = settings, tokenizer
+        # the engine builds its grammars at this width, so the server checks requests at it
+        self.vocab_size = ModelConfig.from_pretrained(settings.model).vocab_size
         self.model_name, self.model_root = model_name, settings.model
         self.on_stats = on_stats
         self.max_model_len = 0

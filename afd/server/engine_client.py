@@ -19,6 +19,7 @@ class EngineError(RuntimeError):
 
 class EngineClient(Protocol):
     tokenizer: Tokenizer
+    vocab_size: int  # the logits' width (config.json), which structured-output masks cover
     model_name: str
     model_root: str  # checkpoint path, for /v1/models "root"
     max_model_len: int

@@ -52,7 +52,7 @@ class Serving:
         self.streams = EngineStreams(engine, self.metrics)
         self.generate = self.streams.stream
         self.logprobs = LogprobFormatter(engine.tokenizer)
-        self.structured = StructuredRequests(engine.tokenizer)
+        self.structured = StructuredRequests(engine.tokenizer, engine.vocab_size)
 
     def resolve_model(self, name: str | None) -> str:
         if not name:

@@ -17,15 +17,18 @@ from afd.tokenizer import Tokenizer
 
 
 class StructuredRequests:
-    def __init__(self, tokenizer: Tokenizer | None) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, vocab_size: int) -> None:
         """Builds the grammar compiler now: its token table takes ~1 s for a large vocabulary,
-        which would otherwise stall the event loop on the first constrained request."""
+        which would otherwise stall the event loop on the first constrained request.
+        `vocab_size` is the engine's logits width, as the engine builds its own grammars with,
+        so that a tokenizer the engine refuses is refused here too (a 400, not a failed
+        request)."""
         self._grammars: Grammars | None = None
         self._unavailable = "the model has no tokenizer"
         if tokenizer is not None:
             try:
                 eos = sorted(tokenizer.eos_token_ids)
-                self._grammars = Grammars(tokenizer.to_json(), tokenizer.vocab_size, eos)
+                self._grammars = Grammars(tokenizer.to_json(), vocab_size, eos)
             except (ValueError, RuntimeError) as e:  # llguidance's refusals
                 self._unavailable = str(e)
 
