@@ -185,7 +185,11 @@ class ChatServing(Serving):
         message = AssistantMessage(content=content, tool_calls=calls, reasoning=reasoning)
         if self.settings.emit_reasoning_content:
             message.reasoning_content = reasoning
-        finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+        # a forced named function keeps "stop", as OpenAI (and vLLM) answer it; streamed
+        # chunks say "tool_calls" once tool deltas went out, as vLLM's do
+        named = isinstance(ctx.tool_parser, ForcedToolParser) and ctx.tool_parser.named
+        called = calls and not named
+        finish = "tool_calls" if called and c.finish_reason == "stop" else c.finish_reason
         return ChatChoice(
             index=c.index, message=message, finish_reason=finish, stop_reason=c.stop_reason,
             logprobs=self._logprobs(ctx, c.token_ids, c.logprobs),
