@@ -14,11 +14,11 @@ import torch
 
 from afd.config import ConfigError, ModelConfig
 from afd.models.layers import use_fused
+from afd.quantization import quantize_fp8
 from attn_worker.kernels.kv_write import kv_write
 
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype
 _FP8 = torch.float8_e4m3fn
-_FP8_MAX = torch.finfo(_FP8).max  # 448
 _SCALE_BYTES = 4  # fp32, one per token vector
 
 
@@ -28,15 +28,6 @@ def check_kv_cache_dtype(name: str) -> str:
     if canonical not in KV_CACHE_DTYPES:
         raise ConfigError(f"--kv-cache-dtype {name!r}: expected one of auto, fp8, fp8_e4m3")
     return canonical
-
-
-def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> e4m3 values [..., D] and fp32 scales [...]: each vector's largest
-    magnitude maps to 448 (an all-zero vector stays zero)."""
-    x = x.float()
-    scale = x.abs().amax(-1) / _FP8_MAX
-    quant = (x / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).to(_FP8)
-    return quant, scale
 
 
 def kv_bytes_per_block(

@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
     dtype, device = resolve_dtype(spec.dtype, cfg), spec.torch_device()
     shard = FFNShard(spec.index, len(spec.ffn_ranks))
     with spec.session() as (channel, transport):
-        side = load_ffn_side(spec.model, cfg, shard, dtype, device)
+        side = load_ffn_side(spec.model, cfg, shard, dtype, device, spec.quantization)
         graphs = None
         if spec.cuda_graph_max_batch and device.type == "cuda":
             # a micro-batch gathers the rows of every attention rank

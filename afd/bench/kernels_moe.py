@@ -10,8 +10,14 @@ from functools import partial
 import torch
 
 from afd.bench.kernel_timing import ms_of, rel_err
+from afd.quantization import quantize_fp8_rows
 from ffn_worker.kernels import moe_gemm as mg
-from ffn_worker.kernels.fused_moe import fused_moe_grouped_mm, fused_moe_ref, has_grouped_mm
+from ffn_worker.kernels.fused_moe import (
+    dequantize,
+    fused_moe_grouped_mm,
+    fused_moe_ref,
+    has_grouped_mm,
+)
 
 NUM_EXPERTS, TOPK, HIDDEN, INTER = 48, 3, 7168, 5120
 DEVICE, DTYPE = "cuda", torch.bfloat16
@@ -55,6 +61,10 @@ def mma_rows(tiles: mg.ExpertTiles, small_m: int) -> int:
 def moe(peaks: dict[str, float], results: dict, token_counts: list[int]) -> None:
     w = _weights()
     w32 = [t.float() for t in w]  # fp32 weights for the reference: 21 GB, fits in 80
+    # --quantization fp8: e4m3 experts with a scale per output channel, and their
+    # dequantized bf16 copy for checking the fp8 path's math (not its quantization error)
+    w8 = [quantize_fp8_rows(t) for t in w]
+    deq = [dequantize(q, sc, DTYPE) for q, sc in w8]
     rows = results.setdefault("moe", [])
     for tokens in token_counts:
         x, ids, weights = _moe_inputs(tokens)
@@ -92,7 +102,39 @@ def moe(peaks: dict[str, float], results: dict, token_counts: list[int]) -> None
                 row[kind] = min(cands, key=lambda c: c["ms"])
         if row.get("triton", {}).get("cfg"):
             row["triton_breakdown_ms"] = _moe_breakdown(x, w, ids, weights, row["triton"]["cfg"])
+        cfg = mg.default_config(tokens * TOPK, NUM_EXPERTS)
+        row["triton_fp8_variants"] = [  # weights widened in registers, fp8 products
+            _fp8_entry(peaks, x, w8, deq, ids, weights, nbytes, flops, ref, cfg, a8)
+            for a8 in (False, True)
+        ]
+        served = tokens * TOPK > mg.FP8_ACTIVATION_ROWS * NUM_EXPERTS  # as fused_moe picks
+        row["triton_fp8"] = row["triton_fp8_variants"][int(served)]
+        print("moe fp8", tokens, row["triton_fp8_variants"], flush=True)
         rows.append(row)
+
+
+def _fp8_entry(
+    peaks: dict, x, w8: list, deq: list, ids, weights, nbytes, flops, ref, cfg, a8: bool
+) -> dict:
+    """Tiles `cfg` over fp8 experts (`a8`: fp8 activations too): time, bandwidth over the fp8
+    bytes (half the 16-bit ones), error against the dequantized weights (with 16-bit
+    activations) and against the 16-bit layer."""
+    scales = tuple(sc for _, sc in w8)
+    q = (t for t, _ in w8)
+    fn = partial(
+        mg.fused_moe_triton, x, *q, ids, weights, 0, cfg, scales=scales, fp8_activations=a8
+    )
+    exact = fused_moe_ref(x, *deq, ids, weights, 0)  # bf16 per-expert loop, same weights
+    ms = ms_of(fn)
+    return {
+        "cfg": cfg,
+        "fp8_activations": a8,
+        "ms": ms,
+        "err_vs_dequantized": rel_err(fn(), exact.float()),
+        "err_vs_bf16_weights": rel_err(fn(), ref),
+        "frac_copy": nbytes / 2 / (ms * 1e-3) / peaks["copy_bytes_per_s"],
+        "frac_matmul": flops / (ms * 1e-3) / peaks["matmul_flop_per_s"],
+    }
 
 
 def _moe_breakdown(x, w: list, ids, weights, cfg: mg.MoeConfig) -> dict[str, float]:

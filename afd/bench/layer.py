@@ -219,6 +219,10 @@ def main(argv: list[str]) -> int:
     del attn_layer
     ffn_layer = build(lambda: FFNLayer(cfg, 0, FFNShard()), dtype, "cuda:0", 2)
     ffn = [ffn_stage(ffn_layer, cfg, t, dtype) for t in ints(args.tokens)]
+    ffn_layer.quantize_experts_fp8()  # --quantization fp8: the same layer, quantized
+    for row in ffn:
+        fp8 = ffn_stage(ffn_layer, cfg, row["tokens"], dtype)
+        row["fp8_eager_us"], row["fp8_graph_us"] = fp8["eager_us"], fp8["graph_us"]
     del ffn_layer
     torch.cuda.empty_cache()
     rt: list[dict] = []
@@ -246,10 +250,11 @@ def print_tables(attn: list[dict], ffn: list[dict], rt: list[dict]) -> None:
             f"{r['batch']:>5} {r['context']:>6} {r['eager_us']:>9.1f} {r['graph_us']:>9.1f}"
             f" {r['unfused_eager_us']:>13.1f} {r['unfused_graph_us']:>13.1f}"
         )
-    print("FFN stage (MoE layer: 48 experts top-3 + shared expert)")
-    print(f"{'T':>5} {'eager µs':>9} {'graph µs':>9}")
+    print("FFN stage (MoE layer: 48 experts top-3 + shared expert); fp8: --quantization fp8")
+    print(f"{'T':>5} {'eager µs':>9} {'graph µs':>9} {'fp8 graph µs':>12}")
     for r in ffn:
-        print(f"{r['tokens']:>5} {r['eager_us']:>9.1f} {r['graph_us']:>9.1f}")
+        fp8 = r.get("fp8_graph_us", float("nan"))
+        print(f"{r['tokens']:>5} {r['eager_us']:>9.1f} {r['graph_us']:>9.1f} {fp8:>12.1f}")
     if rt:
         print("A->F->A round trip over NCCL (x, ids, weights there; x back)")
         print(f"{'T':>5} {'transport µs':>12} {'raw µs':>8}")

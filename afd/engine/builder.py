@@ -17,6 +17,7 @@ from afd.engine.scheduler import Scheduler, SchedulerConfig
 from afd.engine.step_time import StepTimeModel
 from afd.models.build import load_attention_side, load_ffn_side, resolve_dtype
 from afd.models.step3 import FFNShard
+from afd.quantization import check_quantization
 from attn_worker.decode_graphs import DecodeGraphs
 from attn_worker.ffn_client import LocalFFN
 from attn_worker.kv_cache import KVCache, check_kv_cache_dtype, kv_bytes_per_block
@@ -43,6 +44,7 @@ class EngineSettings:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_dtype: str = "auto"  # "fp8": e4m3 with a scale per token vector (kv_cache.py)
+    quantization: str = "none"  # "fp8": routed experts in e4m3 (afd/quantization.py)
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     tpot_slo_ms: float | None = None  # None: throughput first (offline); afd-serve: 50
@@ -117,7 +119,7 @@ def build_colocated(settings: EngineSettings, cfg: ModelConfig) -> tuple[Executo
     device = torch.device(settings.device)
     dtype = resolve_dtype(settings.dtype, cfg)
     attn = load_attention_side(settings.model, cfg, dtype, device)
-    ffn = load_ffn_side(settings.model, cfg, FFNShard(), dtype, device)
+    ffn = load_ffn_side(settings.model, cfg, FFNShard(), dtype, device, settings.quantization)
     num_blocks = default_num_blocks(settings, cfg, dtype, device)
     cache = KVCache.for_model(
         cfg, num_blocks, settings.block_size, dtype, device, settings.kv_cache_dtype
@@ -143,6 +145,7 @@ def build_engine(settings: EngineSettings) -> EngineCore:
     cfg = ModelConfig.from_pretrained(settings.model)
     max_len = model_len(settings, cfg)
     check_kv_cache_dtype(settings.kv_cache_dtype)
+    check_quantization(settings.quantization)
     if settings.colocated:
         executor, num_blocks = build_colocated(settings, cfg)
     elif settings.launcher == "ray":

@@ -204,6 +204,7 @@ def worker_specs(
             num_kv_blocks=blocks,
             block_size=settings.block_size,
             kv_cache_dtype=settings.kv_cache_dtype,
+            quantization=settings.quantization,
             recv_timeout_s=envs.RECV_TIMEOUT_S,
             heartbeat_s=envs.HEARTBEAT_INTERVAL_S,
             parent_pid=parent_pid,

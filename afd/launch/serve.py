@@ -23,6 +23,7 @@ from afd.launch.launch_options import (
     stop_on_sigterm,
 )
 from afd.models.tiny import make_tiny_model
+from afd.quantization import check_quantization
 from afd.server.api_server import add_server_args, build_app, settings_from_args
 from afd.server.coordinator_client import CoordinatorClient
 from afd.tokenizer import Tokenizer
@@ -48,6 +49,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-dtype",
         default="auto",
         help="auto (the model's dtype) or fp8 (= fp8_e4m3: e4m3 with a scale per token vector)",
+    )
+    g.add_argument(
+        "--quantization",
+        default="none",
+        help="none, or fp8: the routed experts in e4m3 with a scale per output channel, "
+        "quantized at load (half the FFN weight bytes)",
     )
     g.add_argument("--tpot-slo-ms", type=float, default=50.0, help="time-per-output-token target")
     g.add_argument(
@@ -83,6 +90,7 @@ def engine_settings(args: argparse.Namespace, model: str) -> EngineSettings:
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_dtype=check_kv_cache_dtype(args.kv_cache_dtype),
+        quantization=check_quantization(args.quantization),
         max_model_len=args.max_model_len,
         tpot_slo_ms=args.tpot_slo_ms,
         cuda_graph_max_batch=0 if args.enforce_eager else args.cuda_graph_max_batch,

@@ -9,6 +9,7 @@ import torch
 from afd.config import ConfigError, ModelConfig
 from afd.models.loader import build_on_device, load_params
 from afd.models.step3 import AttentionSide, FFNShard, FFNSide, fuse_attention_projections
+from afd.quantization import check_quantization
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,7 +40,13 @@ def load_ffn_side(
     shard: FFNShard,
     dtype: torch.dtype,
     device: torch.device | str,
+    quantization: str = "none",
 ) -> FFNSide:
     side = build_on_device(lambda: FFNSide(cfg, shard), dtype, device)
     load_params(side, side.param_specs(), path, dtype, device)
+    if check_quantization(quantization) == "fp8":
+        for layer in side.model.layers:
+            layer.quantize_experts_fp8()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # the 16-bit copies
     return side.eval()

@@ -16,6 +16,7 @@ from torch import nn
 
 from afd.config import ModelConfig
 from afd.models.layers import RMSNorm, Rope, swiglu, use_fused
+from afd.quantization import quantize_fp8_rows
 from attn_worker.kernels.router_topk import router_topk
 from ffn_worker.kernels.fused_moe import fused_moe
 
@@ -189,6 +190,20 @@ class FFNLayer(nn.Module):
         self.moe.gate_proj = nn.Parameter(torch.empty(n, inter, h))
         self.moe.up_proj = nn.Parameter(torch.empty(n, inter, h))
         self.moe.down_proj = nn.Parameter(torch.empty(n, h, inter))
+        self.expert_scales: tuple[torch.Tensor, ...] | None = None  # fp8: gate, up, down
+
+    def quantize_experts_fp8(self) -> None:
+        """Stores the loaded routed experts as e4m3 with one fp32 scale per output channel
+        (--quantization fp8): half the bytes each step streams, and half the memory."""
+        if not self.is_moe:
+            return
+        scales = []
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            quant, scale = quantize_fp8_rows(getattr(self.moe, name).detach())
+            setattr(self.moe, name, nn.Parameter(quant, requires_grad=False))
+            self.moe.register_buffer(f"{name}_scale", scale)
+            scales.append(scale)
+        self.expert_scales = tuple(scales)
 
     def forward(
         self, x: torch.Tensor, ids: torch.Tensor | None, weights: torch.Tensor | None
@@ -213,6 +228,7 @@ class FFNLayer(nn.Module):
             ids,
             weights,
             self.expert_start,
+            self.expert_scales,
         )
 
 

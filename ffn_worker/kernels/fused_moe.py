@@ -97,6 +97,11 @@ def pick_path(num_tokens: int) -> str:
     return "triton"
 
 
+def dequantize(w: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """fp8 weights [E, N, K] with one scale per output channel [E, N] -> `dtype`."""
+    return (w.float() * scale[..., None]).to(dtype)
+
+
 def fused_moe(
     x: Tensor,
     w_gate: Tensor,
@@ -105,16 +110,26 @@ def fused_moe(
     topk_ids: Tensor,
     topk_weights: Tensor,
     expert_start: int,
+    scales: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Σ over (t, j) with expert_start <= topk_ids[t, j] < expert_start + E_local of
     topk_weights[t, j] · down_e(silu(gate_e(x_t)) * up_e(x_t)); other experts add 0.
 
     x [T, H]; w_gate/w_up [E_local, I, H]; w_down [E_local, H, I]; topk_ids [T, k] holds
-    GLOBAL expert ids; topk_weights [T, k]. Returns [T, H] in x's dtype.
+    GLOBAL expert ids; topk_weights [T, k]. Returns [T, H] in x's dtype. fp8 (e4m3) weights
+    come with `scales` (gate [E, I], up [E, I], down [E, H], fp32, one per output channel):
+    the Triton path reads them as they are, the others dequantize first.
     """
+    if x.is_cuda and pick_path(x.shape[0]) == "triton":
+        return fused_moe_triton(
+            x, w_gate, w_up, w_down, topk_ids, topk_weights, expert_start, scales=scales
+        )
+    if scales is not None:
+        weights = (w_gate, w_up, w_down)
+        w_gate, w_up, w_down = (
+            dequantize(w, s, x.dtype) for w, s in zip(weights, scales, strict=True)
+        )
     args = (x, w_gate, w_up, w_down, topk_ids, topk_weights, expert_start)
     if not x.is_cuda:
         return fused_moe_ref(*args)
-    if pick_path(x.shape[0]) == "grouped_mm" and has_grouped_mm():
-        return fused_moe_grouped_mm(*args)
-    return fused_moe_triton(*args)
+    return fused_moe_grouped_mm(*args) if has_grouped_mm() else fused_moe_triton(*args)

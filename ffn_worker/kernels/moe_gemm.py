@@ -4,13 +4,14 @@ scatter-add fused."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from afd.quantization import quantize_fp8
 from ffn_worker.kernels.moe_align import ExpertTiles, align_by_expert
 
 __all__ = ["ExpertTiles", "GemmConfig", "MoeConfig", "align_by_expert", "fused_moe_triton"]
@@ -28,6 +29,9 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     tma: bool = False  # weight tiles through TMA descriptors instead of pointer loads
+    # fp8 activations: products summed in fp32 every this many K (0: Triton's default); the
+    # fp8 tensor cores keep a short running sum (DeepSeek-V3 promotes every 128)
+    fp8_promote_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,13 @@ class MoeConfig:
     gate_up: GemmConfig
     down: GemmConfig
     small_m: int = 0  # an expert's last tile with at most this many rows runs this size
+
+
+# fp8 experts: rows per expert from which activations go to fp8 too. Below, the layer streams
+# weights and widening them in registers costs nothing (H100, 48 experts: T=64 1.80 ms either
+# way, T=256 2.01 / 2.00); above, the widening binds (T=1024 3.9-4.6 ms widened against 2.56
+# with fp8 products, bf16 weights 3.82), bench/NOTES-kernels.md version 16.
+FP8_ACTIVATION_ROWS = 24
 
 
 def default_config(num_pairs: int, num_experts: int) -> MoeConfig:
@@ -72,10 +83,11 @@ def _program_tile(tile_meta_ptr, num_experts, num_pid_n, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _gate_up_tile(
-    x_ptr, wg, wu, act_ptr, sorted_ids_ptr, expert, row0, rows, pid_n, N, K,
-    stride_xt, stride_we, stride_wn, stride_act,
+    x_ptr, xs_ptr, wg, wu, sg_ptr, su_ptr, act_ptr, sorted_ids_ptr, expert, row0, rows, pid_n,
+    N, K, stride_xt, stride_we, stride_wn, stride_act,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, TMA: tl.constexpr,
+    EVEN_K: tl.constexpr, TMA: tl.constexpr, W8: tl.constexpr,
+    A8: tl.constexpr, PROMOTE_K: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.arange(0, BLOCK_M)
     valid = offs_m < rows
@@ -104,11 +116,25 @@ def _gate_up_tile(
         else:
             g = tl.load(wg + w_off, mask=offs_k[:, None] < k_left, other=0.0)
             u = tl.load(wu + w_off, mask=offs_k[:, None] < k_left, other=0.0)
-        acc_g = tl.dot(a, g, acc_g)
-        acc_u = tl.dot(a, u, acc_u)
+        if W8 and not A8:  # e4m3 values are exact in 16 bits; the scales come after the sum
+            g = g.to(a.dtype)
+            u = u.to(a.dtype)
+        if A8 and PROMOTE_K > 0:  # fp32 sums every PROMOTE_K products (fp8 MMAs sum short)
+            acc_g = tl.dot(a, g, acc_g, max_num_imprecise_acc=PROMOTE_K)
+            acc_u = tl.dot(a, u, acc_u, max_num_imprecise_acc=PROMOTE_K)
+        else:
+            acc_g = tl.dot(a, g, acc_g)
+            acc_u = tl.dot(a, u, acc_u)
         a_ptrs += BLOCK_K
         if not TMA:
             w_off += BLOCK_K
+    if W8:  # one scale per output channel: [E, N] fp32
+        acc_g *= tl.load(sg_ptr + expert * N + offs_n)[None, :]
+        acc_u *= tl.load(su_ptr + expert * N + offs_n)[None, :]
+    if A8:  # and one per token row of x
+        x_scale = tl.load(xs_ptr + token, mask=valid, other=0.0)[:, None]
+        acc_g *= x_scale
+        acc_u *= x_scale
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up, fp32
     offs_n = n0 + tl.arange(0, BLOCK_N)
     act_ptrs = act_ptr + (row0 + offs_m)[:, None].to(tl.int64) * stride_act + offs_n[None, :]
@@ -117,10 +143,11 @@ def _gate_up_tile(
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, wg, wu, act_ptr, sorted_ids_ptr, tile_meta_ptr, num_experts, num_pid_n, N, K,
-    stride_xt, stride_we, stride_wn, stride_act,
+    x_ptr, xs_ptr, wg, wu, sg_ptr, su_ptr, act_ptr, sorted_ids_ptr, tile_meta_ptr, num_experts,
+    num_pid_n, N, K, stride_xt, stride_we, stride_wn, stride_act,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, W8: tl.constexpr,
+    A8: tl.constexpr, PROMOTE_K: tl.constexpr,
 ):  # fmt: skip
     expert, row0, rows, pid_n = _program_tile(tile_meta_ptr, num_experts, num_pid_n, BLOCK_M)
     if expert >= num_experts:  # past the last tile of the upper-bound grid
@@ -128,27 +155,31 @@ def _gate_up_kernel(
     # An expert's last tile with at most SMALL_M rows runs at that size: less padding.
     if SMALL_M == 0:
         _gate_up_tile(
-            x_ptr, wg, wu, act_ptr, sorted_ids_ptr, expert, row0, rows, pid_n, N, K, stride_xt,
-            stride_we, stride_wn, stride_act, TOPK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA,
+            x_ptr, xs_ptr, wg, wu, sg_ptr, su_ptr, act_ptr, sorted_ids_ptr, expert, row0, rows,
+            pid_n, N, K, stride_xt, stride_we, stride_wn, stride_act, TOPK, BLOCK_M, BLOCK_N,
+            BLOCK_K, EVEN_K, TMA, W8, A8, PROMOTE_K,
         )  # fmt: skip
     elif rows <= SMALL_M:
         _gate_up_tile(
-            x_ptr, wg, wu, act_ptr, sorted_ids_ptr, expert, row0, rows, pid_n, N, K, stride_xt,
-            stride_we, stride_wn, stride_act, TOPK, SMALL_M, BLOCK_N, BLOCK_K, EVEN_K, TMA,
+            x_ptr, xs_ptr, wg, wu, sg_ptr, su_ptr, act_ptr, sorted_ids_ptr, expert, row0, rows,
+            pid_n, N, K, stride_xt, stride_we, stride_wn, stride_act, TOPK, SMALL_M, BLOCK_N,
+            BLOCK_K, EVEN_K, TMA, W8, A8, PROMOTE_K,
         )  # fmt: skip
     else:
         _gate_up_tile(
-            x_ptr, wg, wu, act_ptr, sorted_ids_ptr, expert, row0, rows, pid_n, N, K, stride_xt,
-            stride_we, stride_wn, stride_act, TOPK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA,
+            x_ptr, xs_ptr, wg, wu, sg_ptr, su_ptr, act_ptr, sorted_ids_ptr, expert, row0, rows,
+            pid_n, N, K, stride_xt, stride_we, stride_wn, stride_act, TOPK, BLOCK_M, BLOCK_N,
+            BLOCK_K, EVEN_K, TMA, W8, A8, PROMOTE_K,
         )  # fmt: skip
 
 
 @triton.jit
 def _down_tile(
-    act_ptr, wd, out_ptr, sorted_ids_ptr, topk_w_ptr, expert, row0, rows, pid_n, N, K,
-    stride_act, stride_we, stride_wn, stride_ot,
+    act_ptr, as_ptr, wd, sd_ptr, out_ptr, sorted_ids_ptr, topk_w_ptr, expert, row0, rows, pid_n,
+    N, K, stride_act, stride_we, stride_wn, stride_ot,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, TMA: tl.constexpr,
+    EVEN_K: tl.constexpr, TMA: tl.constexpr, W8: tl.constexpr,
+    A8: tl.constexpr, PROMOTE_K: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.arange(0, BLOCK_M)
     valid = offs_m < rows
@@ -173,12 +204,21 @@ def _down_tile(
             w = tl.load(wd + w_off)
         else:
             w = tl.load(wd + w_off, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, w, acc)
+        if W8 and not A8:
+            w = w.to(a.dtype)
+        if A8 and PROMOTE_K > 0:
+            acc = tl.dot(a, w, acc, max_num_imprecise_acc=PROMOTE_K)
+        else:
+            acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
         if not TMA:
             w_off += BLOCK_K
     router_w = tl.load(topk_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)  # [BM]
     acc = acc * router_w[:, None]
+    if W8:
+        acc *= tl.load(sd_ptr + expert * N + offs_n)[None, :]
+    if A8:  # act rows' scales, in sorted order
+        acc *= tl.load(as_ptr + row0 + offs_m, mask=valid, other=0.0)[:, None]
     offs_n = n0 + tl.arange(0, BLOCK_N)
     out_ptrs = out_ptr + (pair // TOPK)[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
     # A token's k experts land in different programs: fp32 atomics sum them.
@@ -187,32 +227,52 @@ def _down_tile(
 
 @triton.jit
 def _down_kernel(
-    act_ptr, wd, out_ptr, sorted_ids_ptr, tile_meta_ptr, topk_w_ptr, num_experts, num_pid_n,
-    N, K, stride_act, stride_we, stride_wn, stride_ot,
+    act_ptr, as_ptr, wd, sd_ptr, out_ptr, sorted_ids_ptr, tile_meta_ptr, topk_w_ptr,
+    num_experts, num_pid_n, N, K, stride_act, stride_we, stride_wn, stride_ot,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, W8: tl.constexpr,
+    A8: tl.constexpr, PROMOTE_K: tl.constexpr,
 ):  # fmt: skip
     expert, row0, rows, pid_n = _program_tile(tile_meta_ptr, num_experts, num_pid_n, BLOCK_M)
     if expert >= num_experts:
         return
     if SMALL_M == 0:
         _down_tile(
-            act_ptr, wd, out_ptr, sorted_ids_ptr, topk_w_ptr, expert, row0, rows, pid_n, N, K,
-            stride_act, stride_we, stride_wn, stride_ot, TOPK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-            TMA,
+            act_ptr, as_ptr, wd, sd_ptr, out_ptr, sorted_ids_ptr, topk_w_ptr, expert, row0, rows,
+            pid_n, N, K, stride_act, stride_we, stride_wn, stride_ot, TOPK, BLOCK_M, BLOCK_N,
+            BLOCK_K, EVEN_K, TMA, W8, A8, PROMOTE_K,
         )  # fmt: skip
     elif rows <= SMALL_M:
         _down_tile(
-            act_ptr, wd, out_ptr, sorted_ids_ptr, topk_w_ptr, expert, row0, rows, pid_n, N, K,
-            stride_act, stride_we, stride_wn, stride_ot, TOPK, SMALL_M, BLOCK_N, BLOCK_K, EVEN_K,
-            TMA,
+            act_ptr, as_ptr, wd, sd_ptr, out_ptr, sorted_ids_ptr, topk_w_ptr, expert, row0, rows,
+            pid_n, N, K, stride_act, stride_we, stride_wn, stride_ot, TOPK, SMALL_M, BLOCK_N,
+            BLOCK_K, EVEN_K, TMA, W8, A8, PROMOTE_K,
         )  # fmt: skip
     else:
         _down_tile(
-            act_ptr, wd, out_ptr, sorted_ids_ptr, topk_w_ptr, expert, row0, rows, pid_n, N, K,
-            stride_act, stride_we, stride_wn, stride_ot, TOPK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-            TMA,
+            act_ptr, as_ptr, wd, sd_ptr, out_ptr, sorted_ids_ptr, topk_w_ptr, expert, row0, rows,
+            pid_n, N, K, stride_act, stride_we, stride_wn, stride_ot, TOPK, BLOCK_M, BLOCK_N,
+            BLOCK_K, EVEN_K, TMA, W8, A8, PROMOTE_K,
         )  # fmt: skip
+
+
+def _fp8_with_wide_inputs(cfg: MoeConfig) -> MoeConfig:
+    """fp8 weights beside fp32 activations widen to fp32 tiles, four times their bytes in
+    shared memory: fewer stages and shorter K steps so the 16-bit tiles' configs fit."""
+    fit = lambda g: replace(g, block_k=min(g.block_k, 64), num_stages=2)  # noqa: E731
+    return replace(cfg, gate_up=fit(cfg.gate_up), down=fit(cfg.down))
+
+
+def _scales(w: Tensor, scales: tuple[Tensor, ...] | None, count: int) -> tuple[Tensor, ...]:
+    """The per-channel scales of fp8 weights [E, N, K]: fp32 [E, N] each, contiguous; for
+    16-bit weights the weight itself stands in (never read)."""
+    fp8 = w.dtype == torch.float8_e4m3fn
+    assert fp8 == (scales is not None), "fp8 expert weights need their scales, others none"
+    if scales is None:
+        return (w,) * count
+    for s in scales:
+        assert s.dtype == torch.float32 and s.shape == w.shape[:2] and s.is_contiguous()
+    return scales
 
 
 def _weight_arg(w: Tensor, cfg: GemmConfig) -> Tensor | object:
@@ -225,41 +285,53 @@ def _weight_arg(w: Tensor, cfg: GemmConfig) -> Tensor | object:
 
 def moe_gate_up(
     x: Tensor, w_gate: Tensor, w_up: Tensor, tiles: ExpertTiles, topk: int, cfg: GemmConfig,
-    small_m: int = 0,
+    small_m: int = 0, scales: tuple[Tensor, Tensor] | None = None,
+    x_scale: Tensor | None = None, out_dtype: torch.dtype | None = None,
 ) -> Tensor:  # fmt: skip
-    """act[p] = silu(x_t W_gate_eᵀ) * (x_t W_up_eᵀ) for each sorted row p = (t, e); [P, I]."""
+    """act[p] = silu(x_t W_gate_eᵀ) * (x_t W_up_eᵀ) for each sorted row p = (t, e); [P, I].
+    fp8 weights come with `scales`, fp32 [E, I] each: one per output channel. fp8 x (then the
+    products run on fp8 tensor cores) comes with `x_scale`, fp32 [T], and `out_dtype`."""
     hidden = x.shape[1]  # [T, H]
     num_experts, inter, _ = w_gate.shape  # [E, I, H]
     assert x.stride(1) == 1 and w_gate.is_contiguous() and w_up.is_contiguous()
-    act = torch.empty(tiles.sorted_ids.numel(), inter, device=x.device, dtype=x.dtype)  # [P, I]
+    assert (x_scale is None) == (x.dtype != torch.float8_e4m3fn) and (x_scale is None or scales)
+    dtype = out_dtype or x.dtype
+    act = torch.empty(tiles.sorted_ids.numel(), inter, device=x.device, dtype=dtype)  # [P, I]
     num_pid_n = triton.cdiv(inter, cfg.block_n)
+    sg, su = _scales(w_gate, scales, 2)
     _gate_up_kernel[(tiles.tile_meta.shape[0] * num_pid_n,)](
-        x, _weight_arg(w_gate, cfg), _weight_arg(w_up, cfg), act, tiles.sorted_ids,
+        x, x if x_scale is None else x_scale, _weight_arg(w_gate, cfg), _weight_arg(w_up, cfg),
+        sg, su, act, tiles.sorted_ids,
         tiles.tile_meta, num_experts, num_pid_n, inter, hidden, x.stride(0), w_gate.stride(0),
         w_gate.stride(1), act.stride(0), TOPK=topk, BLOCK_M=tiles.block_m, SMALL_M=small_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=hidden % cfg.block_k == 0, TMA=cfg.tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        W8=scales is not None, A8=x_scale is not None,
+        PROMOTE_K=cfg.fp8_promote_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return act
 
 
 def moe_down(
     act: Tensor, w_down: Tensor, tiles: ExpertTiles, topk_weights: Tensor, cfg: GemmConfig,
-    small_m: int = 0,
+    small_m: int = 0, scale: Tensor | None = None, act_scale: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """out[t] = Σ_j w[t, j] · act[p(t, j)] W_down_eᵀ over local pairs, fp32 [T, H]."""
+    """out[t] = Σ_j w[t, j] · act[p(t, j)] W_down_eᵀ over local pairs, fp32 [T, H]. fp8
+    weights come with `scale`, fp32 [E, H]; fp8 act with `act_scale`, fp32 [P]."""
     num_tokens, topk = topk_weights.shape  # [T, k]
     num_experts, hidden, inter = w_down.shape  # [E, H, I]
     assert w_down.is_contiguous() and act.stride(1) == 1
     out = torch.zeros(num_tokens, hidden, device=act.device, dtype=torch.float32)  # [T, H]
     weights = topk_weights.contiguous().view(-1)  # [T*k], indexed by pair
     num_pid_n = triton.cdiv(hidden, cfg.block_n)
+    (sd,) = _scales(w_down, None if scale is None else (scale,), 1)
     _down_kernel[(tiles.tile_meta.shape[0] * num_pid_n,)](
-        act, _weight_arg(w_down, cfg), out, tiles.sorted_ids, tiles.tile_meta, weights,
+        act, act if act_scale is None else act_scale, _weight_arg(w_down, cfg), sd, out,
+        tiles.sorted_ids, tiles.tile_meta, weights,
         num_experts, num_pid_n, hidden, inter, act.stride(0), w_down.stride(0),
         w_down.stride(1), out.stride(0), TOPK=topk, BLOCK_M=tiles.block_m, SMALL_M=small_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=inter % cfg.block_k == 0, TMA=cfg.tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        W8=scale is not None, A8=act_scale is not None,
+        PROMOTE_K=cfg.fp8_promote_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
 
@@ -273,12 +345,32 @@ def fused_moe_triton(
     topk_weights: Tensor,
     expert_start: int,
     config: MoeConfig | None = None,
+    scales: tuple[Tensor, Tensor, Tensor] | None = None,
+    fp8_activations: bool | None = None,
 ) -> Tensor:
-    """Triton path of `fused_moe` (same contract)."""
+    """Triton path of `fused_moe` (same contract). With fp8 weights, `fp8_activations`
+    quantizes x and the SwiGLU output per row (dynamic scales) so that both products run on
+    fp8 tensor cores (twice bf16's rate) instead of widening the weights in registers; None:
+    from FP8_ACTIVATION_ROWS up."""
     num_experts = w_gate.shape[0]
     topk = topk_ids.shape[1]
+    if fp8_activations is None:
+        fp8_activations = topk_ids.numel() > FP8_ACTIVATION_ROWS * num_experts
     cfg = config or default_config(topk_ids.numel(), num_experts)
+    if scales is not None and x.element_size() > 2:
+        cfg = _fp8_with_wide_inputs(cfg)
     tiles = align_by_expert(topk_ids, expert_start, num_experts, cfg.block_m)
-    act = moe_gate_up(x, w_gate, w_up, tiles, topk, cfg.gate_up, cfg.small_m)  # [P, I]
-    out = moe_down(act, w_down, tiles, topk_weights, cfg.down, cfg.small_m)  # [T, H] fp32
+    gu_scales, d_scale = (None, None) if scales is None else (scales[:2], scales[2])
+    if scales is not None and fp8_activations:  # both products on fp8 tensor cores
+        x8, x_scale = quantize_fp8(x)  # one scale per token row
+        act = moe_gate_up(
+            x8, w_gate, w_up, tiles, topk, cfg.gate_up, cfg.small_m, gu_scales, x_scale, x.dtype
+        )  # [P, I]
+        act8, act_scale = quantize_fp8(act)  # and per act row
+        out = moe_down(
+            act8, w_down, tiles, topk_weights, cfg.down, cfg.small_m, d_scale, act_scale
+        )  # [T, H]
+        return out.to(x.dtype)
+    act = moe_gate_up(x, w_gate, w_up, tiles, topk, cfg.gate_up, cfg.small_m, gu_scales)  # [P, I]
+    out = moe_down(act, w_down, tiles, topk_weights, cfg.down, cfg.small_m, d_scale)  # [T, H]
     return out.to(x.dtype)

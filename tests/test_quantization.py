@@ -1,0 +1,90 @@
+"""--quantization fp8: the routed experts stored as e4m3 with a scale per output channel,
+quantized at load; the same numbers colocated and disaggregated; a bad value fails at start."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from afd import LLM, SamplingParams
+from afd.config import ConfigError, ModelConfig
+from afd.models.build import load_ffn_side
+from afd.models.step3 import FFNShard
+from tests.conftest import PROMPTS
+
+GREEDY = SamplingParams(max_tokens=5, temperature=0.0, logprobs=1, ignore_eos=True)
+
+
+def test_bad_quantization_flag(tiny_ckpt) -> None:
+    with pytest.raises(ConfigError, match="--quantization 'int4'"):
+        LLM(str(tiny_ckpt), dtype="float32", num_kv_blocks=8, quantization="int4")
+
+
+def test_fp8_experts_are_stored_in_e4m3_and_stay_close(tiny_ckpt) -> None:
+    cfg = ModelConfig.from_pretrained(tiny_ckpt)
+    plain = load_ffn_side(tiny_ckpt, cfg, FFNShard(), torch.float32, "cpu")
+    fp8 = load_ffn_side(tiny_ckpt, cfg, FFNShard(), torch.float32, "cpu", "fp8")
+    layer = next(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
+    moe, ref = fp8.model.layers[layer].moe, plain.model.layers[layer].moe
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        w, scale = getattr(moe, name), getattr(moe, f"{name}_scale")
+        assert w.dtype == torch.float8_e4m3fn and scale.shape == w.shape[:2]
+        back = w.float() * scale[..., None]  # within e4m3's rounding of the loaded weight
+        assert torch.allclose(back, getattr(ref, name), rtol=2**-3, atol=1e-6)
+    dense = next(i for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i))
+    assert fp8.model.layers[dense].mlp.gate_proj.weight.dtype == torch.float32  # untouched
+    x = torch.randn(7, cfg.hidden_size)
+    ids = torch.randint(0, cfg.moe_num_experts, (7, cfg.moe_top_k), dtype=torch.int32)
+    weights = torch.rand(7, cfg.moe_top_k)
+    with torch.no_grad():
+        want, got = plain(layer, x, ids, weights), fp8(layer, x, ids, weights)
+    err = float((got - want).norm() / want.norm())
+    assert 1e-4 < err < 0.1  # quantized, and not far off
+
+
+@pytest.mark.slow
+def test_fp8_disaggregated_equals_colocated(tiny_ckpt) -> None:
+    """The flag reaches the FFN ranks' processes: the same tokens and logprobs as colocated."""
+    kw = dict(dtype="float32", num_kv_blocks=128, block_size=4, quantization="fp8")
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    with LLM(str(tiny_ckpt), **kw) as llm:
+        want = llm.generate(prompts, GREEDY)
+    with LLM(str(tiny_ckpt), colocated=False, micro_batches=2, **kw) as llm:
+        got = llm.generate(prompts, GREEDY)
+    with LLM(str(tiny_ckpt), dtype="float32", num_kv_blocks=128, block_size=4) as llm:
+        plain = llm.generate(prompts, GREEDY)
+    for w, g in zip(want, got, strict=True):
+        w, g = w.outputs[0], g.outputs[0]
+        assert g.token_ids == w.token_ids
+        for a, b, t in zip(w.logprobs, g.logprobs, w.token_ids, strict=True):
+            assert abs(a[t].logprob - b[t].logprob) < 1e-4
+    diffs = [  # and quantizing did change the numbers
+        abs(a[t].logprob - b[t].logprob)
+        for w, p in zip(want, plain, strict=True)
+        for a, b, t in zip(
+            w.outputs[0].logprobs, p.outputs[0].logprobs, w.outputs[0].token_ids, strict=False
+        )
+        if t in b
+    ]
+    assert max(diffs) > 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fp8_experts_in_graphs_and_eager(tiny_ckpt) -> None:
+    """On a GPU the Triton kernels read the e4m3 experts (and, for many rows per expert,
+    quantize the activations too): decode steps replaying CUDA graphs give what eager steps
+    give, and the logprobs stay near the CPU's, which dequantizes the experts instead."""
+    kw = dict(dtype="float32", num_kv_blocks=128, block_size=4, quantization="fp8")
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    runs = {}
+    for name, extra in (("cpu", {}), ("graphs", {"device": "cuda"}),
+                        ("eager", {"device": "cuda", "cuda_graph_max_batch": 0})):  # fmt: skip
+        with LLM(str(tiny_ckpt), **kw, **extra) as llm:
+            runs[name] = [o.outputs[0] for o in llm.generate(prompts, GREEDY)]
+    for g, e, c in zip(runs["graphs"], runs["eager"], runs["cpu"], strict=True):
+        assert g.token_ids == e.token_ids
+        first = g.token_ids[0]
+        assert abs(g.logprobs[0][first].logprob - e.logprobs[0][first].logprob) < 1e-3
+        if first in c.logprobs[0]:
+            assert abs(g.logprobs[0][first].logprob - c.logprobs[0][first].logprob) < 0.2
