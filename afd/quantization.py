@@ -11,8 +11,9 @@ from afd.config import ConfigError
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 # --quantization: "none", or "fp8": the routed experts' weights stored as e4m3 with a scale
-# per output channel, quantized at load from the checkpoint's 16-bit weights (weight-only:
-# the MoE kernels widen them to the activations' dtype in registers)
+# per output channel, quantized at load from the checkpoint's 16-bit weights. The MoE kernels
+# widen them to the activations' dtype in registers, or, above FP8_ACTIVATION_ROWS rows per
+# expert (ffn_worker/kernels/moe_gemm.py), quantize the activations per row as well
 QUANTIZATIONS = ("none", "fp8")
 
 

@@ -116,6 +116,21 @@ def run_fp8_case(name: str) -> float:
     return _rel_err(out, _naive_f64(*exact, start))
 
 
+def fp8_dispatch_case() -> dict[str, bool]:
+    """A rank holding 4 of 8 experts, 40 tokens top-3: 15 rows per expert of the model (fp8
+    activations off) though 30 per expert of the rank. The automatic choice counts the
+    model's experts, as colocated would."""
+    args = _inputs(40, 32, 16, 4, 8, torch.float16, 11)
+    fp8, scales, _ = _fp8(args)
+    cfg = CASES["shard_of_8"][6]
+    run = lambda **kw: fused_moe_triton(*fp8, 2, cfg, scales=scales, **kw)  # noqa: E731
+    auto, widened, a8 = run(model_experts=8), run(fp8_activations=False), run(fp8_activations=True)
+    return {
+        "auto_is_widened": torch.equal(auto, widened),
+        "a8_differs": not torch.equal(a8, widened),
+    }
+
+
 def run_fp8_activations_case(name: str) -> float:
     """fp8 experts and fp8 activations: both products on fp8 tensor cores."""
     tokens, hidden, inter, experts, start, global_experts, cfg, skew = CASES[name]
@@ -140,6 +155,10 @@ def test_triton_matches_float64(interpreted: dict, name: str) -> None:
 def test_triton_fp8_experts_match_float64(interpreted: dict, name: str) -> None:
     assert interpreted["fp8_" + name] < 1e-2  # against the dequantized weights in float64
     assert interpreted["fp8a8_" + name] < 1e-2  # fp8 activations too, rounded the same way
+
+
+def test_fp8_activations_switch_counts_the_models_experts(interpreted: dict) -> None:
+    assert interpreted["fp8_dispatch"] == {"auto_is_widened": True, "a8_differs": True}
 
 
 def test_fp8_experts_off_the_triton_path_dequantize() -> None:
@@ -285,4 +304,5 @@ if __name__ == "__main__":  # the interpreted child of the `interpreted` fixture
     found = {name: run_case(name) for name in CASES}
     found |= {"fp8_" + name: run_fp8_case(name) for name in CASES}
     found |= {"fp8a8_" + name: run_fp8_activations_case(name) for name in CASES}
+    found["fp8_dispatch"] = fp8_dispatch_case()
     print(json.dumps({**found, "align": align_cases()}))

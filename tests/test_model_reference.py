@@ -135,3 +135,7 @@ def test_fused_projections_hold_the_checkpoint_weights_once(tiny_ckpt):
     assert torch.allclose(out, ref, atol=1e-6)
     for a, b in zip(*seen, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+    # moved (the slices become separate tensors): the three GEMMs, on the moved weights
+    with torch.no_grad():
+        moved = attn.to(torch.float64)(x.double(), cos.double(), sin.double(), keep)
+    assert torch.allclose(moved.float(), ref, atol=1e-5)

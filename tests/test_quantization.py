@@ -24,6 +24,8 @@ def test_fp8_experts_are_stored_in_e4m3_and_stay_close(tiny_ckpt) -> None:
     cfg = ModelConfig.from_pretrained(tiny_ckpt)
     plain = load_ffn_side(tiny_ckpt, cfg, FFNShard(), torch.float32, "cpu")
     fp8 = load_ffn_side(tiny_ckpt, cfg, FFNShard(), torch.float32, "cpu", "fp8")
+    # loaded layer by layer from the meta device: nothing left unloaded
+    assert not any(t.is_meta for t in [*fp8.parameters(), *fp8.buffers()])
     layer = next(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
     moe, ref = fp8.model.layers[layer].moe, plain.model.layers[layer].moe
     for name in ("gate_proj", "up_proj", "down_proj"):

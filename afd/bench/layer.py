@@ -167,7 +167,9 @@ def versions() -> dict[str, str]:
 
 def served_us(row: dict) -> float:
     """A stage as afd serves decode steps: its CUDA-graph replay (attention blocks and FFN
-    layers replay graphs at captured sizes), or eager where capture failed."""
+    layers replay graphs up to --cuda-graph-max-batch; past it they run eagerly, which at
+    those sizes is within 2 % of replay: H200, B=512 886 / 884 µs, T=4096 7276 / 7377), or
+    eager where capture failed."""
     graph = row.get("graph_us", float("nan"))
     return row["eager_us"] if math.isnan(graph) else graph
 

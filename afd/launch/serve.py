@@ -54,7 +54,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--quantization",
         default="none",
         help="none, or fp8: the routed experts in e4m3 with a scale per output channel, "
-        "quantized at load (half the FFN weight bytes)",
+        "quantized at load (half the FFN weight bytes); above 24 rows per expert the "
+        "activations go to e4m3 per row as well",
     )
     g.add_argument("--tpot-slo-ms", type=float, default=50.0, help="time-per-output-token target")
     g.add_argument(

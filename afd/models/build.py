@@ -42,11 +42,18 @@ def load_ffn_side(
     device: torch.device | str,
     quantization: str = "none",
 ) -> FFNSide:
-    side = build_on_device(lambda: FFNSide(cfg, shard), dtype, device)
-    load_params(side, side.param_specs(), path, dtype, device)
-    if check_quantization(quantization) == "fp8":
-        for layer in side.model.layers:
-            layer.quantize_experts_fp8()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()  # the 16-bit copies
+    if check_quantization(quantization) != "fp8":
+        side = build_on_device(lambda: FFNSide(cfg, shard), dtype, device)
+        load_params(side, side.param_specs(), path, dtype, device)
+        return side.eval()
+    # fp8: layer by layer, each quantized before the next loads, so the device never holds
+    # more than one layer's 16-bit experts (the whole shard in 16 bits may not fit)
+    with torch.device("meta"):
+        side = FFNSide(cfg, shard).to(dtype)
+    specs = side.param_specs()
+    for i, layer in enumerate(side.model.layers):
+        layer.to_empty(device=device)
+        mine = {name: spec for name, spec in specs.items() if name.startswith(f"model.layers.{i}.")}
+        load_params(side, mine, path, dtype, device)
+        layer.quantize_experts_fp8()
     return side.eval()

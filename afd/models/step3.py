@@ -84,7 +84,10 @@ class Step3Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn
     ) -> torch.Tensor:
         t = x.shape[0]
-        if self.qkv_weight is not None:
+        # the fused GEMM while the three weights are still its slices (a module moved or
+        # reassigned since has them elsewhere: then the three GEMMs, on what they hold)
+        fused = self.qkv_weight is not None
+        if fused and self.q_proj.weight.data_ptr() == self.qkv_weight.data_ptr():
             q_low, k, v = F.linear(x, self.qkv_weight).split(self._qkv_sizes, dim=-1)
         else:
             q_low, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -184,6 +187,7 @@ class FFNLayer(nn.Module):
             return
         lo, hi = shard.columns(cfg.share_expert_dim)
         self.share_expert = _swiglu_params(h, hi - lo)
+        self.num_experts = cfg.moe_num_experts  # the model's, however many this rank holds
         self.expert_start, expert_end = shard.experts(cfg.moe_num_experts)
         n, inter = expert_end - self.expert_start, cfg.moe_intermediate_size
         self.moe = nn.Module()
@@ -229,6 +233,7 @@ class FFNLayer(nn.Module):
             weights,
             self.expert_start,
             self.expert_scales,
+            self.num_experts,
         )
 
 

@@ -111,6 +111,7 @@ def fused_moe(
     topk_weights: Tensor,
     expert_start: int,
     scales: tuple[Tensor, Tensor, Tensor] | None = None,
+    model_experts: int | None = None,
 ) -> Tensor:
     """Σ over (t, j) with expert_start <= topk_ids[t, j] < expert_start + E_local of
     topk_weights[t, j] · down_e(silu(gate_e(x_t)) * up_e(x_t)); other experts add 0.
@@ -118,11 +119,20 @@ def fused_moe(
     x [T, H]; w_gate/w_up [E_local, I, H]; w_down [E_local, H, I]; topk_ids [T, k] holds
     GLOBAL expert ids; topk_weights [T, k]. Returns [T, H] in x's dtype. fp8 (e4m3) weights
     come with `scales` (gate [E, I], up [E, I], down [E, H], fp32, one per output channel):
-    the Triton path reads them as they are, the others dequantize first.
+    the Triton path reads them as they are, the others dequantize first. `model_experts`:
+    the model's expert count, by which the Triton path picks tiles (default E_local).
     """
     if x.is_cuda and pick_path(x.shape[0]) == "triton":
         return fused_moe_triton(
-            x, w_gate, w_up, w_down, topk_ids, topk_weights, expert_start, scales=scales
+            x,
+            w_gate,
+            w_up,
+            w_down,
+            topk_ids,
+            topk_weights,
+            expert_start,
+            scales=scales,
+            model_experts=model_experts,
         )
     if scales is not None:
         weights = (w_gate, w_up, w_down)

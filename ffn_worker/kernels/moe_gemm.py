@@ -42,7 +42,7 @@ class MoeConfig:
     small_m: int = 0  # an expert's last tile with at most this many rows runs this size
 
 
-# fp8 experts: rows per expert from which activations go to fp8 too. Below, the layer streams
+# fp8 experts: rows per expert above which activations go to fp8 too. Below, the layer streams
 # weights and widening them in registers costs nothing (H100, 48 experts: T=64 1.80 ms either
 # way, T=256 2.01 / 2.00); above, the widening binds (T=1024 3.9-4.6 ms widened against 2.56
 # with fp8 products, bf16 weights 3.82), bench/NOTES-kernels.md version 16.
@@ -50,10 +50,11 @@ FP8_ACTIVATION_ROWS = 24
 
 
 def default_config(num_pairs: int, num_experts: int) -> MoeConfig:
-    """Tiles by rows per expert: few rows stream weights (bandwidth-bound), many rows want big
-    tiles for the tensor cores, and an expert's short last tile runs small. The fastest in
-    `afd-bench kernels` on an H100 (bench/results/kernels_moe_h100.json) at T = 64, 256, 1024,
-    4096 with 48 experts top-3."""
+    """`num_experts`: the model's (rows per expert = num_pairs / num_experts, whichever
+    experts a rank holds). Tiles by rows per expert: few rows stream weights
+    (bandwidth-bound), many rows want big tiles for the tensor cores, and an expert's short
+    last tile runs small. The fastest in `afd-bench kernels` on an H100
+    (bench/results/kernels_moe_h100.json) at T = 64, 256, 1024, 4096 with 48 experts top-3."""
     rows = num_pairs / max(1, num_experts)
     if rows <= 8:
         return MoeConfig(16, GemmConfig(64, 256, 4, 3), GemmConfig(64, 256, 4, 3))
@@ -347,16 +348,20 @@ def fused_moe_triton(
     config: MoeConfig | None = None,
     scales: tuple[Tensor, Tensor, Tensor] | None = None,
     fp8_activations: bool | None = None,
+    model_experts: int | None = None,
 ) -> Tensor:
     """Triton path of `fused_moe` (same contract). With fp8 weights, `fp8_activations`
     quantizes x and the SwiGLU output per row (dynamic scales) so that both products run on
     fp8 tensor cores (twice bf16's rate) instead of widening the weights in registers; None:
-    from FP8_ACTIVATION_ROWS up."""
+    above FP8_ACTIVATION_ROWS. Rows per expert count the model's experts (`model_experts`,
+    default this rank's), since topk_ids holds every rank's pairs: each rank of a sharded
+    layer then decides as the whole layer would."""
     num_experts = w_gate.shape[0]
     topk = topk_ids.shape[1]
+    rows_per_expert = topk_ids.numel() / (model_experts or num_experts)
     if fp8_activations is None:
-        fp8_activations = topk_ids.numel() > FP8_ACTIVATION_ROWS * num_experts
-    cfg = config or default_config(topk_ids.numel(), num_experts)
+        fp8_activations = rows_per_expert > FP8_ACTIVATION_ROWS
+    cfg = config or default_config(topk_ids.numel(), model_experts or num_experts)
     if scales is not None and x.element_size() > 2:
         cfg = _fp8_with_wide_inputs(cfg)
     tiles = align_by_expert(topk_ids, expert_start, num_experts, cfg.block_m)
