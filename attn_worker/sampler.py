@@ -88,10 +88,14 @@ def score_prompt(
     chosen = logprobs.gather(1, ids)  # [R, 1]
     ranks = (logprobs >= chosen).sum(-1)  # [R]; vLLM's rank: 1 is the most likely
     values, top = torch.topk(logprobs, num_top, dim=-1)  # [R, k]; k = 0: empty rows
-    out.logprobs += chosen[:, 0].tolist()
-    out.ranks += ranks.tolist()
-    out.top_ids += top.tolist()
-    out.top_logprobs += values.tolist()
+    # one device-to-host copy: float64 holds the fp32 logprobs and the integer ids and ranks
+    # exactly
+    cols = [chosen, ranks[:, None], values, top]
+    for row in torch.cat([c.to(torch.float64) for c in cols], dim=1).tolist():  # [R, 2 + 2k]
+        out.logprobs.append(row[0])
+        out.ranks.append(int(row[1]))
+        out.top_logprobs.append(row[2 : 2 + num_top])
+        out.top_ids.append([int(t) for t in row[2 + num_top :]])
 
 
 def _plain_greedy(spec: SamplingSpec) -> bool:
