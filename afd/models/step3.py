@@ -194,20 +194,26 @@ class FFNLayer(nn.Module):
         self.moe.gate_proj = nn.Parameter(torch.empty(n, inter, h))
         self.moe.up_proj = nn.Parameter(torch.empty(n, inter, h))
         self.moe.down_proj = nn.Parameter(torch.empty(n, h, inter))
-        self.expert_scales: tuple[torch.Tensor, ...] | None = None  # fp8: gate, up, down
+
+    _EXPERTS = ("gate_proj", "up_proj", "down_proj")
+
+    @property
+    def expert_scales(self) -> tuple[torch.Tensor, ...] | None:
+        """The fp8 experts' scales (gate, up, down), read from the buffers each time so that
+        they follow the module when it moves; None for 16-bit experts."""
+        if not hasattr(self.moe, "gate_proj_scale"):
+            return None
+        return tuple(getattr(self.moe, f"{name}_scale") for name in self._EXPERTS)
 
     def quantize_experts_fp8(self) -> None:
         """Stores the loaded routed experts as e4m3 with one fp32 scale per output channel
         (--quantization fp8): half the bytes each step streams, and half the memory."""
         if not self.is_moe:
             return
-        scales = []
-        for name in ("gate_proj", "up_proj", "down_proj"):
+        for name in self._EXPERTS:
             quant, scale = quantize_fp8_rows(getattr(self.moe, name).detach())
             setattr(self.moe, name, nn.Parameter(quant, requires_grad=False))
             self.moe.register_buffer(f"{name}_scale", scale)
-            scales.append(scale)
-        self.expert_scales = tuple(scales)
 
     def forward(
         self, x: torch.Tensor, ids: torch.Tensor | None, weights: torch.Tensor | None
