@@ -107,7 +107,7 @@ def moe(peaks: dict[str, float], results: dict, token_counts: list[int]) -> None
             _fp8_entry(peaks, x, w8, deq, ids, weights, nbytes, flops, ref, cfg, a8)
             for a8 in (False, True)
         ]
-        served = tokens * TOPK > mg.FP8_ACTIVATION_ROWS * NUM_EXPERTS  # as fused_moe picks
+        served = mg.uses_fp8_activations(tokens * TOPK, NUM_EXPERTS)  # as fused_moe picks
         row["triton_fp8"] = row["triton_fp8_variants"][int(served)]
         print("moe fp8", tokens, row["triton_fp8_variants"], flush=True)
         rows.append(row)

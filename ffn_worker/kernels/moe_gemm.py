@@ -49,6 +49,12 @@ class MoeConfig:
 FP8_ACTIVATION_ROWS = 24
 
 
+def uses_fp8_activations(num_pairs: int, model_experts: int) -> bool:
+    """Whether fp8 experts take fp8 activations too: above FP8_ACTIVATION_ROWS rows per
+    expert of the model (every rank of a sharded layer then decides as the whole layer)."""
+    return num_pairs > FP8_ACTIVATION_ROWS * model_experts
+
+
 def default_config(num_pairs: int, num_experts: int) -> MoeConfig:
     """`num_experts`: the model's (rows per expert = num_pairs / num_experts, whichever
     experts a rank holds). Tiles by rows per expert: few rows stream weights
@@ -358,9 +364,8 @@ def fused_moe_triton(
     layer then decides as the whole layer would."""
     num_experts = w_gate.shape[0]
     topk = topk_ids.shape[1]
-    rows_per_expert = topk_ids.numel() / (model_experts or num_experts)
     if fp8_activations is None:
-        fp8_activations = rows_per_expert > FP8_ACTIVATION_ROWS
+        fp8_activations = uses_fp8_activations(topk_ids.numel(), model_experts or num_experts)
     cfg = config or default_config(topk_ids.numel(), model_experts or num_experts)
     if scales is not None and x.element_size() > 2:
         cfg = _fp8_with_wide_inputs(cfg)
