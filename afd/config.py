@@ -35,6 +35,9 @@ class ModelConfig:
     max_position_embeddings: int
     torch_dtype: str = "bfloat16"
     eos_token_ids: tuple[int, ...] = ()
+    # a block-FP8 checkpoint (quantization_config): e4m3 weights with an fp32 scale per block
+    # of (rows, columns), read from the tensor beside each weight (afd/models/loader.py)
+    fp8_weight_block: tuple[int, int] | None = None
     source: str = "<memory>"
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -120,8 +123,38 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
         max_position_embeddings=int(max_pos),
         torch_dtype=str(text.get("torch_dtype") or "bfloat16"),
         eos_token_ids=eos_ids,
+        fp8_weight_block=_parse_quantization(text.get("quantization_config"), source),
         source=source,
     )
+
+
+def _parse_quantization(value: Any, source: str) -> tuple[int, int] | None:
+    """quantization_config as Hugging Face writes a block-FP8 checkpoint (DeepSeek-V3's and
+    Step3's layout): quant_method fp8, fmt e4m3, weight_block_size [rows, columns]. Returns the
+    block, or None for a 16-bit checkpoint."""
+    if value is None:
+        return None
+    where = f"{source}: quantization_config"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be an object, got {value!r}")
+    method = value.get("quant_method")
+    if method != "fp8":
+        raise ConfigError(
+            f"{where}.quant_method is {method!r}; afd reads block-FP8 checkpoints ('fp8') only"
+        )
+    if value.get("fmt", "e4m3") != "e4m3":
+        raise ConfigError(f"{where}.fmt is {value['fmt']!r}; only e4m3 is supported")
+    block = value.get("weight_block_size")
+    if (
+        not isinstance(block, list)
+        or len(block) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+    ):
+        raise ConfigError(
+            f"{where}.weight_block_size must be two positive integers [rows, columns], got "
+            f"{block!r} (per-tensor FP8 checkpoints are not supported)"
+        )
+    return (block[0], block[1])
 
 
 def _parse_moe_layers(value: Any, n_layers: int, source: str) -> tuple[int, ...]:

@@ -1,28 +1,73 @@
-"""FP8 (e4m3) quantization shared by the KV cache and the FFN experts: one fp32 scale per
-vector of the last dimension, its largest magnitude mapped to e4m3's 448. For weights
-[.., N, K] that is one scale per output channel; for KV, one per token vector."""
+"""FP8 (e4m3) quantization shared by the KV cache, the FFN experts and block-FP8 checkpoints.
+
+A quantized weight [..., N, K] is its e4m3 values times one fp32 scale per block of
+(rows, columns) (`BlockScales`). Quantizing at load (`quantize_fp8_rows`) takes one scale per
+output channel, the block (1, K), its largest magnitude mapped to e4m3's 448; a block-FP8
+checkpoint (Step3's published one, DeepSeek-V3's) brings 128 x 128 blocks. For the KV cache,
+`quantize_fp8` takes one scale per token vector."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
-from afd.config import ConfigError
+from afd.config import ConfigError, ModelConfig
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-# --quantization: "none", or "fp8": the routed experts' weights stored as e4m3 with a scale
-# per output channel, quantized at load from the checkpoint's 16-bit weights. The MoE kernels
+# --quantization: "none" (16-bit experts: a block-FP8 checkpoint's are dequantized at load),
+# or "fp8": the routed experts' weights stored as e4m3, as a block-FP8 checkpoint holds them
+# or quantized at load from 16-bit ones with a scale per output channel. The MoE kernels
 # widen them to the activations' dtype in registers, or, above FP8_ACTIVATION_ROWS rows per
-# expert (ffn_worker/kernels/moe_gemm.py), quantize the activations per row as well
+# expert (ffn_worker/kernels/moe_gemm.py), quantize the activations per row as well.
+# Unset: what the checkpoint holds (fp8 for a block-FP8 checkpoint), as vLLM does.
 QUANTIZATIONS = ("none", "fp8")
 
 
-def check_quantization(name: str | None) -> str:
-    """The canonical name (None is "none"), or a ConfigError naming the flag."""
-    name = name or "none"
-    if name not in QUANTIZATIONS:
+def check_quantization(name: str | None) -> str | None:
+    """The name, None (follow the checkpoint) included, or a ConfigError naming the flag."""
+    if name is not None and name not in QUANTIZATIONS:
         raise ConfigError(f"--quantization {name!r}: expected one of {', '.join(QUANTIZATIONS)}")
     return name
+
+
+def resolve_quantization(name: str | None, cfg: ModelConfig) -> str:
+    """--quantization as served: unset follows the checkpoint (fp8 if it is block-FP8)."""
+    if check_quantization(name) is None:
+        return "fp8" if cfg.fp8_weight_block is not None else "none"
+    return name
+
+
+@dataclass(frozen=True)
+class BlockScales:
+    """The fp32 scales of an e4m3 weight [..., N, K]: one per block of `block` = (rows,
+    columns), shaped [..., ceil(N / rows), ceil(K / columns)]; each weight is its e4m3 value
+    times its block's scale. One scale per output channel is the block (1, K)."""
+
+    scale: torch.Tensor
+    block: tuple[int, int]
+
+    @staticmethod
+    def shape_for(weight_shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+        *lead, n, k = weight_shape
+        return (*lead, math.ceil(n / block[0]), math.ceil(k / block[1]))
+
+    def dequantize(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """w's values in `dtype`, one leading index at a time (the fp32 copy it makes is one
+        expert's at most)."""
+        assert tuple(self.scale.shape) == self.shape_for(tuple(w.shape), self.block)
+        (rows, cols), (n, k) = self.block, w.shape[-2:]
+        out = torch.empty(w.shape, dtype=dtype, device=w.device)
+        scales = self.scale.reshape(-1, *self.scale.shape[-2:]).float()
+        for o, q, s in zip(out.view(-1, n, k), w.reshape(-1, n, k), scales, strict=True):
+            s = s.repeat_interleave(rows, 0)[:n].repeat_interleave(cols, 1)[:, :k]
+            o.copy_(q.float() * s)
+        return out
+
+    def to(self, device: torch.device | str) -> BlockScales:
+        return BlockScales(self.scale.to(device), self.block)
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,11 +79,30 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quant, scale
 
 
-def quantize_fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_fp8 over [E, N, K] one leading index at a time, so the fp32 copy it makes
-    is one expert's (150 MB at Step3's widths), not the whole tensor's."""
+def quantize_fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, BlockScales]:
+    """w [E, N, K] -> e4m3 values and one scale per output channel (the block (1, K)),
+    quantized one leading index at a time, so the fp32 copy it makes is one expert's (150 MB
+    at Step3's widths), not the whole tensor's."""
     quant = torch.empty(w.shape, dtype=FP8, device=w.device)
     scale = torch.empty(w.shape[:-1], dtype=torch.float32, device=w.device)
     for e in range(w.shape[0]):
         quant[e], scale[e] = quantize_fp8(w[e])
-    return quant, scale
+    return quant, BlockScales(scale[..., None], (1, w.shape[-1]))
+
+
+def quantize_fp8_blocks(
+    w: torch.Tensor, block: tuple[int, int]
+) -> tuple[torch.Tensor, BlockScales]:
+    """w [..., N, K] -> e4m3 values and one scale per block of (rows, columns), each block's
+    largest magnitude mapped to 448: the layout of a block-FP8 checkpoint (DeepSeek-V3's and
+    Step3's, 128 x 128)."""
+    (rows, cols), (n, k) = block, w.shape[-2:]
+    nb, kb = math.ceil(n / rows), math.ceil(k / cols)
+    padded = torch.zeros(*w.shape[:-2], nb * rows, kb * cols, device=w.device)
+    padded[..., :n, :k] = w.float()
+    blocks = padded.unflatten(-1, (kb, cols)).unflatten(-3, (nb, rows))  # [..., nb, r, kb, c]
+    scale = blocks.abs().amax(dim=(-3, -1)) / FP8_MAX  # [..., nb, kb]
+    tiny = torch.finfo(torch.float32).tiny
+    quant = (blocks / scale.clamp(min=tiny)[..., :, None, :, None]).to(FP8)
+    quant = quant.flatten(-2).flatten(-3, -2)[..., :n, :k].contiguous()
+    return quant, BlockScales(scale, block)

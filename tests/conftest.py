@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from afd.models.tiny import make_tiny_model
 
@@ -32,6 +34,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """5 layers (0 and 4 dense, 1-3 MoE), 6 experts top-3, nested text_config, 2 shards."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny_step3"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model as a block-FP8 checkpoint: e4m3 projections with a `weight_scale_inv`
+    per 32 x 32 block (so a 2-way split of the 32-wide shared expert cuts blocks in half)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_step3_fp8"), seed=1, fp8_block=(32, 32))
+
+
+def copy_ckpt(ckpt: Path, tmp_path: Path) -> Path:
+    """A copy of a checkpoint to edit."""
+    d = tmp_path / "ckpt"
+    shutil.copytree(ckpt, d)
+    return d
+
+
+def edit_tensor(ckpt: Path, key: str, fn) -> None:
+    """fn(tensors) edits in place the shard holding `key`, which is then written back."""
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    file = ckpt / index["weight_map"][key]
+    tensors = load_file(str(file))
+    fn(tensors)
+    save_file(tensors, str(file), metadata={"format": "pt"})
 
 
 # prompts of different lengths, as token ids (the model is random: text would not help)

@@ -6,11 +6,11 @@ import json
 import shutil
 
 import pytest
-from safetensors.torch import load_file, save_file
 
 from afd import LLM, SamplingParams
 from afd.config import ConfigError, ModelConfig, RoleShape
 from afd.models.loader import CheckpointError, checkpoint_files
+from tests.conftest import copy_ckpt, edit_tensor
 
 
 def write_config(tmp_path, **changes):
@@ -69,20 +69,6 @@ def test_role_shape_flag():
     assert RoleShape.parse("2x8").num_ranks == 16
     with pytest.raises(ConfigError, match="--ffn"):
         RoleShape.parse("2by8", "--ffn")
-
-
-def copy_ckpt(tiny_ckpt, tmp_path):
-    d = tmp_path / "ckpt"
-    shutil.copytree(tiny_ckpt, d)
-    return d
-
-
-def edit_tensor(ckpt, key, fn):
-    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
-    file = ckpt / index["weight_map"][key]
-    tensors = load_file(str(file))
-    fn(tensors)
-    save_file(tensors, str(file), metadata={"format": "pt"})
 
 
 def test_missing_tensor_names_key(tiny_ckpt, tmp_path):

@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from afd.quantization import quantize_fp8, quantize_fp8_rows
+from afd.quantization import quantize_fp8, quantize_fp8_blocks, quantize_fp8_rows
 from ffn_worker.kernels.fused_moe import (
-    dequantize,
     fused_moe,
     fused_moe_grouped_mm,
     fused_moe_ref,
@@ -95,23 +94,31 @@ def run_case(name: str) -> float:
     return _rel_err(out, _naive_f64(*args, start))
 
 
-def _fp8(args: tuple) -> tuple[tuple, tuple, tuple]:
-    """The experts quantized as --quantization fp8 stores them: (inputs with e4m3 weights,
-    their scales, inputs with those weights dequantized: the exact math to compare with)."""
+# a block-FP8 checkpoint's layout at the cases' widths (Step3's is 128 x 128): blocks of 8
+# rows by 16 columns, so tiles span several row blocks, K tiles of 32 shrink to 16, and the
+# widths that are not multiples of 16 end in a partial block
+FP8_BLOCK = (8, 16)
+
+
+def _fp8(args: tuple, block: tuple[int, int] | None = None) -> tuple[tuple, tuple, tuple]:
+    """The experts in e4m3 as --quantization fp8 stores them (one scale per output channel),
+    or as a block-FP8 checkpoint does (`block`): (inputs with e4m3 weights, their scales,
+    inputs with those weights dequantized: the exact math to compare with)."""
     x, *weights, ids, topk_w = args
-    quantized = [quantize_fp8_rows(w) for w in weights]
+    quantized = [quantize_fp8_rows(w) if block is None else quantize_fp8_blocks(w, block)
+                 for w in weights]  # fmt: skip
     scales = tuple(s for _, s in quantized)
     fp8 = (x, *(q for q, _ in quantized), ids, topk_w)
-    exact = (x, *(dequantize(q, s, torch.float32) for q, s in quantized), ids, topk_w)
+    exact = (x, *(s.dequantize(q, torch.float32) for q, s in quantized), ids, topk_w)
     return fp8, scales, exact
 
 
-def run_fp8_case(name: str) -> float:
+def run_fp8_case(name: str, block: tuple[int, int] | None = None) -> float:
     """The same case with fp8 expert weights: the kernels widen them in registers and scale
-    each output channel after the sum."""
+    each output channel after the sum, or each block's partial sum (`block`)."""
     tokens, hidden, inter, experts, start, global_experts, cfg, skew = CASES[name]
     args = _inputs(tokens, hidden, inter, experts, global_experts, torch.float16, tokens, skew)
-    fp8, scales, exact = _fp8(args)
+    fp8, scales, exact = _fp8(args, block)
     out = fused_moe_triton(*fp8, start, cfg, scales=scales, fp8_activations=False)
     return _rel_err(out, _naive_f64(*exact, start))
 
@@ -131,11 +138,11 @@ def fp8_dispatch_case() -> dict[str, bool]:
     }
 
 
-def run_fp8_activations_case(name: str) -> float:
+def run_fp8_activations_case(name: str, block: tuple[int, int] | None = None) -> float:
     """fp8 experts and fp8 activations: both products on fp8 tensor cores."""
     tokens, hidden, inter, experts, start, global_experts, cfg, skew = CASES[name]
     args = _inputs(tokens, hidden, inter, experts, global_experts, torch.float16, tokens, skew)
-    fp8, scales, exact = _fp8(args)
+    fp8, scales, exact = _fp8(args, block)
     out = fused_moe_triton(*fp8, start, cfg, scales=scales, fp8_activations=True)
     return _rel_err(out, _naive_f64(*exact, start, act_fp8=torch.float16))
 
@@ -157,15 +164,24 @@ def test_triton_fp8_experts_match_float64(interpreted: dict, name: str) -> None:
     assert interpreted["fp8a8_" + name] < 1e-2  # fp8 activations too, rounded the same way
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_block_fp8_experts_match_float64(interpreted: dict, name: str) -> None:
+    """Weights as a block-FP8 checkpoint stores them: a scale per block of FP8_BLOCK, applied
+    to each K tile's sum, widened and with fp8 activations."""
+    assert interpreted["fp8blk_" + name] < 1e-2
+    assert interpreted["fp8blka8_" + name] < 1e-2
+
+
 def test_fp8_activations_switch_counts_the_models_experts(interpreted: dict) -> None:
     assert interpreted["fp8_dispatch"] == {"auto_is_widened": True, "a8_differs": True}
 
 
-def test_fp8_experts_off_the_triton_path_dequantize() -> None:
+@pytest.mark.parametrize("block", [None, FP8_BLOCK], ids=["per_channel", "blocks"])
+def test_fp8_experts_off_the_triton_path_dequantize(block: tuple[int, int] | None) -> None:
     """The CPU path (and grouped_mm) takes fp8 experts by dequantizing them first; the
     quantization itself stays within e4m3's rounding of the 16-bit weights."""
-    args = _inputs(11, 32, 16, 4, 8, torch.float32, seed=9)
-    fp8, scales, exact = _fp8(args)
+    args = _inputs(11, 40, 24, 4, 8, torch.float32, seed=9)
+    fp8, scales, exact = _fp8(args, block)
     assert _rel_err(fused_moe(*fp8, 2, scales), _naive_f64(*exact, 2)) < 1e-5
     assert 1e-3 < _rel_err(fused_moe(*fp8, 2, scales), _naive_f64(*args, 2)) < 0.1
     for w, q in zip(args[1:4], fp8[1:4], strict=True):
@@ -289,10 +305,12 @@ def test_gpu_triton_graph_capture() -> None:
 @pytest.mark.parametrize("tokens", [3, 64, 300])
 @pytest.mark.parametrize("cfg", list(GPU_CONFIGS))
 @pytest.mark.parametrize("a8", [False, True], ids=["widened", "fp8_activations"])
-def test_gpu_fp8_experts_match_float64(tokens: int, cfg: str, a8: bool) -> None:
-    fp8, scales, exact = _fp8(_inputs(tokens, 256, 128, 8, 16, torch.bfloat16, tokens, 0.04))
+@pytest.mark.parametrize("block", [None, (128, 128), (32, 64)], ids=["channel", "b128", "b32x64"])
+def test_gpu_fp8_experts_match_float64(tokens: int, cfg: str, a8: bool, block) -> None:
+    args = _inputs(tokens, 256, 128, 8, 16, torch.bfloat16, tokens, 0.04)
+    fp8, scales, exact = _fp8(args, block)
     gpu = [t.cuda() for t in fp8]
-    scales = tuple(s.cuda() for s in scales)
+    scales = tuple(s.to("cuda") for s in scales)
     out = fused_moe_triton(*gpu, 4, GPU_CONFIGS[cfg], scales=scales, fp8_activations=a8)
     ref = _naive_f64(*exact, 4, act_fp8=torch.bfloat16 if a8 else None)
     # fp8 products: 0.6-1.3e-2 from the same-rounding float64 sum on an H100 (2e-4 under the
@@ -304,5 +322,7 @@ if __name__ == "__main__":  # the interpreted child of the `interpreted` fixture
     found = {name: run_case(name) for name in CASES}
     found |= {"fp8_" + name: run_fp8_case(name) for name in CASES}
     found |= {"fp8a8_" + name: run_fp8_activations_case(name) for name in CASES}
+    found |= {"fp8blk_" + name: run_fp8_case(name, FP8_BLOCK) for name in CASES}
+    found |= {"fp8blka8_" + name: run_fp8_activations_case(name, FP8_BLOCK) for name in CASES}
     found["fp8_dispatch"] = fp8_dispatch_case()
     print(json.dumps({**found, "align": align_cases()}))

@@ -30,8 +30,8 @@ def test_fp8_experts_are_stored_in_e4m3_and_stay_close(tiny_ckpt) -> None:
     moe, ref = fp8.model.layers[layer].moe, plain.model.layers[layer].moe
     for name in ("gate_proj", "up_proj", "down_proj"):
         w, scale = getattr(moe, name), getattr(moe, f"{name}_scale")
-        assert w.dtype == torch.float8_e4m3fn and scale.shape == w.shape[:2]
-        back = w.float() * scale[..., None]  # within e4m3's rounding of the loaded weight
+        assert w.dtype == torch.float8_e4m3fn and scale.shape == (*w.shape[:2], 1)
+        back = w.float() * scale  # one scale per output channel: within e4m3's rounding
         assert torch.allclose(back, getattr(ref, name), rtol=2**-3, atol=1e-6)
     dense = next(i for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i))
     assert fp8.model.layers[dense].mlp.gate_proj.weight.dtype == torch.float32  # untouched

@@ -42,13 +42,17 @@ def _table(results: dict) -> str:
             f"({r['attend_frac_matmul']:.2f}) err {r['err_vs_masked']:.1e}"
         )
     lines.append(
-        "MoE (48 experts top-3, 7168->5120, bf16; triton_fp8: e4m3 experts, fraction of their"
-        " bytes): ms / frac copy / frac matmul"
+        "MoE (48 experts top-3, 7168->5120, bf16; triton_fp8: e4m3 experts, a scale per output"
+        " channel; triton_fp8_blocks: per 128x128 block; fractions of their bytes): ms / frac"
+        " copy / frac matmul"
     )
     for r in results.get("moe", []):
         cells = [f"T={r['T']:>5}"] + [
             f"{k} {c['ms']:.3f} {c['frac_copy']:.2f} {c['frac_matmul']:.2f}" if c else f"{k} n/a"
-            for k, c in ((k, r.get(k)) for k in ("loop", "grouped_mm", "triton", "triton_fp8"))
+            for k, c in (
+                (k, r.get(k))
+                for k in ("loop", "grouped_mm", "triton", "triton_fp8", "triton_fp8_blocks")
+            )
         ]
         lines.append(" | ".join(cells))
     return "\n".join(lines)  # fmt: skip

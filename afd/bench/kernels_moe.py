@@ -10,16 +10,16 @@ from functools import partial
 import torch
 
 from afd.bench.kernel_timing import ms_of, rel_err
-from afd.quantization import quantize_fp8_rows
+from afd.quantization import quantize_fp8_blocks, quantize_fp8_rows
 from ffn_worker.kernels import moe_gemm as mg
 from ffn_worker.kernels.fused_moe import (
-    dequantize,
     fused_moe_grouped_mm,
     fused_moe_ref,
     has_grouped_mm,
 )
 
 NUM_EXPERTS, TOPK, HIDDEN, INTER = 48, 3, 7168, 5120
+FP8_CHECKPOINT_BLOCK = (128, 128)  # Step3's published FP8 checkpoint (STEP3.md)
 DEVICE, DTYPE = "cuda", torch.bfloat16
 G, M = mg.GemmConfig, mg.MoeConfig
 # Timed beside the default per token count (rows per expert = 3T/48): the runners-up of the
@@ -61,10 +61,10 @@ def mma_rows(tiles: mg.ExpertTiles, small_m: int) -> int:
 def moe(peaks: dict[str, float], results: dict, token_counts: list[int]) -> None:
     w = _weights()
     w32 = [t.float() for t in w]  # fp32 weights for the reference: 21 GB, fits in 80
-    # --quantization fp8: e4m3 experts with a scale per output channel, and their
-    # dequantized bf16 copy for checking the fp8 path's math (not its quantization error)
+    # --quantization fp8: e4m3 experts with a scale per output channel (quantized at load),
+    # or per 128 x 128 block (a block-FP8 checkpoint's, as Step3's published one stores them)
     w8 = [quantize_fp8_rows(t) for t in w]
-    deq = [dequantize(q, sc, DTYPE) for q, sc in w8]
+    w8_blocks = [quantize_fp8_blocks(t, FP8_CHECKPOINT_BLOCK) for t in w]
     rows = results.setdefault("moe", [])
     for tokens in token_counts:
         x, ids, weights = _moe_inputs(tokens)
@@ -103,28 +103,30 @@ def moe(peaks: dict[str, float], results: dict, token_counts: list[int]) -> None
         if row.get("triton", {}).get("cfg"):
             row["triton_breakdown_ms"] = _moe_breakdown(x, w, ids, weights, row["triton"]["cfg"])
         cfg = mg.default_config(tokens * TOPK, NUM_EXPERTS)
-        row["triton_fp8_variants"] = [  # weights widened in registers, fp8 products
-            _fp8_entry(peaks, x, w8, deq, ids, weights, nbytes, flops, ref, cfg, a8)
-            for a8 in (False, True)
-        ]
         served = mg.uses_fp8_activations(tokens * TOPK, NUM_EXPERTS)  # as fused_moe picks
-        row["triton_fp8"] = row["triton_fp8_variants"][int(served)]
-        print("moe fp8", tokens, row["triton_fp8_variants"], flush=True)
+        for name, quantized in (("triton_fp8", w8), ("triton_fp8_blocks", w8_blocks)):
+            row[name + "_variants"] = [  # weights widened in registers, fp8 products
+                _fp8_entry(peaks, x, quantized, ids, weights, nbytes, flops, ref, cfg, a8)
+                for a8 in (False, True)
+            ]
+            row[name] = row[name + "_variants"][int(served)]
+            print("moe", name, tokens, row[name + "_variants"], flush=True)
         rows.append(row)
 
 
-def _fp8_entry(
-    peaks: dict, x, w8: list, deq: list, ids, weights, nbytes, flops, ref, cfg, a8: bool
-) -> dict:
-    """Tiles `cfg` over fp8 experts (`a8`: fp8 activations too): time, bandwidth over the fp8
-    bytes (half the 16-bit ones), error against the dequantized weights (with 16-bit
-    activations) and against the 16-bit layer."""
+def _fp8_entry(peaks: dict, x, w8: list, ids, weights, nbytes, flops, ref, cfg, a8: bool) -> dict:
+    """Tiles `cfg` over fp8 experts (`a8`: fp8 activations too; K tiles cut to the scale
+    blocks, as fused_moe does): time, bandwidth over the fp8 bytes (half the 16-bit ones),
+    error against the dequantized weights (with 16-bit activations) and against the 16-bit
+    layer."""
     scales = tuple(sc for _, sc in w8)
     q = (t for t, _ in w8)
     fn = partial(
         mg.fused_moe_triton, x, *q, ids, weights, 0, cfg, scales=scales, fp8_activations=a8
     )
+    deq = [sc.dequantize(t, DTYPE) for t, sc in w8]  # made here: 10 GB, one set at a time
     exact = fused_moe_ref(x, *deq, ids, weights, 0)  # bf16 per-expert loop, same weights
+    del deq
     ms = ms_of(fn)
     return {
         "cfg": cfg,

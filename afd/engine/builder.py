@@ -44,7 +44,8 @@ class EngineSettings:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_dtype: str = "auto"  # "fp8": e4m3 with a scale per token vector (kv_cache.py)
-    quantization: str = "none"  # "fp8": routed experts in e4m3 (afd/quantization.py)
+    # "fp8": routed experts in e4m3; "none": 16-bit; None: as the checkpoint stores them
+    quantization: str | None = None
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     tpot_slo_ms: float | None = None  # None: throughput first (offline); afd-serve: 50

@@ -52,10 +52,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--quantization",
-        default="none",
-        help="none, or fp8: the routed experts in e4m3 with a scale per output channel, "
-        "quantized at load (half the FFN weight bytes); above 24 rows per expert the "
-        "activations go to e4m3 per row as well",
+        default=None,
+        help="fp8: the routed experts in e4m3 (half the FFN weight bytes), as a block-FP8 "
+        "checkpoint stores them or quantized at load with a scale per output channel; above "
+        "24 rows per expert the activations go to e4m3 per row as well. none: 16-bit experts "
+        "(a block-FP8 checkpoint's dequantized at load). Default: as the checkpoint stores "
+        "them",
     )
     g.add_argument("--tpot-slo-ms", type=float, default=50.0, help="time-per-output-token target")
     g.add_argument(

@@ -33,7 +33,7 @@ class WorkerSpec:
     num_kv_blocks: int = 0
     block_size: int = 16
     kv_cache_dtype: str = "auto"  # "fp8": e4m3 with a scale per token vector
-    quantization: str = "none"  # "fp8": routed experts in e4m3 (afd/quantization.py)
+    quantization: str | None = None  # --quantization (afd/quantization.py); None: the checkpoint's
     recv_timeout_s: float = 20.0
     heartbeat_s: float = 0.5
     parent_pid: int = 0

@@ -8,8 +8,14 @@ import torch
 
 from afd.config import ConfigError, ModelConfig
 from afd.models.loader import build_on_device, load_params
-from afd.models.step3 import AttentionSide, FFNShard, FFNSide, fuse_attention_projections
-from afd.quantization import check_quantization
+from afd.models.step3 import (
+    AttentionSide,
+    FFNLayer,
+    FFNShard,
+    FFNSide,
+    fuse_attention_projections,
+)
+from afd.quantization import resolve_quantization
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,7 +36,8 @@ def load_attention_side(
     path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
 ) -> AttentionSide:
     side = build_on_device(lambda: AttentionSide(cfg), dtype, device)
-    load_params(side, side.param_specs(), path, dtype, device)
+    # a block-FP8 checkpoint's projections are dequantized (fp8 GEMMs here: not built)
+    load_params(side, side.param_specs(), path, dtype, device, cfg.fp8_weight_block)
     return fuse_attention_projections(side).eval()
 
 
@@ -40,11 +47,16 @@ def load_ffn_side(
     shard: FFNShard,
     dtype: torch.dtype,
     device: torch.device | str,
-    quantization: str = "none",
+    quantization: str | None = None,
 ) -> FFNSide:
-    if check_quantization(quantization) != "fp8":
+    """One FFN rank's share. `quantization` (--quantization; unset follows the checkpoint):
+    "fp8" keeps the routed experts in e4m3, a block-FP8 checkpoint's as stored; "none"
+    loads 16-bit experts (a block-FP8 checkpoint's dequantized). The shared expert and dense
+    layers are always 16-bit."""
+    block = cfg.fp8_weight_block
+    if resolve_quantization(quantization, cfg) != "fp8":
         side = build_on_device(lambda: FFNSide(cfg, shard), dtype, device)
-        load_params(side, side.param_specs(), path, dtype, device)
+        load_params(side, side.param_specs(), path, dtype, device, block)
         return side.eval()
     # fp8: layer by layer, each quantized before the next loads, so the device never holds
     # more than one layer's 16-bit experts (the whole shard in 16 bits may not fit)
@@ -53,7 +65,9 @@ def load_ffn_side(
     specs = side.param_specs()
     for i, layer in enumerate(side.model.layers):
         layer.to_empty(device=device)
-        mine = {name: spec for name, spec in specs.items() if name.startswith(f"model.layers.{i}.")}
-        load_params(side, mine, path, dtype, device)
-        layer.quantize_experts_fp8()
+        prefix = f"model.layers.{i}."
+        mine = {name: spec for name, spec in specs.items() if name.startswith(prefix)}
+        experts = {f"{prefix}moe.{name}": name for name in FFNLayer.EXPERTS}
+        kept = load_params(side, mine, path, dtype, device, block, keep_fp8=experts)
+        layer.quantize_experts_fp8({experts[name]: scales for name, scales in kept.items()})
     return side.eval()

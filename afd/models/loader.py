@@ -4,13 +4,18 @@ rank reads only the tensors and slices its modules own (ParamSpec)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Collection
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from afd.models.step3 import ParamSpec
+from afd.quantization import BlockScales
 
 INDEX_FILE = "model.safetensors.index.json"
 SKIPPED_PREFIXES = ("vision_model.", "vit_downsampler", "vit_large_projector")
@@ -49,8 +54,15 @@ def load_params(
     path: str | Path,
     dtype: torch.dtype,
     device: torch.device | str,
-) -> None:
-    """Fills every parameter of `module` named in `specs` from the checkpoint at `path`."""
+    fp8_block: tuple[int, int] | None = None,
+    keep_fp8: Collection[str] = (),
+) -> dict[str, BlockScales]:
+    """Fills every parameter of `module` named in `specs` from the checkpoint at `path`.
+
+    A tensor stored in e4m3 (a block-FP8 checkpoint, `fp8_block` from its config) is read with
+    its scale tensor (SCALE_SUFFIXES, beside the weight's key) and dequantized to `dtype`,
+    except for the parameters named in `keep_fp8`: those keep the e4m3 values, and their
+    scales are returned by parameter name."""
     path = Path(path)
     files = checkpoint_files(path)
     params = dict(module.named_parameters())
@@ -61,20 +73,41 @@ def load_params(
                 f"{path}: missing tensor '{spec.key}' (expected shape {list(spec.full_shape)})"
             )
         by_file.setdefault(files[spec.key], []).append(name)
-    for file, names in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+    kept: dict[str, BlockScales] = {}
+    with ExitStack() as stack:
+        opened: dict[Path, Any] = {}
+
+        def open_file(file: Path) -> Any:
+            if file not in opened:
+                opened[file] = stack.enter_context(safe_open(str(file), "pt", device="cpu"))
+            return opened[file]
+
+        reader = _Fp8Reader(files, open_file, path, fp8_block)
+
+        for file, names in by_file.items():
             for name in names:
-                _copy_one(f, file, specs[name], params[name], dtype, device)
+                spec, param = specs[name], params[name]
+                view = _checked_view(open_file(file), file, spec)
+                if view.get_dtype() != FP8_DTYPE:
+                    tensor = view[spec.index] if spec.index else view[:]
+                    param.data = tensor.to(device=device, dtype=dtype).contiguous()
+                    continue
+                values, scales, crop = reader.read(spec, view, file, device)
+                if name in keep_fp8:  # owned whole blocks (experts are split by expert)
+                    assert values.shape == param.shape, f"{name}: e4m3 slice not block-aligned"
+                    param.data, kept[name] = values, scales
+                else:  # slicing the mmapped view reads only the owned blocks from disk
+                    param.data = scales.dequantize(values, dtype)[crop].contiguous()
+    return kept
 
 
-def _copy_one(
-    f,
-    file: Path,
-    spec: ParamSpec,
-    param: nn.Parameter,
-    dtype: torch.dtype,
-    device: torch.device | str,
-) -> None:
+FP8_DTYPE = "F8_E4M3"  # safetensors' name for float8_e4m3fn
+# where a block-FP8 checkpoint keeps a weight's scales: `<prefix>.weight_scale_inv` (Hugging
+# Face / DeepSeek-V3, multiplied in despite the name) or `<prefix>.weight_scale`
+SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
+
+
+def _checked_view(f: Any, file: Path, spec: ParamSpec) -> Any:
     view = f.get_slice(spec.key)
     found = tuple(view.get_shape())
     if found != spec.full_shape:
@@ -82,9 +115,71 @@ def _copy_one(
             f"{file.name}: tensor '{spec.key}' has shape {list(found)}, "
             f"expected {list(spec.full_shape)}"
         )
-    # slicing the mmapped view reads only the owned rows/columns from disk
-    tensor = view[spec.index] if spec.index else view[:]
-    param.data = tensor.to(device=device, dtype=dtype).contiguous()
+    return view
+
+
+@dataclass
+class _Fp8Reader:
+    """Reads an e4m3 tensor's owned slice widened to whole scale blocks, with its scales."""
+
+    files: dict[str, Path]
+    open_file: Callable[[Path], Any]
+    path: Path
+    block: tuple[int, int] | None
+
+    def read(
+        self, spec: ParamSpec, view: Any, file: Path, device: torch.device | str
+    ) -> tuple[torch.Tensor, BlockScales, tuple[slice, ...]]:
+        """(e4m3 values of the widened slice, their scales, the crop back to spec.index)."""
+        if self.block is None:
+            raise CheckpointError(
+                f"{file.name}: tensor '{spec.key}' is float8_e4m3fn but "
+                f"{self.path / 'config.json'} has no quantization_config.weight_block_size"
+            )
+        base = spec.key.removesuffix("weight")
+        scale_key = next((base + s for s in SCALE_SUFFIXES if base + s in self.files), None)
+        if scale_key is None:
+            raise CheckpointError(
+                f"{file.name}: tensor '{spec.key}' is float8_e4m3fn but its scale tensor "
+                f"('{base}{SCALE_SUFFIXES[0]}') is not in the checkpoint"
+            )
+        scale_file = self.files[scale_key]
+        scale_view = self.open_file(scale_file).get_slice(scale_key)
+        want = BlockScales.shape_for(spec.full_shape, self.block)
+        if tuple(scale_view.get_shape()) != want:
+            raise CheckpointError(
+                f"{scale_file.name}: scale tensor '{scale_key}' has shape "
+                f"{list(scale_view.get_shape())}, expected {list(want)} (blocks of "
+                f"{list(self.block)} over {list(spec.full_shape)})"
+            )
+        read, scale_index, crop = _block_aligned(spec, self.block)
+        values = view[read].to(device)
+        scale = scale_view[scale_index].to(device=device, dtype=torch.float32)
+        return values, BlockScales(scale, self.block), crop
+
+
+def _block_aligned(
+    spec: ParamSpec, block: tuple[int, int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...], tuple[slice, ...]]:
+    """spec.index widened to whole blocks on the last two dimensions: the slice to read, the
+    scales' slice, and the crop from the widened read back to spec.index."""
+    shape, ndim = spec.full_shape, len(spec.full_shape)
+    index = list(spec.index) + [slice(None)] * (ndim - len(spec.index))
+    read, scales, crop = [], [], []
+    for dim, (sl, size) in enumerate(zip(index, shape, strict=True)):
+        lo, hi, step = sl.indices(size)
+        assert step == 1, "owned slices are contiguous"
+        if dim < ndim - 2:
+            read.append(slice(lo, hi))
+            scales.append(slice(lo, hi))
+            crop.append(slice(None))
+            continue
+        b = block[dim - (ndim - 2)]
+        first, end = lo // b, -(-hi // b)
+        read.append(slice(first * b, min(end * b, size)))
+        scales.append(slice(first, end))
+        crop.append(slice(lo - first * b, hi - first * b))
+    return tuple(read), tuple(scales), tuple(crop)
 
 
 def build_on_device(module_fn, dtype: torch.dtype, device: torch.device | str) -> nn.Module:

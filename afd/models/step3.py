@@ -7,7 +7,7 @@ knows about processes or transports: the runners in attn_worker/ and ffn_worker/
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +16,7 @@ from torch import nn
 
 from afd.config import ModelConfig
 from afd.models.layers import RMSNorm, Rope, swiglu, use_fused
-from afd.quantization import quantize_fp8_rows
+from afd.quantization import BlockScales, quantize_fp8_rows
 from attn_worker.kernels.router_topk import router_topk
 from ffn_worker.kernels.fused_moe import fused_moe
 
@@ -195,25 +195,34 @@ class FFNLayer(nn.Module):
         self.moe.up_proj = nn.Parameter(torch.empty(n, inter, h))
         self.moe.down_proj = nn.Parameter(torch.empty(n, h, inter))
 
-    _EXPERTS = ("gate_proj", "up_proj", "down_proj")
+    EXPERTS = ("gate_proj", "up_proj", "down_proj")  # the routed experts' tensors
 
     @property
-    def expert_scales(self) -> tuple[torch.Tensor, ...] | None:
+    def expert_scales(self) -> tuple[BlockScales, ...] | None:
         """The fp8 experts' scales (gate, up, down), read from the buffers each time so that
         they follow the module when it moves; None for 16-bit experts."""
         if not hasattr(self.moe, "gate_proj_scale"):
             return None
-        return tuple(getattr(self.moe, f"{name}_scale") for name in self._EXPERTS)
+        return tuple(
+            BlockScales(getattr(self.moe, f"{name}_scale"), self.moe.scale_blocks[name])
+            for name in self.EXPERTS
+        )
 
-    def quantize_experts_fp8(self) -> None:
-        """Stores the loaded routed experts as e4m3 with one fp32 scale per output channel
-        (--quantization fp8): half the bytes each step streams, and half the memory."""
+    def quantize_experts_fp8(self, stored: Mapping[str, BlockScales] | None = None) -> None:
+        """Keeps the routed experts in e4m3 (--quantization fp8): half the bytes each step
+        streams, and half the memory. Those a block-FP8 checkpoint gave in e4m3 (`stored`:
+        their scales by name, e.g. "gate_proj") stay as stored; 16-bit ones are quantized
+        here with one scale per output channel."""
         if not self.is_moe:
             return
-        for name in self._EXPERTS:
-            quant, scale = quantize_fp8_rows(getattr(self.moe, name).detach())
+        stored = stored or {}
+        self.moe.scale_blocks = {}
+        for name in self.EXPERTS:
+            w = getattr(self.moe, name).detach()
+            quant, scales = (w, stored[name]) if name in stored else quantize_fp8_rows(w)
             setattr(self.moe, name, nn.Parameter(quant, requires_grad=False))
-            self.moe.register_buffer(f"{name}_scale", scale)
+            self.moe.register_buffer(f"{name}_scale", scales.scale)
+            self.moe.scale_blocks[name] = scales.block
 
     def forward(
         self, x: torch.Tensor, ids: torch.Tensor | None, weights: torch.Tensor | None

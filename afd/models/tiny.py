@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from afd.config import ModelConfig
+from afd.quantization import quantize_fp8_blocks
 
 TINY_TEXT_CONFIG: dict = {
     "hidden_size": 64,
@@ -54,9 +55,13 @@ def make_tiny_model(
     seed: int = 0,
     with_tokenizer: bool = True,
     vocab_size: int = 512,
+    fp8_block: tuple[int, int] | None = None,
     **overrides: object,
 ) -> Path:
-    """Writes the checkpoint to out_dir and returns it. Deterministic for a given seed."""
+    """Writes the checkpoint to out_dir and returns it. Deterministic for a given seed.
+    `fp8_block` (rows, columns): a block-FP8 checkpoint instead, in the layout Step3's and
+    DeepSeek-V3's published ones use: every projection's weight in e4m3 with an fp32
+    `weight_scale_inv` per block, `quantization_config` in config.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     eos: list[int] = []
@@ -76,10 +81,31 @@ def make_tiny_model(
         "image_token_id": vocab_size - 1,
         "text_config": text,
     }
+    if fp8_block is not None:
+        config["quantization_config"] = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": list(fp8_block),
+        }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}, indent=2))
     cfg = ModelConfig.from_pretrained(out)
-    _write_weights(out, random_weights(cfg, seed))
+    weights = random_weights(cfg, seed)
+    _write_weights(out, weights if fp8_block is None else quantize_blocks(weights, fp8_block))
+    return out
+
+
+def quantize_blocks(tensors: dict[str, torch.Tensor], block: tuple[int, int]) -> dict:
+    """The projections' weights (`*_proj.weight`, `wq.weight`; not the embedding, the head,
+    the norms or the router) as e4m3 values and `weight_scale_inv` block scales."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if key.endswith(("_proj.weight", ".wq.weight")):
+            quant, scales = quantize_fp8_blocks(t, block)
+            out[key], out[key + "_scale_inv"] = quant, scales.scale
+        else:
+            out[key] = t
     return out
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from afd.quantization import BlockScales
 from ffn_worker.kernels.moe_gemm import fused_moe_triton
 
 # From `afd-bench kernels` (bench/results/kernels_moe_h100.json): the path that measured
@@ -97,11 +98,6 @@ def pick_path(num_tokens: int) -> str:
     return "triton"
 
 
-def dequantize(w: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """fp8 weights [E, N, K] with one scale per output channel [E, N] -> `dtype`."""
-    return (w.float() * scale[..., None]).to(dtype)
-
-
 def fused_moe(
     x: Tensor,
     w_gate: Tensor,
@@ -110,7 +106,7 @@ def fused_moe(
     topk_ids: Tensor,
     topk_weights: Tensor,
     expert_start: int,
-    scales: tuple[Tensor, Tensor, Tensor] | None = None,
+    scales: tuple[BlockScales, BlockScales, BlockScales] | None = None,
     model_experts: int | None = None,
 ) -> Tensor:
     """Σ over (t, j) with expert_start <= topk_ids[t, j] < expert_start + E_local of
@@ -118,8 +114,9 @@ def fused_moe(
 
     x [T, H]; w_gate/w_up [E_local, I, H]; w_down [E_local, H, I]; topk_ids [T, k] holds
     GLOBAL expert ids; topk_weights [T, k]. Returns [T, H] in x's dtype. fp8 (e4m3) weights
-    come with `scales` (gate [E, I], up [E, I], down [E, H], fp32, one per output channel):
-    the Triton path reads them as they are, the others dequantize first. `model_experts`:
+    come with `scales` (gate, up, down: one fp32 scale per output channel, or per block as a
+    block-FP8 checkpoint stores them): the Triton path reads them as they are, the others
+    dequantize first. `model_experts`:
     the model's expert count, by which the Triton path picks tiles (default E_local).
     """
     if x.is_cuda and pick_path(x.shape[0]) == "triton":
@@ -137,7 +134,7 @@ def fused_moe(
     if scales is not None:
         weights = (w_gate, w_up, w_down)
         w_gate, w_up, w_down = (
-            dequantize(w, s, x.dtype) for w, s in zip(weights, scales, strict=True)
+            s.dequantize(w, x.dtype) for w, s in zip(weights, scales, strict=True)
         )
     args = (x, w_gate, w_up, w_down, topk_ids, topk_weights, expert_start)
     if not x.is_cuda:

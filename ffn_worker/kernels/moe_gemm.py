@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from afd.quantization import quantize_fp8
+from afd.quantization import BlockScales, quantize_fp8
 from ffn_worker.kernels.moe_align import ExpertTiles, align_by_expert
 
 __all__ = ["ExpertTiles", "GemmConfig", "MoeConfig", "align_by_expert", "fused_moe_triton"]
@@ -91,9 +91,9 @@ def _program_tile(tile_meta_ptr, num_experts, num_pid_n, BLOCK_M: tl.constexpr):
 @triton.jit
 def _gate_up_tile(
     x_ptr, xs_ptr, wg, wu, sg_ptr, su_ptr, act_ptr, sorted_ids_ptr, expert, row0, rows, pid_n,
-    N, K, stride_xt, stride_we, stride_wn, stride_act,
+    N, K, stride_xt, stride_we, stride_wn, stride_act, stride_se, stride_sn, SCALE_N, SCALE_K,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, TMA: tl.constexpr, W8: tl.constexpr,
+    EVEN_K: tl.constexpr, TMA: tl.constexpr, W8: tl.constexpr, K_BLOCKS: tl.constexpr,
     A8: tl.constexpr, PROMOTE_K: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.arange(0, BLOCK_M)
@@ -106,6 +106,8 @@ def _gate_up_tile(
     a_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xt + offs_k[None, :]  # [BM, BK]
     if not TMA:
         w_off = expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+    if W8:  # fp8 weights: a scale per block of SCALE_N x SCALE_K, [E, N / SCALE_N, K / SCALE_K]
+        s_off = expert.to(tl.int64) * stride_se + (offs_n // SCALE_N) * stride_sn  # [BN]
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -126,7 +128,11 @@ def _gate_up_tile(
         if W8 and not A8:  # e4m3 values are exact in 16 bits; the scales come after the sum
             g = g.to(a.dtype)
             u = u.to(a.dtype)
-        if A8 and PROMOTE_K > 0:  # fp32 sums every PROMOTE_K products (fp8 MMAs sum short)
+        if K_BLOCKS:  # scales change along K: each tile's sum scaled (BLOCK_K divides SCALE_K)
+            k_block = (k * BLOCK_K) // SCALE_K
+            acc_g += tl.dot(a, g) * tl.load(sg_ptr + s_off + k_block)[None, :]
+            acc_u += tl.dot(a, u) * tl.load(su_ptr + s_off + k_block)[None, :]
+        elif A8 and PROMOTE_K > 0:  # fp32 sums every PROMOTE_K products (fp8 MMAs sum short)
             acc_g = tl.dot(a, g, acc_g, max_num_imprecise_acc=PROMOTE_K)
             acc_u = tl.dot(a, u, acc_u, max_num_imprecise_acc=PROMOTE_K)
         else:
@@ -135,9 +141,9 @@ def _gate_up_tile(
         a_ptrs += BLOCK_K
         if not TMA:
             w_off += BLOCK_K
-    if W8:  # one scale per output channel: [E, N] fp32
-        acc_g *= tl.load(sg_ptr + expert * N + offs_n)[None, :]
-        acc_u *= tl.load(su_ptr + expert * N + offs_n)[None, :]
+    if W8 and not K_BLOCKS:  # one scale per output channel (or per row block): after the sum
+        acc_g *= tl.load(sg_ptr + s_off)[None, :]
+        acc_u *= tl.load(su_ptr + s_off)[None, :]
     if A8:  # and one per token row of x
         x_scale = tl.load(xs_ptr + token, mask=valid, other=0.0)[:, None]
         acc_g *= x_scale
@@ -151,10 +157,11 @@ def _gate_up_tile(
 @triton.jit
 def _gate_up_kernel(
     x_ptr, xs_ptr, wg, wu, sg_ptr, su_ptr, act_ptr, sorted_ids_ptr, tile_meta_ptr, num_experts,
-    num_pid_n, N, K, stride_xt, stride_we, stride_wn, stride_act,
+    num_pid_n, N, K, stride_xt, stride_we, stride_wn, stride_act, stride_se, stride_sn, SCALE_N,
+    SCALE_K,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, W8: tl.constexpr,
-    A8: tl.constexpr, PROMOTE_K: tl.constexpr,
+    K_BLOCKS: tl.constexpr, A8: tl.constexpr, PROMOTE_K: tl.constexpr,
 ):  # fmt: skip
     expert, row0, rows, pid_n = _program_tile(tile_meta_ptr, num_experts, num_pid_n, BLOCK_M)
     if expert >= num_experts:  # past the last tile of the upper-bound grid
@@ -163,29 +170,32 @@ def _gate_up_kernel(
     if SMALL_M == 0:
         _gate_up_tile(
             x_ptr, xs_ptr, wg, wu, sg_ptr, su_ptr, act_ptr, sorted_ids_ptr, expert, row0, rows,
-            pid_n, N, K, stride_xt, stride_we, stride_wn, stride_act, TOPK, BLOCK_M, BLOCK_N,
-            BLOCK_K, EVEN_K, TMA, W8, A8, PROMOTE_K,
+            pid_n, N, K, stride_xt, stride_we, stride_wn, stride_act, stride_se, stride_sn,
+            SCALE_N, SCALE_K, TOPK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, W8, K_BLOCKS, A8,
+            PROMOTE_K,
         )  # fmt: skip
     elif rows <= SMALL_M:
         _gate_up_tile(
             x_ptr, xs_ptr, wg, wu, sg_ptr, su_ptr, act_ptr, sorted_ids_ptr, expert, row0, rows,
-            pid_n, N, K, stride_xt, stride_we, stride_wn, stride_act, TOPK, SMALL_M, BLOCK_N,
-            BLOCK_K, EVEN_K, TMA, W8, A8, PROMOTE_K,
+            pid_n, N, K, stride_xt, stride_we, stride_wn, stride_act, stride_se, stride_sn,
+            SCALE_N, SCALE_K, TOPK, SMALL_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, W8, K_BLOCKS, A8,
+            PROMOTE_K,
         )  # fmt: skip
     else:
         _gate_up_tile(
             x_ptr, xs_ptr, wg, wu, sg_ptr, su_ptr, act_ptr, sorted_ids_ptr, expert, row0, rows,
-            pid_n, N, K, stride_xt, stride_we, stride_wn, stride_act, TOPK, BLOCK_M, BLOCK_N,
-            BLOCK_K, EVEN_K, TMA, W8, A8, PROMOTE_K,
+            pid_n, N, K, stride_xt, stride_we, stride_wn, stride_act, stride_se, stride_sn,
+            SCALE_N, SCALE_K, TOPK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, W8, K_BLOCKS, A8,
+            PROMOTE_K,
         )  # fmt: skip
 
 
 @triton.jit
 def _down_tile(
     act_ptr, as_ptr, wd, sd_ptr, out_ptr, sorted_ids_ptr, topk_w_ptr, expert, row0, rows, pid_n,
-    N, K, stride_act, stride_we, stride_wn, stride_ot,
+    N, K, stride_act, stride_we, stride_wn, stride_ot, stride_se, stride_sn, SCALE_N, SCALE_K,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, TMA: tl.constexpr, W8: tl.constexpr,
+    EVEN_K: tl.constexpr, TMA: tl.constexpr, W8: tl.constexpr, K_BLOCKS: tl.constexpr,
     A8: tl.constexpr, PROMOTE_K: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.arange(0, BLOCK_M)
@@ -198,6 +208,8 @@ def _down_tile(
     a_ptrs = act_ptr + (row0 + offs_m)[:, None].to(tl.int64) * stride_act + offs_k[None, :]
     if not TMA:
         w_off = expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+    if W8:
+        s_off = expert.to(tl.int64) * stride_se + (offs_n // SCALE_N) * stride_sn  # [BN]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
@@ -213,7 +225,9 @@ def _down_tile(
             w = tl.load(wd + w_off, mask=offs_k[:, None] < k_left, other=0.0)
         if W8 and not A8:
             w = w.to(a.dtype)
-        if A8 and PROMOTE_K > 0:
+        if K_BLOCKS:
+            acc += tl.dot(a, w) * tl.load(sd_ptr + s_off + (k * BLOCK_K) // SCALE_K)[None, :]
+        elif A8 and PROMOTE_K > 0:
             acc = tl.dot(a, w, acc, max_num_imprecise_acc=PROMOTE_K)
         else:
             acc = tl.dot(a, w, acc)
@@ -222,8 +236,8 @@ def _down_tile(
             w_off += BLOCK_K
     router_w = tl.load(topk_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)  # [BM]
     acc = acc * router_w[:, None]
-    if W8:
-        acc *= tl.load(sd_ptr + expert * N + offs_n)[None, :]
+    if W8 and not K_BLOCKS:
+        acc *= tl.load(sd_ptr + s_off)[None, :]
     if A8:  # act rows' scales, in sorted order
         acc *= tl.load(as_ptr + row0 + offs_m, mask=valid, other=0.0)[:, None]
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -235,10 +249,11 @@ def _down_tile(
 @triton.jit
 def _down_kernel(
     act_ptr, as_ptr, wd, sd_ptr, out_ptr, sorted_ids_ptr, tile_meta_ptr, topk_w_ptr,
-    num_experts, num_pid_n, N, K, stride_act, stride_we, stride_wn, stride_ot,
+    num_experts, num_pid_n, N, K, stride_act, stride_we, stride_wn, stride_ot, stride_se,
+    stride_sn, SCALE_N, SCALE_K,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, W8: tl.constexpr,
-    A8: tl.constexpr, PROMOTE_K: tl.constexpr,
+    K_BLOCKS: tl.constexpr, A8: tl.constexpr, PROMOTE_K: tl.constexpr,
 ):  # fmt: skip
     expert, row0, rows, pid_n = _program_tile(tile_meta_ptr, num_experts, num_pid_n, BLOCK_M)
     if expert >= num_experts:
@@ -246,20 +261,23 @@ def _down_kernel(
     if SMALL_M == 0:
         _down_tile(
             act_ptr, as_ptr, wd, sd_ptr, out_ptr, sorted_ids_ptr, topk_w_ptr, expert, row0, rows,
-            pid_n, N, K, stride_act, stride_we, stride_wn, stride_ot, TOPK, BLOCK_M, BLOCK_N,
-            BLOCK_K, EVEN_K, TMA, W8, A8, PROMOTE_K,
+            pid_n, N, K, stride_act, stride_we, stride_wn, stride_ot, stride_se, stride_sn,
+            SCALE_N, SCALE_K, TOPK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, W8, K_BLOCKS, A8,
+            PROMOTE_K,
         )  # fmt: skip
     elif rows <= SMALL_M:
         _down_tile(
             act_ptr, as_ptr, wd, sd_ptr, out_ptr, sorted_ids_ptr, topk_w_ptr, expert, row0, rows,
-            pid_n, N, K, stride_act, stride_we, stride_wn, stride_ot, TOPK, SMALL_M, BLOCK_N,
-            BLOCK_K, EVEN_K, TMA, W8, A8, PROMOTE_K,
+            pid_n, N, K, stride_act, stride_we, stride_wn, stride_ot, stride_se, stride_sn,
+            SCALE_N, SCALE_K, TOPK, SMALL_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, W8, K_BLOCKS, A8,
+            PROMOTE_K,
         )  # fmt: skip
     else:
         _down_tile(
             act_ptr, as_ptr, wd, sd_ptr, out_ptr, sorted_ids_ptr, topk_w_ptr, expert, row0, rows,
-            pid_n, N, K, stride_act, stride_we, stride_wn, stride_ot, TOPK, BLOCK_M, BLOCK_N,
-            BLOCK_K, EVEN_K, TMA, W8, A8, PROMOTE_K,
+            pid_n, N, K, stride_act, stride_we, stride_wn, stride_ot, stride_se, stride_sn,
+            SCALE_N, SCALE_K, TOPK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, W8, K_BLOCKS, A8,
+            PROMOTE_K,
         )  # fmt: skip
 
 
@@ -270,16 +288,54 @@ def _fp8_with_wide_inputs(cfg: MoeConfig) -> MoeConfig:
     return replace(cfg, gate_up=fit(cfg.gate_up), down=fit(cfg.down))
 
 
-def _scales(w: Tensor, scales: tuple[Tensor, ...] | None, count: int) -> tuple[Tensor, ...]:
-    """The per-channel scales of fp8 weights [E, N, K]: fp32 [E, N] each, contiguous; for
-    16-bit weights the weight itself stands in (never read)."""
+def _scale_args(
+    w: Tensor, scales: tuple[BlockScales, ...] | None, count: int, cfg: GemmConfig
+) -> tuple[tuple[Tensor, ...], dict[str, object]]:
+    """The kernels' scale pointers and arguments for weights [E, N, K]: fp8 weights' block
+    scales, fp32 [E, N / rows, K / columns] each, all of one block; for 16-bit weights the
+    weight stands in (never read)."""
     fp8 = w.dtype == torch.float8_e4m3fn
     assert fp8 == (scales is not None), "fp8 expert weights need their scales, others none"
     if scales is None:
-        return (w,) * count
+        off = dict(stride_se=0, stride_sn=0, SCALE_N=1, SCALE_K=1, W8=False, K_BLOCKS=False)
+        return (w,) * count, off
+    (rows, cols), first = scales[0].block, scales[0].scale
     for s in scales:
-        assert s.dtype == torch.float32 and s.shape == w.shape[:2] and s.is_contiguous()
-    return scales
+        assert s.block == (rows, cols) and s.scale.dtype == torch.float32
+        assert s.scale.is_contiguous() and s.scale.shape == first.shape
+        assert tuple(s.scale.shape) == BlockScales.shape_for(tuple(w.shape), s.block)
+    k_blocks = first.shape[-1] > 1
+    assert not k_blocks or cols % cfg.block_k == 0, "a K tile must sit in one scale block"
+    kwargs = dict(
+        stride_se=first.stride(0),
+        stride_sn=first.stride(1),
+        SCALE_N=rows,
+        SCALE_K=cols,
+        W8=True,
+        K_BLOCKS=k_blocks,
+    )
+    return tuple(s.scale for s in scales), kwargs
+
+
+def _fit_scale_blocks(cfg: MoeConfig, scales: tuple[BlockScales, ...] | None) -> MoeConfig:
+    """K tiles no longer than the scale blocks along K (a block-FP8 checkpoint's 128), so
+    that each tile's sum takes one scale."""
+    if scales is None:
+        return cfg
+    fit = lambda g, s: (  # noqa: E731
+        g if s.scale.shape[-1] == 1 else replace(g, block_k=_divisor_tile(g.block_k, s.block[1]))
+    )
+    return replace(cfg, gate_up=fit(cfg.gate_up, scales[0]), down=fit(cfg.down, scales[2]))
+
+
+def _divisor_tile(block_k: int, cols: int) -> int:
+    """The largest power of two at most block_k that divides cols (at least 16, tl.dot's)."""
+    tile = block_k
+    while tile > 16 and cols % tile:
+        tile //= 2
+    if cols % tile:
+        raise ValueError(f"fp8 scale blocks of {cols} columns: not a multiple of 16")
+    return tile
 
 
 def _weight_arg(w: Tensor, cfg: GemmConfig) -> Tensor | object:
@@ -292,11 +348,11 @@ def _weight_arg(w: Tensor, cfg: GemmConfig) -> Tensor | object:
 
 def moe_gate_up(
     x: Tensor, w_gate: Tensor, w_up: Tensor, tiles: ExpertTiles, topk: int, cfg: GemmConfig,
-    small_m: int = 0, scales: tuple[Tensor, Tensor] | None = None,
+    small_m: int = 0, scales: tuple[BlockScales, BlockScales] | None = None,
     x_scale: Tensor | None = None, out_dtype: torch.dtype | None = None,
 ) -> Tensor:  # fmt: skip
     """act[p] = silu(x_t W_gate_eᵀ) * (x_t W_up_eᵀ) for each sorted row p = (t, e); [P, I].
-    fp8 weights come with `scales`, fp32 [E, I] each: one per output channel. fp8 x (then the
+    fp8 weights come with `scales` (per output channel, or per block). fp8 x (then the
     products run on fp8 tensor cores) comes with `x_scale`, fp32 [T], and `out_dtype`."""
     hidden = x.shape[1]  # [T, H]
     num_experts, inter, _ = w_gate.shape  # [E, I, H]
@@ -305,14 +361,14 @@ def moe_gate_up(
     dtype = out_dtype or x.dtype
     act = torch.empty(tiles.sorted_ids.numel(), inter, device=x.device, dtype=dtype)  # [P, I]
     num_pid_n = triton.cdiv(inter, cfg.block_n)
-    sg, su = _scales(w_gate, scales, 2)
+    (sg, su), scale_args = _scale_args(w_gate, scales, 2, cfg)
     _gate_up_kernel[(tiles.tile_meta.shape[0] * num_pid_n,)](
         x, x if x_scale is None else x_scale, _weight_arg(w_gate, cfg), _weight_arg(w_up, cfg),
         sg, su, act, tiles.sorted_ids,
         tiles.tile_meta, num_experts, num_pid_n, inter, hidden, x.stride(0), w_gate.stride(0),
         w_gate.stride(1), act.stride(0), TOPK=topk, BLOCK_M=tiles.block_m, SMALL_M=small_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=hidden % cfg.block_k == 0, TMA=cfg.tma,
-        W8=scales is not None, A8=x_scale is not None,
+        A8=x_scale is not None, **scale_args,
         PROMOTE_K=cfg.fp8_promote_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return act
@@ -320,24 +376,24 @@ def moe_gate_up(
 
 def moe_down(
     act: Tensor, w_down: Tensor, tiles: ExpertTiles, topk_weights: Tensor, cfg: GemmConfig,
-    small_m: int = 0, scale: Tensor | None = None, act_scale: Tensor | None = None,
+    small_m: int = 0, scale: BlockScales | None = None, act_scale: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """out[t] = Σ_j w[t, j] · act[p(t, j)] W_down_eᵀ over local pairs, fp32 [T, H]. fp8
-    weights come with `scale`, fp32 [E, H]; fp8 act with `act_scale`, fp32 [P]."""
+    weights come with `scale`; fp8 act with `act_scale`, fp32 [P]."""
     num_tokens, topk = topk_weights.shape  # [T, k]
     num_experts, hidden, inter = w_down.shape  # [E, H, I]
     assert w_down.is_contiguous() and act.stride(1) == 1
     out = torch.zeros(num_tokens, hidden, device=act.device, dtype=torch.float32)  # [T, H]
     weights = topk_weights.contiguous().view(-1)  # [T*k], indexed by pair
     num_pid_n = triton.cdiv(hidden, cfg.block_n)
-    (sd,) = _scales(w_down, None if scale is None else (scale,), 1)
+    (sd,), scale_args = _scale_args(w_down, None if scale is None else (scale,), 1, cfg)
     _down_kernel[(tiles.tile_meta.shape[0] * num_pid_n,)](
         act, act if act_scale is None else act_scale, _weight_arg(w_down, cfg), sd, out,
         tiles.sorted_ids, tiles.tile_meta, weights,
         num_experts, num_pid_n, hidden, inter, act.stride(0), w_down.stride(0),
         w_down.stride(1), out.stride(0), TOPK=topk, BLOCK_M=tiles.block_m, SMALL_M=small_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=inter % cfg.block_k == 0, TMA=cfg.tma,
-        W8=scale is not None, A8=act_scale is not None,
+        A8=act_scale is not None, **scale_args,
         PROMOTE_K=cfg.fp8_promote_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
@@ -352,7 +408,7 @@ def fused_moe_triton(
     topk_weights: Tensor,
     expert_start: int,
     config: MoeConfig | None = None,
-    scales: tuple[Tensor, Tensor, Tensor] | None = None,
+    scales: tuple[BlockScales, BlockScales, BlockScales] | None = None,
     fp8_activations: bool | None = None,
     model_experts: int | None = None,
 ) -> Tensor:
@@ -369,6 +425,7 @@ def fused_moe_triton(
     cfg = config or default_config(topk_ids.numel(), model_experts or num_experts)
     if scales is not None and x.element_size() > 2:
         cfg = _fp8_with_wide_inputs(cfg)
+    cfg = _fit_scale_blocks(cfg, scales)
     tiles = align_by_expert(topk_ids, expert_start, num_experts, cfg.block_m)
     gu_scales, d_scale = (None, None) if scales is None else (scales[:2], scales[2])
     if scales is not None and fp8_activations:  # both products on fp8 tensor cores
