@@ -80,9 +80,12 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, BlockScales]:
-    """w [E, N, K] -> e4m3 values and one scale per output channel (the block (1, K)),
-    quantized one leading index at a time, so the fp32 copy it makes is one expert's (150 MB
-    at Step3's widths), not the whole tensor's."""
+    """w [N, K] or stacked [E, N, K] -> e4m3 values and one scale per output channel (the
+    block (1, K)), stacked ones quantized one leading index at a time, so the fp32 copy it
+    makes is one expert's (150 MB at Step3's widths), not the whole tensor's."""
+    if w.dim() == 2:
+        quant, scale = quantize_fp8(w)
+        return quant, BlockScales(scale[:, None], (1, w.shape[-1]))
     quant = torch.empty(w.shape, dtype=FP8, device=w.device)
     scale = torch.empty(w.shape[:-1], dtype=torch.float32, device=w.device)
     for e in range(w.shape[0]):

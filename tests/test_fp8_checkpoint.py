@@ -51,7 +51,7 @@ def test_weights_load_as_their_dequantized_values(tiny_fp8_ckpt) -> None:
     slices of blocks a 2-way FFN split cuts (the shared expert's 16 of 32 rows)."""
     cfg = ModelConfig.from_pretrained(tiny_fp8_ckpt)
     tensors = stored(tiny_fp8_ckpt)
-    attn = load_attention_side(tiny_fp8_ckpt, cfg, torch.float32, "cpu")
+    attn = load_attention_side(tiny_fp8_ckpt, cfg, torch.float32, "cpu", "none")
     shard = FFNShard(rank=1, num_ranks=2)
     ffn = load_ffn_side(tiny_fp8_ckpt, cfg, shard, torch.float32, "cpu", "none")
     p = "model.layers.1"
@@ -99,6 +99,13 @@ def test_experts_stay_e4m3_as_stored_by_default(tiny_fp8_ckpt) -> None:
         assert torch.equal(w.view(torch.uint8), tensors[key][3:6].view(torch.uint8))
         assert torch.equal(s.scale, tensors[key + "_scale_inv"][3:6])
     assert layer.share_expert.gate_proj.weight.dtype == torch.float32
+    attn = load_attention_side(tiny_fp8_ckpt, cfg, torch.float32, "cpu").model.layers[2]
+    for name in ("q_proj", "k_proj", "v_proj", "wq", "o_proj"):  # the attention side's too
+        key, proj = f"model.layers.2.self_attn.{name}.weight", getattr(attn.self_attn, name)
+        assert torch.equal(proj.weight.view(torch.uint8), tensors[key].view(torch.uint8))
+        assert torch.equal(proj.scales.scale, tensors[key + "_scale_inv"])
+    # 32-row blocks straddle k_proj's 16 rows and v_proj's: q/k/v stay three GEMMs
+    assert attn.self_attn.qkv_weight is None
     x = torch.randn(7, cfg.hidden_size)
     ids = torch.randint(0, cfg.moe_num_experts, (7, cfg.moe_top_k), dtype=torch.int32)
     weights = torch.rand(7, cfg.moe_top_k)

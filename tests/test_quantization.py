@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from afd import LLM, SamplingParams
 from afd.config import ConfigError, ModelConfig
-from afd.models.build import load_ffn_side
+from afd.models.build import load_attention_side, load_ffn_side
+from afd.models.layers import Rope
 from afd.models.step3 import FFNShard
 from tests.conftest import PROMPTS
 
@@ -41,6 +43,37 @@ def test_fp8_experts_are_stored_in_e4m3_and_stay_close(tiny_ckpt) -> None:
     with torch.no_grad():
         want, got = plain(layer, x, ids, weights), fp8(layer, x, ids, weights)
     err = float((got - want).norm() / want.norm())
+    assert 1e-4 < err < 0.1  # quantized, and not far off
+
+
+def test_fp8_attention_projections_stay_close(tiny_ckpt) -> None:
+    """The attention side's five projections in e4m3 with a scale per output channel; q/k/v
+    still one GEMM (its scales the three's, stacked), computing what the three would."""
+    cfg = ModelConfig.from_pretrained(tiny_ckpt)
+    plain = load_attention_side(tiny_ckpt, cfg, torch.float32, "cpu").model.layers[1]
+    fp8 = load_attention_side(tiny_ckpt, cfg, torch.float32, "cpu", "fp8").model.layers[1]
+    attn = fp8.self_attn
+    for name in ("q_proj", "k_proj", "v_proj", "wq", "o_proj"):
+        proj, ref = getattr(attn, name), getattr(plain.self_attn, name).weight
+        assert proj.weight.dtype == torch.float8_e4m3fn and proj.scales.block == (1, ref.shape[1])
+        back = proj.scales.dequantize(proj.weight, torch.float32)
+        assert torch.allclose(back, ref, rtol=2**-3, atol=1e-6)
+    assert attn.qkv_weight is not None  # fused, the three weights its slices
+    assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
+    x = torch.randn(6, cfg.hidden_size)
+    positions = torch.arange(6)
+    cos, sin = Rope(cfg.head_dim, cfg.rope_theta).cos_sin(positions)
+    causal = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
+        q.transpose(0, 1), k.transpose(0, 1).expand(q.shape[1], -1, -1),
+        v.transpose(0, 1).expand(q.shape[1], -1, -1), is_causal=True,
+    ).transpose(0, 1)  # fmt: skip
+    with torch.no_grad():
+        fused = attn(x, cos, sin, causal)
+        attn.qkv_weight = None  # the three e4m3 GEMMs
+        three = attn(x, cos, sin, causal)
+        want = plain.self_attn(x, cos, sin, causal)
+    torch.testing.assert_close(fused, three, rtol=1e-5, atol=1e-6)
+    err = float((fused - want).norm() / want.norm())
     assert 1e-4 < err < 0.1  # quantized, and not far off
 
 

@@ -16,6 +16,7 @@ import triton
 
 from afd.bench.kernel_timing import ceilings
 from afd.bench.kernels_attention import attention, attention_fp8, prefill
+from afd.bench.kernels_linear import projections
 from afd.bench.kernels_moe import moe
 
 
@@ -46,6 +47,16 @@ def _table(results: dict) -> str:
         " channel; triton_fp8_blocks: per 128x128 block; fractions of their bytes): ms / frac"
         " copy / frac matmul"
     )
+    lines.append(
+        "attention projections, bf16 x (fp8: e4m3 weights, 128x128 blocks, as served): ms,"
+        " fraction of copy over the weight bytes"
+    )
+    for r in results.get("projections", []):
+        bf16, fp8 = r["variants"][0], min(r["variants"][1:], key=lambda v: v["ms"])
+        lines.append(
+            f"  {r['name']:>6} M={r['M']:>5}: bf16 {r['bf16_ms']:.4f} ({bf16['frac_copy']:.2f})"
+            f", fp8 served {r['fp8_blocks_served_ms']:.4f}, best {fp8['name']} {fp8['ms']:.4f}"
+        )
     for r in results.get("moe", []):
         cells = [f"T={r['T']:>5}"] + [
             f"{k} {c['ms']:.3f} {c['frac_copy']:.2f} {c['frac_matmul']:.2f}" if c else f"{k} n/a"
@@ -62,7 +73,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="afd-bench kernels", description=__doc__)
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 1024, 4096])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["attention", "moe"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["attention", "moe", "projections"]
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("afd-bench kernels needs a CUDA GPU", file=sys.stderr)
@@ -81,11 +94,14 @@ def main(argv: list[str]) -> int:
     results["ceilings"] = peaks = ceilings()
     print("ceilings", peaks, flush=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    for part in ("attention", "moe"):  # JSON after each part: a crash keeps what was measured
+    # JSON after each part: a crash keeps what was measured
+    for part in ("attention", "projections", "moe"):
         if part == "attention" and part not in args.skip:
             attention(peaks["copy_bytes_per_s"], results)
             attention_fp8(peaks["copy_bytes_per_s"], results)
             prefill(peaks, results)
+        elif part == "projections" and part not in args.skip:
+            projections(peaks, results)
         elif part == "moe" and part not in args.skip:
             moe(peaks, results, args.tokens)
         out_path.write_text(json.dumps(results, indent=1, default=str))

@@ -23,6 +23,7 @@ from afd.models.layers import Rope
 from afd.models.step3 import AttnLayer, FFNLayer, FFNShard, fuse_attention_projections
 from afd.models.tiny import TINY_TEXT_CONFIG
 from afd.planner.models import PRESET_CONFIGS
+from afd.quantization import quantize_fp8_blocks
 from attn_worker.attention import BatchAttention, SeqView
 from attn_worker.kv_cache import KVCache
 
@@ -119,7 +120,9 @@ def attention_stage(
     context: int,
     dtype: torch.dtype,
     graph: bool = True,
+    unfused: bool = True,
 ) -> dict[str, float]:
+    """The stage's times as serving runs it, and (`unfused`) with every fusion off."""
     device = str(next(layer.parameters()).device)
     attn, positions = decode_batch(cfg, batch, context, 1, dtype, device)
     cos, sin = Rope(cfg.head_dim, cfg.rope_theta).cos_sin(positions)
@@ -130,7 +133,7 @@ def attention_stage(
     fused, qkv = layers.FUSED_KERNELS, layer.self_attn.qkv_weight
     try:  # unfused first (norms, RoPE and router top-k by torch ops, q/k/v as three GEMMs),
         # then as serving runs it
-        for prefix, on in (("unfused_", False), ("", True)):
+        for prefix, on in (("unfused_", False), ("", True))[0 if unfused else 1 :]:
             layers.FUSED_KERNELS = fused and on
             layer.self_attn.qkv_weight = qkv if on else None
             row[f"{prefix}graph_us"] = time_us(fn, True) if graph else float("nan")
@@ -138,6 +141,17 @@ def attention_stage(
     finally:
         layers.FUSED_KERNELS, layer.self_attn.qkv_weight = fused, qkv
     return row
+
+
+def quantize_attention_blocks(layer: AttnLayer, block: tuple[int, int] = (128, 128)) -> None:
+    """The attention projections in e4m3 with a scale per 128 x 128 block, as Step3's FP8
+    checkpoint stores them and --quantization fp8 serves them (q/k/v still one GEMM)."""
+    attn, stored = layer.self_attn, {}
+    with torch.no_grad():
+        for name in attn.PROJECTIONS:
+            proj = getattr(attn, name)
+            proj.weight.data, stored[name] = quantize_fp8_blocks(proj.weight.detach(), block)
+    attn.quantize_projections_fp8(stored)
 
 
 def routing(cfg: ModelConfig, tokens: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,6 +232,10 @@ def main(argv: list[str]) -> int:
         for c in ints(args.contexts)
         for b in ints(args.batches)
     ]
+    quantize_attention_blocks(attn_layer)  # as a block-FP8 checkpoint serves (--quantization fp8)
+    for row in attn:
+        fp8 = attention_stage(attn_layer, cfg, row["batch"], row["context"], dtype, unfused=False)
+        row["fp8_eager_us"], row["fp8_graph_us"] = fp8["eager_us"], fp8["graph_us"]
     del attn_layer
     ffn_layer = build(lambda: FFNLayer(cfg, 0, FFNShard()), dtype, "cuda:0", 2)
     ffn = [ffn_stage(ffn_layer, cfg, t, dtype) for t in ints(args.tokens)]
@@ -244,13 +262,16 @@ def main(argv: list[str]) -> int:
 
 def print_tables(attn: list[dict], ffn: list[dict], rt: list[dict]) -> None:
     print("attention stage (attention block + router, decode); unfused: norms, RoPE and the")
-    print("router's top-k by torch ops, q/k/v projections as three GEMMs")
+    print("router's top-k by torch ops, q/k/v projections as three GEMMs; fp8: projections in")
+    print("e4m3 with 128x128 block scales (a block-FP8 checkpoint, --quantization fp8)")
     heads = ("B", 5), ("C", 6), ("eager µs", 9), ("graph µs", 9), ("unfused eager", 13)
-    print(" ".join(f"{name:>{width}}" for name, width in (*heads, ("unfused graph", 13))))
+    heads += ("unfused graph", 13), ("fp8 graph", 9)
+    print(" ".join(f"{name:>{width}}" for name, width in heads))
     for r in attn:
         print(
             f"{r['batch']:>5} {r['context']:>6} {r['eager_us']:>9.1f} {r['graph_us']:>9.1f}"
             f" {r['unfused_eager_us']:>13.1f} {r['unfused_graph_us']:>13.1f}"
+            f" {r.get('fp8_graph_us', float('nan')):>9.1f}"
         )
     print("FFN stage (MoE layer: 48 experts top-3 + shared expert); fp8: --quantization fp8")
     print(f"{'T':>5} {'eager µs':>9} {'graph µs':>9} {'fp8 graph µs':>12}")

@@ -119,7 +119,7 @@ def build_colocated(settings: EngineSettings, cfg: ModelConfig) -> tuple[Executo
     """Loads both halves into this process; returns the executor and KV blocks per rank."""
     device = torch.device(settings.device)
     dtype = resolve_dtype(settings.dtype, cfg)
-    attn = load_attention_side(settings.model, cfg, dtype, device)
+    attn = load_attention_side(settings.model, cfg, dtype, device, settings.quantization)
     ffn = load_ffn_side(settings.model, cfg, FFNShard(), dtype, device, settings.quantization)
     num_blocks = default_num_blocks(settings, cfg, dtype, device)
     cache = KVCache.for_model(

@@ -33,11 +33,22 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig) -> torch.dtype:
 
 
 def load_attention_side(
-    path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
+    path: str | Path,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    quantization: str | None = None,
 ) -> AttentionSide:
+    """The attention side. `quantization` (--quantization; unset follows the checkpoint):
+    "fp8" keeps the attention projections in e4m3, a block-FP8 checkpoint's as stored;
+    "none" loads them in 16 bits (a block-FP8 checkpoint's dequantized)."""
     side = build_on_device(lambda: AttentionSide(cfg), dtype, device)
-    # a block-FP8 checkpoint's projections are dequantized (fp8 GEMMs here: not built)
-    load_params(side, side.param_specs(), path, dtype, device, cfg.fp8_weight_block)
+    fp8 = resolve_quantization(quantization, cfg) == "fp8"
+    keep = side.projection_names() if fp8 else ()
+    specs = side.param_specs()
+    stored = load_params(side, specs, path, dtype, device, cfg.fp8_weight_block, keep)
+    if fp8:
+        side.quantize_projections_fp8(stored)
     return fuse_attention_projections(side).eval()
 
 

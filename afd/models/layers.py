@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from afd import envs
+from afd.quantization import BlockScales
+from attn_worker.kernels.fp8_linear import fp8_linear
 from attn_worker.kernels.rms_norm import add_rms_norm, rms_norm
 from attn_worker.kernels.rope import rope_qk
 
@@ -79,6 +81,37 @@ class Rope:
         half = xf.shape[-1] // 2
         rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
         return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales | None) -> torch.Tensor:
+    """x Wᵀ for a 16-bit weight (scales None) or an e4m3 one with its scales: the Triton
+    fp8_linear kernel on CUDA; on the CPU the weight dequantized first."""
+    if scales is None:
+        return F.linear(x, weight)
+    if x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
+        return fp8_linear(x, weight, scales)
+    return F.linear(x, scales.dequantize(weight, x.dtype))
+
+
+class Fp8Linear(nn.Module):
+    """A bias-free linear layer with its weight [out, in] in e4m3 and fp32 block scales: a
+    block-FP8 checkpoint's projection as stored, or one quantized at load with a scale per
+    output channel (--quantization fp8). The weight keeps its checkpoint name."""
+
+    def __init__(self, weight: torch.Tensor, scales: BlockScales) -> None:
+        super().__init__()
+        assert weight.dtype == torch.float8_e4m3fn and weight.dim() == 2
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("weight_scale", scales.scale)
+        self.block = scales.block
+
+    @property
+    def scales(self) -> BlockScales:
+        """Read from the buffer each time, so that it follows the module when it moves."""
+        return BlockScales(self.weight_scale, self.block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.scales)
 
 
 def swiglu(

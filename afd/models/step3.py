@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from afd.config import ModelConfig
-from afd.models.layers import RMSNorm, Rope, swiglu, use_fused
+from afd.models.layers import Fp8Linear, RMSNorm, Rope, linear, swiglu, use_fused
 from afd.quantization import BlockScales, quantize_fp8_rows
 from attn_worker.kernels.router_topk import router_topk
 from ffn_worker.kernels.fused_moe import fused_moe
@@ -65,20 +65,60 @@ class Step3Attention(nn.Module):
         self.wq = nn.Linear(cfg.share_q_dim, cfg.num_attention_heads * d, bias=False)
         self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=False)
         # [share_q + 2D, H] once fuse_projections ran: q_proj, k_proj, v_proj as one GEMM
+        # (with its block scales when the projections are e4m3)
         self.qkv_weight: torch.Tensor | None = None
+        self.qkv_scales: BlockScales | None = None
         self._qkv_sizes = [cfg.share_q_dim, d, d]
+
+    PROJECTIONS = ("q_proj", "k_proj", "v_proj", "wq", "o_proj")
 
     def fuse_projections(self) -> None:
         """Runs q_proj, k_proj and v_proj as one GEMM (x read once, one launch instead of
         three; bench/NOTES-kernels.md, version 15). Their weights become row slices of one
         tensor, so memory does not grow and the parameters keep their checkpoint names. Call
         it once the weights are loaded on their device: moving the module afterwards would
-        copy the slices apart from the fused tensor."""
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
+        copy the slices apart from the fused tensor. e4m3 projections fuse when their scale
+        blocks do not straddle two of them (Step3's 2048 + 256 + 256 rows in blocks of 128);
+        otherwise they stay three GEMMs."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
+        if any(isinstance(p, Fp8Linear) for p in projections):
+            scales = self._fusable_scales(projections)
+            if scales is None:
+                return
+            rows = scales[0].block[0]
+            fused_scale = torch.cat([s.scale for s in scales])
+            parts = fused_scale.split([-(-n // rows) for n in self._qkv_sizes])
+            for proj, part in zip(projections, parts, strict=True):
+                proj.weight_scale = part
+            self.qkv_scales = BlockScales(fused_scale, scales[0].block)
+        w = torch.cat([p.weight for p in projections]).detach()
         for proj, part in zip(projections, w.split(self._qkv_sizes), strict=True):
             proj.weight.data = part
         self.qkv_weight = w
+
+    def _fusable_scales(self, projections: tuple[nn.Module, ...]) -> list[BlockScales] | None:
+        if not all(isinstance(p, Fp8Linear) for p in projections):
+            return None
+        scales = [p.scales for p in projections]
+        rows = scales[0].block[0]
+        same = all(s.block == scales[0].block for s in scales)
+        aligned = all(n % rows == 0 for n in self._qkv_sizes[:-1])
+        return scales if same and aligned else None
+
+    def quantize_projections_fp8(self, stored: Mapping[str, BlockScales] | None = None) -> None:
+        """The five projections in e4m3 (--quantization fp8): those a block-FP8 checkpoint
+        gave in e4m3 (`stored`: their scales by name, e.g. "o_proj") as stored, 16-bit ones
+        quantized here with one scale per output channel; q/k/v fused again if they were."""
+        stored = stored or {}
+        was_fused = self.qkv_weight is not None
+        self.qkv_weight, self.qkv_scales = None, None
+        for name in self.PROJECTIONS:
+            w = getattr(self, name).weight.detach()
+            assert name in stored or w.dtype != torch.float8_e4m3fn, f"{name}: scales missing"
+            quant, scales = (w, stored[name]) if name in stored else quantize_fp8_rows(w)
+            setattr(self, name, Fp8Linear(quant, scales))
+        if was_fused:
+            self.fuse_projections()
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn
@@ -88,7 +128,8 @@ class Step3Attention(nn.Module):
         # reassigned since has them elsewhere: then the three GEMMs, on what they hold)
         fused = self.qkv_weight is not None
         if fused and self.q_proj.weight.data_ptr() == self.qkv_weight.data_ptr():
-            q_low, k, v = F.linear(x, self.qkv_weight).split(self._qkv_sizes, dim=-1)
+            qkv = linear(x, self.qkv_weight, self.qkv_scales)
+            q_low, k, v = qkv.split(self._qkv_sizes, dim=-1)
         else:
             q_low, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = self.wq(self.inter_norm(q_low)).view(t, self.num_heads, self.head_dim)
@@ -172,6 +213,27 @@ class AttentionSide(nn.Module):
 
     def param_specs(self) -> dict[str, ParamSpec]:
         return {name: ParamSpec(name, tuple(p.shape)) for name, p in self.named_parameters()}
+
+    def projection_names(self) -> list[str]:
+        """The attention projections' parameter names (what --quantization fp8 stores in
+        e4m3 on this side; the embedding, router and head stay 16-bit)."""
+        return [
+            f"model.layers.{i}.self_attn.{name}.weight"
+            for i in range(self.cfg.num_hidden_layers)
+            for name in Step3Attention.PROJECTIONS
+        ]
+
+    def quantize_projections_fp8(self, stored: Mapping[str, BlockScales]) -> None:
+        """Step3Attention.quantize_projections_fp8 on every layer; `stored`: the scales of
+        the projections the checkpoint gave in e4m3, by parameter name."""
+        for i, layer in enumerate(self.model.layers):
+            prefix = f"model.layers.{i}.self_attn."
+            mine = {
+                name: stored[f"{prefix}{name}.weight"]
+                for name in Step3Attention.PROJECTIONS
+                if f"{prefix}{name}.weight" in stored
+            }
+            layer.self_attn.quantize_projections_fp8(mine)
 
 
 class FFNLayer(nn.Module):

@@ -1,0 +1,78 @@
+"""`afd-bench kernels`, projections part: the attention side's projections at Step3's widths
+with e4m3 weights (attn_worker/kernels/fp8_linear.py; 128 x 128 block scales as Step3's FP8
+checkpoint stores them, and one per output channel as --quantization fp8 makes them), weights
+widened and with fp8 activations, against cuBLAS on the bf16 weights, by rows M (a decode
+batch, or a prefill chunk)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from afd.bench.kernel_timing import cycle, ms_of, rel_err, rotate
+from afd.quantization import quantize_fp8_blocks, quantize_fp8_rows
+from attn_worker.kernels import fp8_linear as fl
+
+# name -> (N, K): [out, in] of the weight
+PROJECTIONS = {"o_proj": (7168, 16384), "wq": (16384, 2048), "qkv": (2560, 7168)}
+ROWS = [1, 8, 32, 64, 128, 256, 512, 2048]
+SPLIT_SWEEP_ROWS = (8, 32)  # decode rows at which K splits 1-8 are timed beside the default
+
+
+def _weights(n: int, k: int) -> dict:
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    blocks, channel = quantize_fp8_blocks(w, (128, 128)), quantize_fp8_rows(w)
+    return {"bf16": w, "blocks": blocks, "channel": channel}
+
+
+def projections(peaks: dict, results: dict, rows: list[int] = ROWS) -> None:
+    out = results.setdefault("projections", [])
+    for name, (n, k) in PROJECTIONS.items():
+        sets = rotate(lambda n=n, k=k: _weights(n, k), 2 * n * k)  # past the L2
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            row = {"name": name, "M": m, "N": n, "K": k, "variants": []}
+            first = sets[0]
+            exact = {  # float64 over the dequantized weights
+                kind: x.double() @ first[kind][1].dequantize(first[kind][0], torch.float64).T
+                for kind in ("blocks", "channel")
+            }
+            variants: list[tuple[str, Callable, str | None]] = [
+                ("bf16 cuBLAS", lambda s, x=x: F.linear(x, s["bf16"]), None)
+            ]
+            for kind in ("blocks", "channel"):
+                for a8 in (False, True):
+                    label = f"fp8 {kind} {'fp8 x' if a8 else 'widened'}"
+                    variants.append((label, _fp8(kind, x, {"fp8_activations": a8}), kind))
+            if m in SPLIT_SWEEP_ROWS:
+                sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+                base = fl.default_config(m, n, k, sms, 128)
+                for splits in (1, 2, 4, 8):
+                    kw = {"config": replace(base, splits=splits), "fp8_activations": False}
+                    label = f"fp8 blocks widened splits={splits}"
+                    variants.append((label, _fp8("blocks", x, kw), "blocks"))
+            for label, fn, kind in variants:
+                ms = ms_of(cycle([lambda s=s, f=fn: f(s) for s in sets]))
+                nbytes = n * k * (2 if kind is None else 1)
+                entry = {
+                    "name": label,
+                    "ms": ms,
+                    "frac_copy": nbytes / (ms * 1e-3) / peaks["copy_bytes_per_s"],
+                    "frac_matmul": 2 * m * n * k / (ms * 1e-3) / peaks["matmul_flop_per_s"],
+                    "err": rel_err(fn(first), exact[kind or "blocks"]),
+                }
+                row["variants"].append(entry)
+            served = m > fl.FP8_ACTIVATION_ROWS
+            row["bf16_ms"] = row["variants"][0]["ms"]
+            row["fp8_blocks_served_ms"] = row["variants"][1 + int(served)]["ms"]
+            print("projection", name, m, row["variants"], flush=True)
+            out.append(row)
+        del sets
+        torch.cuda.empty_cache()
+
+
+def _fp8(kind: str, x: torch.Tensor, kw: dict) -> Callable[[dict], torch.Tensor]:
+    return lambda s: fl.fp8_linear(x, s[kind][0], s[kind][1], **kw)

@@ -1,0 +1,143 @@
+"""y = x Wᵀ for a weight W [N, K] stored in e4m3 with fp32 block scales (`BlockScales`: a
+block-FP8 checkpoint's 128 x 128, or one per output channel from --quantization fp8), as one
+Triton kernel. It serves the attention side's projections (q/k/v, wq, o_proj), which a decode
+step streams once per layer: half the bytes of their 16-bit weights.
+
+Two ways, by rows M (`fp8_activation_rows`):
+- few rows (decode): W widened to x's dtype in registers, bandwidth-bound. The grid splits K
+  too, so that N / BLOCK_N x splits fills the SMs (o_proj at N=7168 has 112 column tiles
+  for 132 SMs); the splits' partial sums meet by fp32 atomics.
+- many rows (prefill chunks): x quantized per row to e4m3 and the products on fp8 tensor
+  cores (twice the 16-bit rate), the row scales applied after the sum.
+Either way the weight scales multiply each K tile's sum when they change along K (BLOCK_K
+divides the scale block), else the whole sum once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+
+from afd.quantization import BlockScales, quantize_fp8
+
+# rows above which the activations go to e4m3 too (both operands on fp8 tensor cores)
+FP8_ACTIVATION_ROWS = 64
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    splits: int = 1  # K split across programs (summed by fp32 atomics)
+
+
+@triton.jit
+def _fp8_linear_kernel(
+    x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_wn,
+    stride_om, stride_sn, SCALE_N, SCALE_K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    K_BLOCKS: tl.constexpr, A8: tl.constexpr, ATOMIC: tl.constexpr,
+):  # fmt: skip
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # wrap: weight loads need no mask
+    offs_k = tl.arange(0, BLOCK_K)
+    k0 = pid_k * k_per_split
+    k_end = tl.minimum(k0 + k_per_split, K)
+    rows = offs_m < M
+    a_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k0 + offs_k)[None, :]
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + (k0 + offs_k)[:, None]
+    s_ptrs = s_ptr + (offs_n // SCALE_N) * stride_sn  # [BN]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k in range(k0, k_end, BLOCK_K):
+        in_k = k + offs_k < k_end
+        a = tl.load(a_ptrs, mask=rows[:, None] & in_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=in_k[:, None], other=0.0)
+        if not A8:  # e4m3 values are exact in 16 bits
+            w = w.to(a.dtype)
+        if K_BLOCKS:  # the scale of this K tile's block, per output column
+            acc += tl.dot(a, w) * tl.load(s_ptrs + k // SCALE_K)[None, :]
+        else:
+            acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if not K_BLOCKS:
+        acc *= tl.load(s_ptrs)[None, :]
+    if A8:
+        acc *= tl.load(xs_ptr + offs_m, mask=rows, other=0.0)[:, None]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    mask = rows[:, None] & (offs_n < N)[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(m: int, n: int, k: int, num_sms: int, scale_cols: int) -> LinearConfig:
+    """Tiles by rows: few stream the weight (small row tiles, K split until the grid covers
+    the SMs twice, at least 4 K tiles a split); many use big tiles for the tensor cores.
+    BLOCK_K divides the scale blocks' width along K."""
+    if m > FP8_ACTIVATION_ROWS:
+        cfg = LinearConfig(128 if m >= 128 else 64, 128, 128, 8, 3)
+    else:
+        cfg = LinearConfig(max(16, triton.next_power_of_2(m)), 64, 128, 4, 4)
+    block_k = cfg.block_k
+    while block_k > 16 and scale_cols % block_k:
+        block_k //= 2
+    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    splits = 1
+    while m <= FP8_ACTIVATION_ROWS and tiles * splits < 2 * num_sms and k >= 8 * splits * block_k:
+        splits *= 2
+    return LinearConfig(cfg.block_m, cfg.block_n, block_k, cfg.num_warps, cfg.num_stages, splits)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: BlockScales,
+    config: LinearConfig | None = None,
+    fp8_activations: bool | None = None,
+) -> torch.Tensor:
+    """x [M, K] (16- or 32-bit, unit stride along K) times weight [N, K] (e4m3)ᵀ -> [M, N]
+    in x's dtype. `fp8_activations` None: above FP8_ACTIVATION_ROWS rows."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert weight.dtype == torch.float8_e4m3fn and weight.is_contiguous() and x.stride(1) == 1
+    assert tuple(scales.scale.shape) == BlockScales.shape_for((n, k), scales.block)
+    assert scales.scale.dtype == torch.float32 and scales.scale.is_contiguous()
+    rows, cols = scales.block
+    k_blocks = scales.scale.shape[-1] > 1
+    if config is None:
+        sms = _num_sms(x.device) if x.is_cuda else 132
+        config = default_config(m, n, k, sms, cols if k_blocks else k)
+        if x.element_size() > 2:  # fp32 x: widened tiles of 4 bytes, fewer fit in shared memory
+            config = replace(config, block_k=min(config.block_k, 64), num_stages=2)
+    assert not k_blocks or cols % config.block_k == 0, "a K tile must sit in one scale block"
+    a8 = m > FP8_ACTIVATION_ROWS if fp8_activations is None else fp8_activations
+    x_in, x_scale = quantize_fp8(x) if a8 else (x, x)  # one scale per row
+    k_per_split = triton.cdiv(triton.cdiv(k, config.splits), config.block_k) * config.block_k
+    splits = triton.cdiv(k, k_per_split)
+    atomic = splits > 1
+    out = torch.zeros if atomic else torch.empty
+    y = out(m, n, device=x.device, dtype=torch.float32 if atomic else x.dtype)
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), splits)
+    _fp8_linear_kernel[grid](
+        x_in, x_scale, weight, scales.scale, y, m, n, k, k_per_split, x_in.stride(0),
+        weight.stride(0), y.stride(0), scales.scale.stride(0), rows, cols,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        K_BLOCKS=k_blocks, A8=a8, ATOMIC=atomic,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return y.to(x.dtype) if atomic else y

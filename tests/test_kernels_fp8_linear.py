@@ -1,0 +1,103 @@
+"""The e4m3-weight GEMM (attn_worker/kernels/fp8_linear.py) against float64 over the same
+dequantized weights: run by Triton's CPU interpreter at small shapes (in a child process), and
+on a GPU at Step3's projection widths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from afd.quantization import quantize_fp8, quantize_fp8_blocks, quantize_fp8_rows
+from attn_worker.kernels.fp8_linear import LinearConfig, default_config, fp8_linear
+from tests.conftest import run_interpreted
+
+C = LinearConfig
+# name -> (M, N, K, weight block or None (one scale per output channel), config, fp8 x)
+CASES = {
+    "channel": (5, 48, 64, None, C(16, 16, 32, 4, 2), False),
+    "blocks": (5, 48, 64, (16, 32), C(16, 16, 32, 4, 2), False),
+    # K split in 3 (atomics), a ragged last split, K and N not multiples of the blocks
+    "split_ragged": (9, 40, 88, (16, 16), C(16, 32, 16, 4, 2, splits=3), False),
+    "channel_split": (9, 40, 88, None, C(16, 32, 16, 4, 2, splits=2), False),
+    # fp8 activations: x per row to e4m3, both operands on fp8 tensor cores
+    "a8_blocks": (20, 48, 64, (16, 32), C(16, 16, 32, 4, 2), True),
+    "a8_channel_split": (20, 40, 96, None, C(16, 16, 32, 4, 2, splits=2), True),
+}
+
+
+def _inputs(m, n, k, block, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    w8, scales = quantize_fp8_rows(w[None]) if block is None else quantize_fp8_blocks(w, block)
+    if block is None:  # the per-channel helper takes stacked [E, N, K] weights
+        w8, scales = w8[0], type(scales)(scales.scale[0], scales.block)
+    return x, w8, scales
+
+
+def _reference(x, w8, scales, a8: bool) -> torch.Tensor:
+    """float64 over the dequantized weight; with fp8 x, over x's per-row e4m3 rounding."""
+    if a8:
+        q, s = quantize_fp8(x)
+        x = q.double() * s.double()[:, None]
+    return x.double() @ scales.dequantize(w8, torch.float64).T
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def cases() -> dict:
+    found = {}
+    for name, (m, n, k, block, cfg, a8) in CASES.items():
+        for dtype in (torch.float16, torch.float32):
+            x, w8, scales = _inputs(m, n, k, block, dtype, seed=m + n)
+            out = fp8_linear(x, w8, scales, cfg, fp8_activations=a8)
+            found[f"{name}_{dtype}"] = [_rel_err(out, _reference(x, w8, scales, a8)),
+                                        str(out.dtype), list(out.shape)]  # fmt: skip
+    return found
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    return run_interpreted(__file__)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_fp8_linear_matches_float64(interpreted: dict, name: str, dtype) -> None:
+    err, out_dtype, shape = interpreted[f"{name}_{dtype}"]
+    m, n = CASES[name][:2]
+    assert out_dtype == str(dtype) and shape == [m, n]
+    assert err < (2e-3 if dtype == torch.float16 else 1e-5)
+
+
+def test_default_config_splits_k_for_few_rows() -> None:
+    """Decode rows at o_proj's widths on 132 SMs: K is split until the grid covers the SMs
+    twice; many rows take big tiles, unsplit; K tiles divide 128-column scale blocks."""
+    few = default_config(32, 7168, 16384, 132, 128)
+    assert few.splits == 4 and few.block_k == 128 and few.block_m == 32
+    many = default_config(2048, 7168, 16384, 132, 128)
+    assert many.splits == 1 and many.block_m == 128
+    assert default_config(8, 64, 96, 132, 96).block_k == 32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 32, 256, 1000])
+@pytest.mark.parametrize("block", [None, (128, 128)], ids=["channel", "b128"])
+@pytest.mark.parametrize(("n", "k"), [(7168, 16384), (2560, 7168)], ids=["o_proj", "qkv"])
+def test_gpu_fp8_linear_at_step3_widths(m: int, block, n: int, k: int) -> None:
+    """bf16 x: widened weights up to 64 rows (bf16 products: within bf16's rounding of the
+    output), fp8 x above (plus the fp8 tensor cores' short running sums)."""
+    x, w8, scales = _inputs(m, n, k, block, torch.bfloat16, seed=m)
+    out = fp8_linear(x.cuda(), w8.cuda(), scales.to("cuda"))
+    a8 = m > 64
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    assert _rel_err(out.cpu(), _reference(x, w8, scales, a8)) < (2e-2 if a8 else 1e-2)
+
+
+if __name__ == "__main__":  # the interpreted child of the `interpreted` fixture
+    print(json.dumps(cases()))
