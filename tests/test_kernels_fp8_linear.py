@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from afd.quantization import quantize_fp8, quantize_fp8_blocks, quantize_fp8_rows
-from attn_worker.kernels.fp8_linear import LinearConfig, default_config, fp8_linear
+from attn_worker.kernels.fp8_linear import (
+    LinearConfig,
+    default_config,
+    fp8_linear,
+    quantize_rows_fp8,
+)
 from tests.conftest import run_interpreted
 
 C = LinearConfig
@@ -97,6 +102,19 @@ def test_gpu_fp8_linear_at_step3_widths(m: int, block, n: int, k: int) -> None:
     a8 = m > 64
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
     assert _rel_err(out.cpu(), _reference(x, w8, scales, a8)) < (2e-2 if a8 else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_row_quantization_equals_torch(dtype) -> None:
+    """The one-launch row quantizer (the fp8-activation path's) stores the bytes and scales
+    torch's quantize_fp8 computes on CUDA; a zero row stays zero."""
+    x = (torch.randn(37, 16384) * torch.logspace(-3, 3, 37)[:, None]).to(dtype).cuda()
+    x[5] = 0
+    q, s = quantize_rows_fp8(x)
+    want_q, want_s = quantize_fp8(x)
+    assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
 
 
 if __name__ == "__main__":  # the interpreted child of the `interpreted` fixture

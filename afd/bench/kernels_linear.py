@@ -76,3 +76,85 @@ def projections(peaks: dict, results: dict, rows: list[int] = ROWS) -> None:
 
 def _fp8(kind: str, x: torch.Tensor, kw: dict) -> Callable[[dict], torch.Tensor]:
     return lambda s: fl.fp8_linear(x, s[kind][0], s[kind][1], **kw)
+
+
+# the tile sweep (`python -m afd.bench.kernels_linear OUT.json`): decode rows widen the
+# weights, more rows take fp8 activations; every config at K splits 1-8
+WIDENED_TILES = [(64, 128, 4, 4), (128, 128, 4, 4), (64, 128, 4, 5), (32, 128, 4, 4)]
+A8_TILES = [(64, 128, 128, 4, 4), (64, 256, 128, 8, 3), (128, 128, 128, 8, 4),
+            (128, 256, 128, 8, 3), (64, 64, 128, 4, 4)]  # fmt: skip
+SWEEP_ROWS = {"widened": [1, 16, 32, 64, 128], "fp8 x": [32, 64, 128, 256, 512, 2048]}
+
+
+def sweep(peaks: dict) -> list[dict]:
+    """Every candidate tile at every K split, 128 x 128 block scales, per projection and M."""
+    found = []
+    for name, (n, k) in PROJECTIONS.items():
+        sets = rotate(lambda n=n, k=k: _weights(n, k), 2 * n * k)
+        for path, rows in SWEEP_ROWS.items():
+            for m in rows:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                configs = (
+                    [fl.LinearConfig(max(16, triton_pow2(m)), *t) for t in WIDENED_TILES]
+                    if path == "widened"
+                    else [fl.LinearConfig(*t) for t in A8_TILES]
+                )
+                for cfg in configs:
+                    for splits in (1, 2, 4, 8):
+                        kw = {
+                            "config": replace(cfg, splits=splits),
+                            "fp8_activations": path != "widened",
+                        }
+                        fn = _fp8("blocks", x, kw)
+                        try:
+                            ms = ms_of(cycle([lambda s=s, f=fn: f(s) for s in sets]))
+                        except Exception as exc:  # noqa: BLE001 - a config that fails is a result
+                            found.append(
+                                {
+                                    "name": name,
+                                    "M": m,
+                                    "path": path,
+                                    "cfg": str(kw["config"]),
+                                    "error": repr(exc)[:120],
+                                }
+                            )
+                            continue
+                        found.append(
+                            {
+                                "name": name,
+                                "M": m,
+                                "path": path,
+                                "cfg": str(kw["config"]),
+                                "ms": ms,
+                                "frac_copy": n * k / (ms * 1e-3) / peaks["copy_bytes_per_s"],
+                            }
+                        )
+                best = min(
+                    (
+                        f
+                        for f in found
+                        if f["name"] == name and f["M"] == m and f["path"] == path and "ms" in f
+                    ),
+                    key=lambda f: f["ms"],
+                )
+                print("sweep", name, path, m, best["cfg"], f"{best['ms'] * 1e3:.1f} us", flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    return found
+
+
+def triton_pow2(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    from afd.bench.kernel_timing import ceilings
+
+    peaks = ceilings()
+    result = {"ceilings": peaks, "device": torch.cuda.get_device_name(), "sweep": sweep(peaks)}
+    projections(peaks, result)
+    with open(sys.argv[1], "w") as f:
+        json.dump(result, f, indent=1, default=str)

@@ -42,7 +42,7 @@ def _fp8_linear_kernel(
     x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_wn,
     stride_om, stride_sn, SCALE_N, SCALE_K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    K_BLOCKS: tl.constexpr, A8: tl.constexpr, ATOMIC: tl.constexpr,
+    K_BLOCKS: tl.constexpr, A8: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -62,9 +62,10 @@ def _fp8_linear_kernel(
         if not A8:  # e4m3 values are exact in 16 bits
             w = w.to(a.dtype)
         if K_BLOCKS:  # the scale of this K tile's block, per output column
-            acc += tl.dot(a, w) * tl.load(s_ptrs + k // SCALE_K)[None, :]
+            part = tl.dot(a, w, input_precision=PRECISION)
+            acc += part * tl.load(s_ptrs + k // SCALE_K)[None, :]
         else:
-            acc = tl.dot(a, w, acc)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if not K_BLOCKS:
@@ -80,6 +81,39 @@ def _fp8_linear_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_INV_FP8_MAX = tl.constexpr(1.0 / 448.0)  # e4m3's largest is 448
+_TINY = tl.constexpr(torch.finfo(torch.float32).tiny)  # an all-zero row stays zero
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], tl.float32)
+    for k in range(0, K, BLOCK):
+        v = tl.load(x_ptr + row * stride_x + k + offs, mask=k + offs < K, other=0.0)
+        amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
+    # as torch on CUDA computes quantize_fp8: the max times 1/448, an IEEE division by it
+    scale = tl.max(amax, 0) * _INV_FP8_MAX
+    for k in range(0, K, BLOCK):
+        v = tl.load(x_ptr + row * stride_x + k + offs, mask=k + offs < K, other=0.0)
+        quant = tl.math.div_rn(v.to(tl.float32), tl.maximum(scale, _TINY))
+        tl.store(q_ptr + row * K + k + offs, quant.to(tl.float8e4nv), mask=k + offs < K)
+    tl.store(s_ptr + row, scale)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """afd.quantization.quantize_fp8 over the rows of x [M, K] (unit stride along K) in one
+    launch instead of torch's six: e4m3 rows and fp32 scales [M], the same values."""
+    m, k = x.shape
+    assert x.stride(1) == 1
+    quant = torch.empty(m, k, device=x.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(m, device=x.device, dtype=torch.float32)
+    if m:
+        _quantize_rows_kernel[(m,)](x, quant, scale, k, x.stride(0), BLOCK=1024, num_warps=4)
+    return quant, scale
+
+
 @cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -90,7 +124,7 @@ def default_config(m: int, n: int, k: int, num_sms: int, scale_cols: int) -> Lin
     the SMs twice, at least 4 K tiles a split); many use big tiles for the tensor cores.
     BLOCK_K divides the scale blocks' width along K."""
     if m > FP8_ACTIVATION_ROWS:
-        cfg = LinearConfig(128 if m >= 128 else 64, 128, 128, 8, 3)
+        cfg = LinearConfig(128, 128, 128, 8, 4) if m >= 256 else LinearConfig(64, 128, 128, 4, 4)
     else:
         cfg = LinearConfig(max(16, triton.next_power_of_2(m)), 64, 128, 4, 4)
     block_k = cfg.block_k
@@ -98,7 +132,7 @@ def default_config(m: int, n: int, k: int, num_sms: int, scale_cols: int) -> Lin
         block_k //= 2
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
     splits = 1
-    while m <= FP8_ACTIVATION_ROWS and tiles * splits < 2 * num_sms and k >= 8 * splits * block_k:
+    while tiles * splits < 2 * num_sms and k >= 8 * splits * block_k:
         splits *= 2
     return LinearConfig(cfg.block_m, cfg.block_n, block_k, cfg.num_warps, cfg.num_stages, splits)
 
@@ -126,7 +160,9 @@ def fp8_linear(
             config = replace(config, block_k=min(config.block_k, 64), num_stages=2)
     assert not k_blocks or cols % config.block_k == 0, "a K tile must sit in one scale block"
     a8 = m > FP8_ACTIVATION_ROWS if fp8_activations is None else fp8_activations
-    x_in, x_scale = quantize_fp8(x) if a8 else (x, x)  # one scale per row
+    # one scale per row; torch's ops where the interpreter runs (its fp8 conversion is off)
+    quantize = quantize_rows_fp8 if x.is_cuda else quantize_fp8
+    x_in, x_scale = quantize(x) if a8 else (x, x)
     k_per_split = triton.cdiv(triton.cdiv(k, config.splits), config.block_k) * config.block_k
     splits = triton.cdiv(k, k_per_split)
     atomic = splits > 1
@@ -138,6 +174,8 @@ def fp8_linear(
         weight.stride(0), y.stride(0), scales.scale.stride(0), rows, cols,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         K_BLOCKS=k_blocks, A8=a8, ATOMIC=atomic,
+        # fp32 x (tests, the tiny model): full fp32 products, not TF32's 10-bit mantissas
+        PRECISION="ieee" if x_in.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return y.to(x.dtype) if atomic else y
