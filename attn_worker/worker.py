@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
     cfg = ModelConfig.from_pretrained(spec.model)
     dtype, device = resolve_dtype(spec.dtype, cfg), spec.torch_device()
     with spec.session() as (channel, transport):
-        side = load_attention_side(spec.model, cfg, dtype, device, spec.quantization)
+        side = load_attention_side(spec.model, cfg, dtype, device, spec.fp8_attention)
         blocks = spec.num_kv_blocks or blocks_in_memory(
             cfg, spec.block_size, dtype, device, spec.kv_cache_dtype
         )

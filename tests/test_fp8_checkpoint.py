@@ -47,11 +47,12 @@ def test_config_gives_the_block(tiny_fp8_ckpt, tiny_ckpt) -> None:
 
 
 def test_weights_load_as_their_dequantized_values(tiny_fp8_ckpt) -> None:
-    """With --quantization none every projection is the dequantized weight, including the
-    slices of blocks a 2-way FFN split cuts (the shared expert's 16 of 32 rows)."""
+    """With --quantization none (and the attention projections 16-bit, the default) every
+    projection is the dequantized weight, including the slices of blocks a 2-way FFN split
+    cuts (the shared expert's 16 of 32 rows)."""
     cfg = ModelConfig.from_pretrained(tiny_fp8_ckpt)
     tensors = stored(tiny_fp8_ckpt)
-    attn = load_attention_side(tiny_fp8_ckpt, cfg, torch.float32, "cpu", "none")
+    attn = load_attention_side(tiny_fp8_ckpt, cfg, torch.float32, "cpu")
     shard = FFNShard(rank=1, num_ranks=2)
     ffn = load_ffn_side(tiny_fp8_ckpt, cfg, shard, torch.float32, "cpu", "none")
     p = "model.layers.1"
@@ -83,7 +84,8 @@ def test_weights_load_as_their_dequantized_values(tiny_fp8_ckpt) -> None:
 def test_experts_stay_e4m3_as_stored_by_default(tiny_fp8_ckpt) -> None:
     """Unset --quantization follows the checkpoint: the routed experts keep the stored e4m3
     bytes and block scales (no second rounding), the shared expert is dequantized, and the
-    layer computes what the dequantized layer does."""
+    layer computes what the dequantized layer does. --fp8-attention keeps the attention
+    projections' stored bytes too."""
     cfg = ModelConfig.from_pretrained(tiny_fp8_ckpt)
     tensors = stored(tiny_fp8_ckpt)
     shard = FFNShard(rank=1, num_ranks=2)
@@ -99,8 +101,9 @@ def test_experts_stay_e4m3_as_stored_by_default(tiny_fp8_ckpt) -> None:
         assert torch.equal(w.view(torch.uint8), tensors[key][3:6].view(torch.uint8))
         assert torch.equal(s.scale, tensors[key + "_scale_inv"][3:6])
     assert layer.share_expert.gate_proj.weight.dtype == torch.float32
-    attn = load_attention_side(tiny_fp8_ckpt, cfg, torch.float32, "cpu").model.layers[2]
-    for name in ("q_proj", "k_proj", "v_proj", "wq", "o_proj"):  # the attention side's too
+    side = load_attention_side(tiny_fp8_ckpt, cfg, torch.float32, "cpu", fp8_projections=True)
+    attn = side.model.layers[2]
+    for name in ("q_proj", "k_proj", "v_proj", "wq", "o_proj"):  # with --fp8-attention
         key, proj = f"model.layers.2.self_attn.{name}.weight", getattr(attn.self_attn, name)
         assert torch.equal(proj.weight.view(torch.uint8), tensors[key].view(torch.uint8))
         assert torch.equal(proj.scales.scale, tensors[key + "_scale_inv"])
@@ -117,13 +120,14 @@ def test_experts_stay_e4m3_as_stored_by_default(tiny_fp8_ckpt) -> None:
 @pytest.mark.slow
 def test_fp8_checkpoint_serves_the_same_tokens_disaggregated(tiny_fp8_ckpt) -> None:
     """Colocated, and 1 attention + 2 FFN ranks with 2 micro-batches (each FFN rank keeps its
-    experts' e4m3 blocks): the same greedy tokens and logprobs; and on the CPU, which
-    dequantizes the e4m3 experts, both equal the model loaded with --quantization none."""
+    experts' e4m3 blocks, the attention rank its projections'): the same greedy tokens and
+    logprobs; and on the CPU, which dequantizes e4m3 weights, both equal the model loaded
+    with --quantization none."""
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     runs = {}
     for name, kw in (
-        ("colocated", {}),
-        ("disaggregated", dict(colocated=False, ffn="2x1", micro_batches=2)),
+        ("colocated", dict(fp8_attention=True)),
+        ("disaggregated", dict(colocated=False, ffn="2x1", micro_batches=2, fp8_attention=True)),
         ("none", dict(quantization="none")),
     ):
         with LLM(str(tiny_fp8_ckpt), dtype="float32", **KV, **kw) as llm:
@@ -185,14 +189,14 @@ def test_bad_quantization_config_names_the_field(tiny_fp8_ckpt, tmp_path, change
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_block_fp8_experts_in_graphs_and_eager(tiny_fp8_ckpt) -> None:
-    """On a GPU the Triton kernels read the e4m3 blocks and scale each K tile's sum: decode
-    steps replaying CUDA graphs give what eager steps give, near the CPU's logprobs (which
-    dequantize the experts instead)."""
+    """On a GPU the Triton kernels read the e4m3 blocks (experts, and with --fp8-attention
+    the attention projections) and scale each K tile's sum: decode steps replaying CUDA
+    graphs give what eager steps give, near the CPU's logprobs (which dequantize instead)."""
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     runs = {}
     for name, extra in (("cpu", {}), ("graphs", {"device": "cuda"}),
                         ("eager", {"device": "cuda", "cuda_graph_max_batch": 0})):  # fmt: skip
-        with LLM(str(tiny_fp8_ckpt), dtype="float32", **KV, **extra) as llm:
+        with LLM(str(tiny_fp8_ckpt), dtype="float32", fp8_attention=True, **KV, **extra) as llm:
             runs[name] = [o.outputs[0] for o in llm.generate(prompts, GREEDY)]
     for g, e, c in zip(runs["graphs"], runs["eager"], runs["cpu"], strict=True):
         assert g.token_ids == e.token_ids

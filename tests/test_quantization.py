@@ -47,11 +47,13 @@ def test_fp8_experts_are_stored_in_e4m3_and_stay_close(tiny_ckpt) -> None:
 
 
 def test_fp8_attention_projections_stay_close(tiny_ckpt) -> None:
-    """The attention side's five projections in e4m3 with a scale per output channel; q/k/v
-    still one GEMM (its scales the three's, stacked), computing what the three would."""
+    """--fp8-attention on a 16-bit checkpoint: the five attention projections in e4m3 with a
+    scale per output channel; q/k/v still one GEMM (its scales the three's, stacked),
+    computing what the three would."""
     cfg = ModelConfig.from_pretrained(tiny_ckpt)
     plain = load_attention_side(tiny_ckpt, cfg, torch.float32, "cpu").model.layers[1]
-    fp8 = load_attention_side(tiny_ckpt, cfg, torch.float32, "cpu", "fp8").model.layers[1]
+    fp8 = load_attention_side(tiny_ckpt, cfg, torch.float32, "cpu", fp8_projections=True)
+    fp8 = fp8.model.layers[1]
     attn = fp8.self_attn
     for name in ("q_proj", "k_proj", "v_proj", "wq", "o_proj"):
         proj, ref = getattr(attn, name), getattr(plain.self_attn, name).weight
@@ -78,9 +80,16 @@ def test_fp8_attention_projections_stay_close(tiny_ckpt) -> None:
 
 
 @pytest.mark.slow
-def test_fp8_disaggregated_equals_colocated(tiny_ckpt) -> None:
-    """The flag reaches the FFN ranks' processes: the same tokens and logprobs as colocated."""
-    kw = dict(dtype="float32", num_kv_blocks=128, block_size=4, quantization="fp8")
+@pytest.mark.parametrize(
+    "flags",
+    [dict(quantization="fp8"), dict(quantization="none", fp8_attention=True)],
+    ids=["experts", "attention"],
+)
+def test_fp8_disaggregated_equals_colocated(tiny_ckpt, flags) -> None:
+    """The flag reaches the FFN ranks' processes (--quantization fp8) or the attention
+    rank's (--fp8-attention): the same tokens and logprobs as colocated, which differ from
+    the 16-bit model's (a rank that missed its flag would compute the 16-bit numbers)."""
+    kw = dict(dtype="float32", num_kv_blocks=128, block_size=4, **flags)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     with LLM(str(tiny_ckpt), **kw) as llm:
         want = llm.generate(prompts, GREEDY)

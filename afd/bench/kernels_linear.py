@@ -19,7 +19,6 @@ from attn_worker.kernels import fp8_linear as fl
 # name -> (N, K): [out, in] of the weight
 PROJECTIONS = {"o_proj": (7168, 16384), "wq": (16384, 2048), "qkv": (2560, 7168)}
 ROWS = [1, 8, 32, 64, 128, 256, 512, 2048]
-SPLIT_SWEEP_ROWS = (8, 32)  # decode rows at which K splits 1-8 are timed beside the default
 
 
 def _weights(n: int, k: int) -> dict:
@@ -47,13 +46,6 @@ def projections(peaks: dict, results: dict, rows: list[int] = ROWS) -> None:
                 for a8 in (False, True):
                     label = f"fp8 {kind} {'fp8 x' if a8 else 'widened'}"
                     variants.append((label, _fp8(kind, x, {"fp8_activations": a8}), kind))
-            if m in SPLIT_SWEEP_ROWS:
-                sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-                base = fl.default_config(m, n, k, sms, 128)
-                for splits in (1, 2, 4, 8):
-                    kw = {"config": replace(base, splits=splits), "fp8_activations": False}
-                    label = f"fp8 blocks widened splits={splits}"
-                    variants.append((label, _fp8("blocks", x, kw), "blocks"))
             for label, fn, kind in variants:
                 ms = ms_of(cycle([lambda s=s, f=fn: f(s) for s in sets]))
                 nbytes = n * k * (2 if kind is None else 1)

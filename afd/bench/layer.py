@@ -145,7 +145,7 @@ def attention_stage(
 
 def quantize_attention_blocks(layer: AttnLayer, block: tuple[int, int] = (128, 128)) -> None:
     """The attention projections in e4m3 with a scale per 128 x 128 block, as Step3's FP8
-    checkpoint stores them and --quantization fp8 serves them (q/k/v still one GEMM)."""
+    checkpoint stores them and --fp8-attention serves them (q/k/v still one GEMM)."""
     attn, stored = layer.self_attn, {}
     with torch.no_grad():
         for name in attn.PROJECTIONS:
@@ -232,7 +232,7 @@ def main(argv: list[str]) -> int:
         for c in ints(args.contexts)
         for b in ints(args.batches)
     ]
-    quantize_attention_blocks(attn_layer)  # as a block-FP8 checkpoint serves (--quantization fp8)
+    quantize_attention_blocks(attn_layer)  # a block-FP8 checkpoint's, with --fp8-attention
     for row in attn:
         fp8 = attention_stage(attn_layer, cfg, row["batch"], row["context"], dtype, unfused=False)
         row["fp8_eager_us"], row["fp8_graph_us"] = fp8["eager_us"], fp8["graph_us"]
@@ -263,7 +263,7 @@ def main(argv: list[str]) -> int:
 def print_tables(attn: list[dict], ffn: list[dict], rt: list[dict]) -> None:
     print("attention stage (attention block + router, decode); unfused: norms, RoPE and the")
     print("router's top-k by torch ops, q/k/v projections as three GEMMs; fp8: projections in")
-    print("e4m3 with 128x128 block scales (a block-FP8 checkpoint, --quantization fp8)")
+    print("e4m3 with 128x128 block scales (a block-FP8 checkpoint with --fp8-attention)")
     heads = ("B", 5), ("C", 6), ("eager µs", 9), ("graph µs", 9), ("unfused eager", 13)
     heads += ("unfused graph", 13), ("fp8 graph", 9)
     print(" ".join(f"{name:>{width}}" for name, width in heads))

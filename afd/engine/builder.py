@@ -46,6 +46,9 @@ class EngineSettings:
     kv_cache_dtype: str = "auto"  # "fp8": e4m3 with a scale per token vector (kv_cache.py)
     # "fp8": routed experts in e4m3; "none": 16-bit; None: as the checkpoint stores them
     quantization: str | None = None
+    # attention projections in e4m3 (a block-FP8 checkpoint's as stored, else quantized at
+    # load): faster up to ~128 rows per micro-batch, slower from 256 (bench/NOTES-kernels.md)
+    fp8_attention: bool = False
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     tpot_slo_ms: float | None = None  # None: throughput first (offline); afd-serve: 50
@@ -119,7 +122,7 @@ def build_colocated(settings: EngineSettings, cfg: ModelConfig) -> tuple[Executo
     """Loads both halves into this process; returns the executor and KV blocks per rank."""
     device = torch.device(settings.device)
     dtype = resolve_dtype(settings.dtype, cfg)
-    attn = load_attention_side(settings.model, cfg, dtype, device, settings.quantization)
+    attn = load_attention_side(settings.model, cfg, dtype, device, settings.fp8_attention)
     ffn = load_ffn_side(settings.model, cfg, FFNShard(), dtype, device, settings.quantization)
     num_blocks = default_num_blocks(settings, cfg, dtype, device)
     cache = KVCache.for_model(

@@ -205,6 +205,7 @@ def worker_specs(
             block_size=settings.block_size,
             kv_cache_dtype=settings.kv_cache_dtype,
             quantization=settings.quantization,
+            fp8_attention=settings.fp8_attention,
             recv_timeout_s=envs.RECV_TIMEOUT_S,
             heartbeat_s=envs.HEARTBEAT_INTERVAL_S,
             parent_pid=parent_pid,

@@ -34,6 +34,7 @@ class WorkerSpec:
     block_size: int = 16
     kv_cache_dtype: str = "auto"  # "fp8": e4m3 with a scale per token vector
     quantization: str | None = None  # --quantization (afd/quantization.py); None: the checkpoint's
+    fp8_attention: bool = False  # --fp8-attention: attention projections in e4m3
     recv_timeout_s: float = 20.0
     heartbeat_s: float = 0.5
     parent_pid: int = 0

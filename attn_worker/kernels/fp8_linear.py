@@ -23,8 +23,9 @@ import triton.language as tl
 
 from afd.quantization import BlockScales, quantize_fp8
 
-# rows above which the activations go to e4m3 too (both operands on fp8 tensor cores)
-FP8_ACTIVATION_ROWS = 64
+# rows above which the activations go to e4m3 too (both operands on fp8 tensor cores): at
+# 32 rows widening wins or ties at all three projections, at 64 fp8 x wins all three (H100)
+FP8_ACTIVATION_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -120,19 +121,31 @@ def _num_sms(device: torch.device) -> int:
 
 
 def default_config(m: int, n: int, k: int, num_sms: int, scale_cols: int) -> LinearConfig:
-    """Tiles by rows: few stream the weight (small row tiles, K split until the grid covers
-    the SMs twice, at least 4 K tiles a split); many use big tiles for the tensor cores.
-    BLOCK_K divides the scale blocks' width along K."""
-    if m > FP8_ACTIVATION_ROWS:
-        cfg = LinearConfig(128, 128, 128, 8, 4) if m >= 256 else LinearConfig(64, 128, 128, 4, 4)
+    """The tile sweep's rules (`python -m afd.bench.kernels_linear`, H100, o_proj / wq /
+    q-k-v at M = 1..2048; bench/NOTES-kernels.md version 17). Widened weights (few rows): 32
+    or 64 columns a program, and K split until a program streams at most 64 KiB of weight
+    (long serial K loops do not keep enough bytes in flight), unless the columns alone give
+    two programs an SM. fp8 x: 64 x 128 tiles (64 x 64 under 4096 columns), K split while
+    the grid is short of one program an SM. BLOCK_K divides the scale blocks along K."""
+    widened = m <= FP8_ACTIVATION_ROWS
+    if widened:
+        cfg = LinearConfig(max(16, triton.next_power_of_2(m)), 32 if m <= 16 else 64, 128, 4, 4)
     else:
-        cfg = LinearConfig(max(16, triton.next_power_of_2(m)), 64, 128, 4, 4)
+        cfg = LinearConfig(64, 128 if n >= 4096 else 64, 128, 4, 4)
     block_k = cfg.block_k
     while block_k > 16 and scale_cols % block_k:
         block_k //= 2
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+
+    def split_more(splits: int) -> bool:
+        if splits == 8 or k < 4 * 2 * splits * block_k:  # at least 4 K tiles a split
+            return False
+        if widened:
+            return tiles < 2 * num_sms and cfg.block_n * k // splits > 64 * 1024
+        return tiles * splits < num_sms
+
     splits = 1
-    while tiles * splits < 2 * num_sms and k >= 8 * splits * block_k:
+    while split_more(splits):
         splits *= 2
     return LinearConfig(cfg.block_m, cfg.block_n, block_k, cfg.num_warps, cfg.num_stages, splits)
 
