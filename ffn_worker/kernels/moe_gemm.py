@@ -319,13 +319,22 @@ def _scale_args(
 
 def _fit_scale_blocks(cfg: MoeConfig, scales: tuple[BlockScales, ...] | None) -> MoeConfig:
     """K tiles no longer than the scale blocks along K (a block-FP8 checkpoint's 128), so
-    that each tile's sum takes one scale."""
+    that each tile's sum takes one scale. That sum is a second accumulator beside the
+    running one: tiles of more than 128 x 128 fp32 sums (gate and up count twice) are
+    halved along N, or they spill registers (H100, T=4096: 14.1 ms against 4.9 with a
+    scale per channel; bench/NOTES-kernels.md version 17)."""
     if scales is None:
         return cfg
-    fit = lambda g, s: (  # noqa: E731
-        g if s.scale.shape[-1] == 1 else replace(g, block_k=_divisor_tile(g.block_k, s.block[1]))
-    )
-    return replace(cfg, gate_up=fit(cfg.gate_up, scales[0]), down=fit(cfg.down, scales[2]))
+
+    def fit(g: GemmConfig, s: BlockScales, sums: int) -> GemmConfig:
+        if s.scale.shape[-1] == 1:
+            return g
+        block_n = g.block_n
+        while block_n > 32 and sums * cfg.block_m * block_n > 128 * 128:
+            block_n //= 2
+        return replace(g, block_k=_divisor_tile(g.block_k, s.block[1]), block_n=block_n)
+
+    return replace(cfg, gate_up=fit(cfg.gate_up, scales[0], 2), down=fit(cfg.down, scales[2], 1))
 
 
 def _divisor_tile(block_k: int, cols: int) -> int:
