@@ -121,22 +121,23 @@ def test_experts_stay_e4m3_as_stored_by_default(tiny_fp8_ckpt) -> None:
 def test_fp8_checkpoint_serves_the_same_tokens_disaggregated(tiny_fp8_ckpt) -> None:
     """Colocated, and 1 attention + 2 FFN ranks with 2 micro-batches (each FFN rank keeps its
     experts' e4m3 blocks, the attention rank its projections'): the same greedy tokens and
-    logprobs; and on the CPU, which dequantizes e4m3 weights, both equal the model loaded
-    with --quantization none."""
+    logprobs. And on the CPU, which dequantizes e4m3 experts, the default (e4m3 experts,
+    16-bit attention) equals the model loaded with --quantization none."""
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     runs = {}
     for name, kw in (
         ("colocated", dict(fp8_attention=True)),
         ("disaggregated", dict(colocated=False, ffn="2x1", micro_batches=2, fp8_attention=True)),
+        ("default", {}),
         ("none", dict(quantization="none")),
     ):
         with LLM(str(tiny_fp8_ckpt), dtype="float32", **KV, **kw) as llm:
             runs[name] = [o.outputs[0] for o in llm.generate(prompts, GREEDY)]
-    for name in ("disaggregated", "none"):
-        for w, g in zip(runs["colocated"], runs[name], strict=True):
-            assert g.token_ids == w.token_ids, name
+    for want, got in (("colocated", "disaggregated"), ("none", "default")):
+        for w, g in zip(runs[want], runs[got], strict=True):
+            assert g.token_ids == w.token_ids, got
             for a, b, t in zip(w.logprobs, g.logprobs, w.token_ids, strict=True):
-                assert abs(a[t].logprob - b[t].logprob) < 1e-4, name
+                assert abs(a[t].logprob - b[t].logprob) < 1e-4, got
 
 
 def test_missing_scale_names_the_tensor(tiny_fp8_ckpt, tmp_path) -> None:
@@ -203,5 +204,5 @@ def test_gpu_block_fp8_experts_in_graphs_and_eager(tiny_fp8_ckpt) -> None:
         first = g.token_ids[0]
         assert abs(g.logprobs[0][first].logprob - e.logprobs[0][first].logprob) < 1e-3
         # the MoE kernels multiply fp32 activations in TF32 (0.05 here; the per-channel test
-        # beside it in test_quantization.py allows the same)
-        assert abs(g.logprobs[0][first].logprob - c.logprobs[0][first].logprob) < 0.2
+        # in test_quantization.py allows 0.2)
+        assert abs(g.logprobs[0][first].logprob - c.logprobs[0][first].logprob) < 0.1

@@ -11,7 +11,6 @@ import torch
 
 from afd.quantization import quantize_fp8, quantize_fp8_blocks, quantize_fp8_rows
 from attn_worker.kernels.fp8_linear import (
-    FP8_ACTIVATION_ROWS,
     LinearConfig,
     default_config,
     fp8_linear,
@@ -80,15 +79,18 @@ def test_fp8_linear_matches_float64(interpreted: dict, name: str, dtype) -> None
     assert err < (2e-3 if dtype == torch.float16 else 1e-5)
 
 
-def test_default_config_splits_k_for_few_rows() -> None:
-    """On 132 SMs: decode rows at o_proj's widths split K 8 ways (64 KiB of weight a
-    program); wq's 16384 columns alone fill the SMs twice, unsplit; a prefill chunk takes
-    64 x 128 tiles, unsplit; K tiles divide the scale blocks along K."""
-    few = default_config(8, 7168, 16384, 132, 128)
-    assert (few.block_m, few.block_n, few.block_k, few.splits) == (16, 32, 128, 8)
-    assert default_config(8, 16384, 2048, 132, 128).splits == 1
-    many = default_config(2048, 7168, 16384, 132, 128)
-    assert (many.block_m, many.block_n, many.splits) == (64, 128, 1)
+def test_default_config_splits_k_for_short_grids() -> None:
+    """On 132 SMs, as served (fp8 x): o_proj's 56 column tiles of 128 split K 4 ways at decode
+    rows, none for a prefill chunk. Widened: 32-column tiles, K split to 64 KiB of weight a
+    program, except where the columns alone fill the SMs twice (wq). K tiles divide the scale
+    blocks along K."""
+    decode = default_config(32, 7168, 16384, 132, 128)
+    assert (decode.block_m, decode.block_n, decode.block_k, decode.splits) == (64, 128, 128, 4)
+    prefill = default_config(2048, 7168, 16384, 132, 128)
+    assert (prefill.block_m, prefill.block_n, prefill.splits) == (64, 128, 1)
+    widened = default_config(8, 7168, 16384, 132, 128, widened=True)
+    assert (widened.block_m, widened.block_n, widened.splits) == (16, 32, 8)
+    assert default_config(8, 16384, 2048, 132, 128, widened=True).splits == 1
     assert default_config(8, 64, 96, 132, 96).block_k == 32
 
 
@@ -98,11 +100,11 @@ def test_default_config_splits_k_for_few_rows() -> None:
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["channel", "b128"])
 @pytest.mark.parametrize(("n", "k"), [(7168, 16384), (2560, 7168)], ids=["o_proj", "qkv"])
 def test_gpu_fp8_linear_at_step3_widths(m: int, block, n: int, k: int) -> None:
-    """bf16 x: widened weights up to 32 rows (bf16 products: within bf16's rounding of the
-    output), fp8 x above (plus the fp8 tensor cores' short running sums)."""
+    """bf16 x as served (per row to e4m3; plus the fp8 tensor cores' short running sums),
+    at decode rows, a prefill chunk, and rows in between."""
     x, w8, scales = _inputs(m, n, k, block, torch.bfloat16, seed=m)
     out = fp8_linear(x.cuda(), w8.cuda(), scales.to("cuda"))
-    a8 = m > FP8_ACTIVATION_ROWS
+    a8 = True  # served: x per row to e4m3
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
     assert _rel_err(out.cpu(), _reference(x, w8, scales, a8)) < (2e-2 if a8 else 1e-2)
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from afd import envs
-from afd.quantization import BlockScales
+from afd.quantization import BlockScales, quantize_fp8
 from attn_worker.kernels.fp8_linear import fp8_linear
 from attn_worker.kernels.rms_norm import add_rms_norm, rms_norm
 from attn_worker.kernels.rope import rope_qk
@@ -85,11 +85,15 @@ class Rope:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales | None) -> torch.Tensor:
     """x Wᵀ for a 16-bit weight (scales None) or an e4m3 one with its scales: the Triton
-    fp8_linear kernel on CUDA; on the CPU the weight dequantized first."""
+    fp8_linear kernel on CUDA (x per row to e4m3, products on fp8 tensor cores); on the CPU
+    the weight dequantized and x rounded through e4m3 per row as the kernel does, so that
+    both devices compute the same numbers."""
     if scales is None:
         return F.linear(x, weight)
     if x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
         return fp8_linear(x, weight, scales)
+    quant, scale = quantize_fp8(x)  # [..., K] rows, as the kernel
+    x = (quant.float() * scale[..., None]).to(x.dtype)
     return F.linear(x, scales.dequantize(weight, x.dtype))
 
 

@@ -3,14 +3,16 @@ block-FP8 checkpoint's 128 x 128, or one per output channel from --quantization 
 Triton kernel. It serves the attention side's projections (q/k/v, wq, o_proj), which a decode
 step streams once per layer: half the bytes of their 16-bit weights.
 
-Two ways, by rows M (`fp8_activation_rows`):
-- few rows (decode): W widened to x's dtype in registers, bandwidth-bound. The grid splits K
-  too, so that N / BLOCK_N x splits fills the SMs (o_proj at N=7168 has 112 column tiles
-  for 132 SMs); the splits' partial sums meet by fp32 atomics.
-- many rows (prefill chunks): x quantized per row to e4m3 and the products on fp8 tensor
-  cores (twice the 16-bit rate), the row scales applied after the sum.
-Either way the weight scales multiply each K tile's sum when they change along K (BLOCK_K
-divides the scale block), else the whole sum once."""
+Served (`fp8_activations`, the default): x quantized per row to e4m3 (one launch,
+`quantize_rows_fp8`) and the products on fp8 tensor cores, the row scales applied after the
+sum, as vLLM's dynamic fp8 does. Per row, so a row's numbers do not depend on how many rows
+share the call (a micro-batch split computes what the whole batch does). The alternative,
+the weight widened to x's dtype in registers with x as it is, is 20-25 % faster at 1-16 rows
+but 40-70 % slower from 64 (bench/NOTES-kernels.md version 17); tests and benches pick it.
+The grid splits K too when the column tiles are short of the SMs (o_proj at N=7168 has 56
+tiles of 128 for 132 SMs); the splits' partial sums meet by fp32 atomics. The weight scales
+multiply each K tile's sum when they change along K (BLOCK_K divides the scale block), else
+the whole sum once."""
 
 from __future__ import annotations
 
@@ -22,10 +24,6 @@ import triton
 import triton.language as tl
 
 from afd.quantization import BlockScales, quantize_fp8
-
-# rows above which the activations go to e4m3 too (both operands on fp8 tensor cores): at
-# 32 rows widening wins or ties at all three projections, at 64 fp8 x wins all three (H100)
-FP8_ACTIVATION_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -120,14 +118,15 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_config(m: int, n: int, k: int, num_sms: int, scale_cols: int) -> LinearConfig:
+def default_config(
+    m: int, n: int, k: int, num_sms: int, scale_cols: int, widened: bool = False
+) -> LinearConfig:
     """The tile sweep's rules (`python -m afd.bench.kernels_linear`, H100, o_proj / wq /
     q-k-v at M = 1..2048; bench/NOTES-kernels.md version 17). Widened weights (few rows): 32
     or 64 columns a program, and K split until a program streams at most 64 KiB of weight
     (long serial K loops do not keep enough bytes in flight), unless the columns alone give
     two programs an SM. fp8 x: 64 x 128 tiles (64 x 64 under 4096 columns), K split while
     the grid is short of one program an SM. BLOCK_K divides the scale blocks along K."""
-    widened = m <= FP8_ACTIVATION_ROWS
     if widened:
         cfg = LinearConfig(max(16, triton.next_power_of_2(m)), 32 if m <= 16 else 64, 128, 4, 4)
     else:
@@ -155,10 +154,10 @@ def fp8_linear(
     weight: torch.Tensor,
     scales: BlockScales,
     config: LinearConfig | None = None,
-    fp8_activations: bool | None = None,
+    fp8_activations: bool = True,
 ) -> torch.Tensor:
     """x [M, K] (16- or 32-bit, unit stride along K) times weight [N, K] (e4m3)ᵀ -> [M, N]
-    in x's dtype. `fp8_activations` None: above FP8_ACTIVATION_ROWS rows."""
+    in x's dtype. `fp8_activations` False: the weight widened instead, x as it is."""
     m, k = x.shape
     n = weight.shape[0]
     assert weight.dtype == torch.float8_e4m3fn and weight.is_contiguous() and x.stride(1) == 1
@@ -168,11 +167,11 @@ def fp8_linear(
     k_blocks = scales.scale.shape[-1] > 1
     if config is None:
         sms = _num_sms(x.device) if x.is_cuda else 132
-        config = default_config(m, n, k, sms, cols if k_blocks else k)
+        config = default_config(m, n, k, sms, cols if k_blocks else k, not fp8_activations)
         if x.element_size() > 2:  # fp32 x: widened tiles of 4 bytes, fewer fit in shared memory
             config = replace(config, block_k=min(config.block_k, 64), num_stages=2)
     assert not k_blocks or cols % config.block_k == 0, "a K tile must sit in one scale block"
-    a8 = m > FP8_ACTIVATION_ROWS if fp8_activations is None else fp8_activations
+    a8 = fp8_activations
     # one scale per row; torch's ops where the interpreter runs (its fp8 conversion is off)
     quantize = quantize_rows_fp8 if x.is_cuda else quantize_fp8
     x_in, x_scale = quantize(x) if a8 else (x, x)
