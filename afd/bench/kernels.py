@@ -52,7 +52,8 @@ def _table(results: dict) -> str:
         " fraction of copy over the weight bytes"
     )
     for r in results.get("projections", []):
-        bf16, fp8 = r["variants"][0], min(r["variants"][1:], key=lambda v: v["ms"])
+        timed = [v for v in r["variants"][1:] if "ms" in v]
+        bf16, fp8 = r["variants"][0], min(timed, key=lambda v: v["ms"])
         lines.append(
             f"  {r['name']:>6} M={r['M']:>5}: bf16 {r['bf16_ms']:.4f} ({bf16['frac_copy']:.2f})"
             f", fp8 served {r['fp8_blocks_served_ms']:.4f}, best {fp8['name']} {fp8['ms']:.4f}"

@@ -47,7 +47,11 @@ def projections(peaks: dict, results: dict, rows: list[int] = ROWS) -> None:
                     label = f"fp8 {kind} {'fp8 x' if a8 else 'widened'}"
                     variants.append((label, _fp8(kind, x, {"fp8_activations": a8}), kind))
             for label, fn, kind in variants:
-                ms = ms_of(cycle([lambda s=s, f=fn: f(s) for s in sets]))
+                try:
+                    ms = ms_of(cycle([lambda s=s, f=fn: f(s) for s in sets]))
+                except Exception as exc:  # noqa: BLE001 - a config that fails is a result
+                    row["variants"].append({"name": label, "error": repr(exc)[:200]})
+                    continue
                 nbytes = n * k * (2 if kind is None else 1)
                 entry = {
                     "name": label,
@@ -58,7 +62,7 @@ def projections(peaks: dict, results: dict, rows: list[int] = ROWS) -> None:
                 }
                 row["variants"].append(entry)
             row["bf16_ms"] = row["variants"][0]["ms"]
-            row["fp8_blocks_served_ms"] = row["variants"][2]["ms"]  # fp8 x, 128x128 blocks
+            row["fp8_blocks_served_ms"] = row["variants"][2].get("ms")  # fp8 x, 128x128 blocks
             print("projection", name, m, row["variants"], flush=True)
             out.append(row)
         del sets

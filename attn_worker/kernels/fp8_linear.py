@@ -128,7 +128,8 @@ def default_config(
     two programs an SM. fp8 x: 64 x 128 tiles (64 x 64 under 4096 columns), K split while
     the grid is short of one program an SM. BLOCK_K divides the scale blocks along K."""
     if widened:
-        cfg = LinearConfig(max(16, triton.next_power_of_2(m)), 32 if m <= 16 else 64, 128, 4, 4)
+        block_m = min(64, max(16, triton.next_power_of_2(m)))
+        cfg = LinearConfig(block_m, 32 if m <= 16 else 64, 128, 4, 4)
     else:
         cfg = LinearConfig(64, 128 if n >= 4096 else 64, 128, 4, 4)
     block_k = cfg.block_k
