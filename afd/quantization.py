@@ -19,10 +19,10 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 # --quantization: "none" (16-bit experts: a block-FP8 checkpoint's are dequantized at load),
 # or "fp8": the routed experts' weights stored as e4m3, as a block-FP8 checkpoint holds them
-# or quantized at load from 16-bit ones with a scale per output channel. The MoE kernels
-# widen them to the activations' dtype in registers, or, above FP8_ACTIVATION_ROWS rows per
-# expert (ffn_worker/kernels/moe_gemm.py), quantize the activations per row as well.
-# Unset: what the checkpoint holds (fp8 for a block-FP8 checkpoint), as vLLM does.
+# or quantized at load from 16-bit ones with a scale per output channel; the MoE kernels
+# quantize the activations per row too, so both products run on fp8 tensor cores
+# (ffn_worker/kernels/moe_gemm.py). Unset: what the checkpoint holds (fp8 for a block-FP8
+# checkpoint), as vLLM does. --fp8-attention does the same for the attention projections.
 QUANTIZATIONS = ("none", "fp8")
 
 
@@ -77,6 +77,13 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x.abs().amax(-1) / FP8_MAX
     quant = (x / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).to(FP8)
     return quant, scale
+
+
+def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] through e4m3 with one scale per vector, back in x's dtype: what the fp8
+    kernels' activations hold, for the paths that compute in 16 or 32 bits (the CPU)."""
+    quant, scale = quantize_fp8(x)
+    return (quant.float() * scale[..., None]).to(x.dtype)
 
 
 def quantize_fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, BlockScales]:

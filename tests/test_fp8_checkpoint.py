@@ -16,7 +16,7 @@ from afd.config import ConfigError, ModelConfig
 from afd.models.build import load_attention_side, load_ffn_side
 from afd.models.loader import CheckpointError
 from afd.models.step3 import FFNShard
-from tests.conftest import PROMPTS, copy_ckpt, edit_tensor
+from tests.conftest import FP8_ACTIVATION_TOLERANCE, PROMPTS, copy_ckpt, edit_tensor
 
 GREEDY = SamplingParams(max_tokens=5, temperature=0.0, logprobs=1, ignore_eos=True)
 KV = dict(num_kv_blocks=128, block_size=4)
@@ -84,8 +84,8 @@ def test_weights_load_as_their_dequantized_values(tiny_fp8_ckpt) -> None:
 def test_experts_stay_e4m3_as_stored_by_default(tiny_fp8_ckpt) -> None:
     """Unset --quantization follows the checkpoint: the routed experts keep the stored e4m3
     bytes and block scales (no second rounding), the shared expert is dequantized, and the
-    layer computes what the dequantized layer does. --fp8-attention keeps the attention
-    projections' stored bytes too."""
+    layer stays near the dequantized one (the activations go through e4m3 as well).
+    --fp8-attention keeps the attention projections' stored bytes too."""
     cfg = ModelConfig.from_pretrained(tiny_fp8_ckpt)
     tensors = stored(tiny_fp8_ckpt)
     shard = FFNShard(rank=1, num_ranks=2)
@@ -114,30 +114,30 @@ def test_experts_stay_e4m3_as_stored_by_default(tiny_fp8_ckpt) -> None:
     weights = torch.rand(7, cfg.moe_top_k)
     with torch.no_grad():
         want, got = plain(2, x, ids, weights), fp8(2, x, ids, weights)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    err = float((got - want).norm() / want.norm())
+    assert 1e-4 < err < 0.1
 
 
 @pytest.mark.slow
 def test_fp8_checkpoint_serves_the_same_tokens_disaggregated(tiny_fp8_ckpt) -> None:
     """Colocated, and 1 attention + 2 FFN ranks with 2 micro-batches (each FFN rank keeps its
     experts' e4m3 blocks, the attention rank its projections'): the same greedy tokens and
-    logprobs. And on the CPU, which dequantizes e4m3 experts, the default (e4m3 experts,
-    16-bit attention) equals the model loaded with --quantization none."""
+    logprobs, with --fp8-attention and without."""
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     runs = {}
     for name, kw in (
         ("colocated", dict(fp8_attention=True)),
         ("disaggregated", dict(colocated=False, ffn="2x1", micro_batches=2, fp8_attention=True)),
         ("default", {}),
-        ("none", dict(quantization="none")),
+        ("default_disaggregated", dict(colocated=False, ffn="2x1", micro_batches=3)),
     ):
         with LLM(str(tiny_fp8_ckpt), dtype="float32", **KV, **kw) as llm:
             runs[name] = [o.outputs[0] for o in llm.generate(prompts, GREEDY)]
-    for want, got in (("colocated", "disaggregated"), ("none", "default")):
+    for want, got in (("colocated", "disaggregated"), ("default", "default_disaggregated")):
         for w, g in zip(runs[want], runs[got], strict=True):
             assert g.token_ids == w.token_ids, got
             for a, b, t in zip(w.logprobs, g.logprobs, w.token_ids, strict=True):
-                assert abs(a[t].logprob - b[t].logprob) < 1e-4, got
+                assert abs(a[t].logprob - b[t].logprob) < FP8_ACTIVATION_TOLERANCE, got
 
 
 def test_missing_scale_names_the_tensor(tiny_fp8_ckpt, tmp_path) -> None:

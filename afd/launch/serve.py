@@ -54,10 +54,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--quantization",
         default=None,
         help="fp8: the routed experts in e4m3 (half the FFN weight bytes), as a block-FP8 "
-        "checkpoint stores them or quantized at load with a scale per output channel; above "
-        "24 rows per expert the activations go to e4m3 per row as well. none: 16-bit experts "
-        "(a block-FP8 checkpoint's dequantized at load). Default: as the checkpoint stores "
-        "them",
+        "checkpoint stores them or quantized at load with a scale per output channel, and the "
+        "activations to e4m3 per row (fp8 tensor cores). none: 16-bit experts (a block-FP8 "
+        "checkpoint's dequantized at load). Default: as the checkpoint stores them",
     )
     g.add_argument(
         "--fp8-attention",

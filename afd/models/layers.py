@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from afd import envs
-from afd.quantization import BlockScales, quantize_fp8
+from afd.quantization import BlockScales, fp8_round_trip
 from attn_worker.kernels.fp8_linear import fp8_linear
 from attn_worker.kernels.rms_norm import add_rms_norm, rms_norm
 from attn_worker.kernels.rope import rope_qk
@@ -92,9 +92,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales | None) ->
         return F.linear(x, weight)
     if x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
         return fp8_linear(x, weight, scales)
-    quant, scale = quantize_fp8(x)  # [..., K] rows, as the kernel
-    x = (quant.float() * scale[..., None]).to(x.dtype)
-    return F.linear(x, scales.dequantize(weight, x.dtype))
+    return F.linear(fp8_round_trip(x), scales.dequantize(weight, x.dtype))
 
 
 class Fp8Linear(nn.Module):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from afd.quantization import BlockScales
+from afd.quantization import BlockScales, fp8_round_trip
 from ffn_worker.kernels.moe_gemm import fused_moe_triton
 
 # From `afd-bench kernels` (bench/results/kernels_moe_h100.json): the path that measured
@@ -37,9 +37,12 @@ def fused_moe_ref(
     topk_ids: Tensor,
     topk_weights: Tensor,
     expert_start: int,
+    fp8_activations: bool = False,
 ) -> Tensor:
     """Per-expert loop as plain model code writes it: expert GEMMs in the input dtype, the
-    weighted sum over a token's experts in fp32 (fp64 for fp64 inputs)."""
+    weighted sum over a token's experts in fp32 (fp64 for fp64 inputs). `fp8_activations`:
+    x and each SwiGLU row rounded through e4m3 first, as the Triton path's fp8 experts take
+    them."""
     num_experts = w_gate.shape[0]
     topk = topk_ids.shape[1]
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -52,7 +55,11 @@ def fused_moe_ref(
             continue
         tokens = pairs // topk
         xe = x[tokens]  # [n_e, H]
+        if fp8_activations:
+            xe = fp8_round_trip(xe)
         h = F.silu(xe @ w_gate[e].T) * (xe @ w_up[e].T)  # [n_e, I]
+        if fp8_activations:
+            h = fp8_round_trip(h)
         y = (h @ w_down[e].T).to(acc_dtype)  # [n_e, H]
         out.index_add_(0, tokens, y * flat_w[pairs].to(acc_dtype)[:, None])
     return out.to(x.dtype)
@@ -115,8 +122,9 @@ def fused_moe(
     x [T, H]; w_gate/w_up [E_local, I, H]; w_down [E_local, H, I]; topk_ids [T, k] holds
     GLOBAL expert ids; topk_weights [T, k]. Returns [T, H] in x's dtype. fp8 (e4m3) weights
     come with `scales` (gate, up, down: one fp32 scale per output channel, or per block as a
-    block-FP8 checkpoint stores them): the Triton path reads them as they are, the others
-    dequantize first. `model_experts`:
+    block-FP8 checkpoint stores them): the Triton path reads them as they are and takes the
+    activations in e4m3 per row; the CPU path dequantizes the weights and rounds the
+    activations the same way, so both compute the same numbers. `model_experts`:
     the model's expert count, by which the Triton path picks tiles (default E_local).
     """
     if x.is_cuda and pick_path(x.shape[0]) == "triton":
@@ -138,5 +146,5 @@ def fused_moe(
         )
     args = (x, w_gate, w_up, w_down, topk_ids, topk_weights, expert_start)
     if not x.is_cuda:
-        return fused_moe_ref(*args)
+        return fused_moe_ref(*args, fp8_activations=scales is not None)
     return fused_moe_grouped_mm(*args) if has_grouped_mm() else fused_moe_triton(*args)

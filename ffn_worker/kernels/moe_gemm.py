@@ -42,17 +42,12 @@ class MoeConfig:
     small_m: int = 0  # an expert's last tile with at most this many rows runs this size
 
 
-# fp8 experts: rows per expert above which activations go to fp8 too. Below, the layer streams
-# weights and widening them in registers costs nothing (H100, 48 experts: T=64 1.80 ms either
-# way, T=256 2.01 / 2.00); above, the widening binds (T=1024 3.9-4.6 ms widened against 2.56
-# with fp8 products, bf16 weights 3.82), bench/NOTES-kernels.md version 16.
-FP8_ACTIVATION_ROWS = 24
-
-
-def uses_fp8_activations(num_pairs: int, model_experts: int) -> bool:
-    """Whether fp8 experts take fp8 activations too: above FP8_ACTIVATION_ROWS rows per
-    expert of the model (every rank of a sharded layer then decides as the whole layer)."""
-    return num_pairs > FP8_ACTIVATION_ROWS * model_experts
+# fp8 experts take fp8 activations (x and the SwiGLU output per row) at every token count:
+# at few rows per expert it costs what widening the weights does (H100, 48 experts: T=64
+# 1.82 / 1.80 ms, T=256 2.00 / 2.00), at many it is 1.8x faster (T=1024 2.55 against 4.56),
+# and a row's numbers then do not depend on how many tokens share the call, so micro-batch
+# splits compute what colocated does (a switch by rows per expert broke that; NOTES-kernels
+# versions 16-17). Widened weights stay as an option (fp8_activations=False).
 
 
 def default_config(num_pairs: int, num_experts: int) -> MoeConfig:
@@ -418,19 +413,16 @@ def fused_moe_triton(
     expert_start: int,
     config: MoeConfig | None = None,
     scales: tuple[BlockScales, BlockScales, BlockScales] | None = None,
-    fp8_activations: bool | None = None,
+    fp8_activations: bool = True,
     model_experts: int | None = None,
 ) -> Tensor:
     """Triton path of `fused_moe` (same contract). With fp8 weights, `fp8_activations`
     quantizes x and the SwiGLU output per row (dynamic scales) so that both products run on
-    fp8 tensor cores (twice bf16's rate) instead of widening the weights in registers; None:
-    above FP8_ACTIVATION_ROWS. Rows per expert count the model's experts (`model_experts`,
-    default this rank's), since topk_ids holds every rank's pairs: each rank of a sharded
-    layer then decides as the whole layer would."""
+    fp8 tensor cores (twice bf16's rate); False widens the weights in registers instead.
+    Tiles follow rows per expert of the model (`model_experts`, default this rank's), since
+    topk_ids holds every rank's pairs."""
     num_experts = w_gate.shape[0]
     topk = topk_ids.shape[1]
-    if fp8_activations is None:
-        fp8_activations = uses_fp8_activations(topk_ids.numel(), model_experts or num_experts)
     cfg = config or default_config(topk_ids.numel(), model_experts or num_experts)
     if scales is not None and x.element_size() > 2:
         cfg = _fp8_with_wide_inputs(cfg)
