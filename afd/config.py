@@ -154,6 +154,8 @@ def _parse_quantization(value: Any, source: str) -> tuple[int, int] | None:
             f"{where}.weight_block_size must be two positive integers [rows, columns], got "
             f"{block!r} (per-tensor FP8 checkpoints are not supported)"
         )
+    if block[1] % 32:  # a kernel's K tile must sit in one block: e4m3 tiles take K >= 32
+        raise ConfigError(f"{where}.weight_block_size: {block[1]} columns is not a multiple of 32")
     return (block[0], block[1])
 
 

@@ -22,7 +22,8 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 # or quantized at load from 16-bit ones with a scale per output channel; the MoE kernels
 # quantize the activations per row too, so both products run on fp8 tensor cores
 # (ffn_worker/kernels/moe_gemm.py). Unset: what the checkpoint holds (fp8 for a block-FP8
-# checkpoint), as vLLM does. --fp8-attention does the same for the attention projections.
+# checkpoint), as vLLM does. --fp8-attention keeps the attention projections in e4m3 too
+# (off by default: without it a block-FP8 checkpoint's are dequantized at load).
 QUANTIZATIONS = ("none", "fp8")
 
 
@@ -65,6 +66,20 @@ class BlockScales:
             s = s.repeat_interleave(rows, 0)[:n].repeat_interleave(cols, 1)[:, :k]
             o.copy_(q.float() * s)
         return out
+
+    def k_tile(self, block_k: int) -> int:
+        """The K tile a kernel scaling each tile's sum can use: block_k if one scale block
+        along K spans the whole width, else the largest power of two at most block_k that
+        divides the blocks' columns, at least 32 (Triton's smallest K for e4m3 operands)."""
+        cols = self.block[1]
+        if self.scale.shape[-1] == 1:
+            return block_k
+        tile = block_k
+        while tile > 32 and cols % tile:
+            tile //= 2
+        if cols % tile:
+            raise ValueError(f"fp8 scale blocks of {cols} columns: not a multiple of 32")
+        return tile
 
     def to(self, device: torch.device | str) -> BlockScales:
         return BlockScales(self.scale.to(device), self.block)

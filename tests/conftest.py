@@ -59,6 +59,14 @@ def edit_tensor(ckpt: Path, key: str, fn) -> None:
     save_file(tensors, str(file), metadata={"format": "pt"})
 
 
+def remove_tensor(ckpt: Path, key: str) -> None:
+    """Drops `key` from its shard and from the index."""
+    edit_tensor(ckpt, key, lambda t: t.pop(key))
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    del index["weight_map"][key]
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
 # fp8 activations round each row to e4m3: a last-bit difference upstream (a GEMM over
 # fewer rows sums in another order) now and then moves an element one e4m3 step (6 %), so
 # logprobs agree to ~1e-2 across micro-batch splits, not to float rounding (0.007 seen)

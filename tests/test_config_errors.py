@@ -10,7 +10,7 @@ import pytest
 from afd import LLM, SamplingParams
 from afd.config import ConfigError, ModelConfig, RoleShape
 from afd.models.loader import CheckpointError, checkpoint_files
-from tests.conftest import copy_ckpt, edit_tensor
+from tests.conftest import copy_ckpt, edit_tensor, remove_tensor
 
 
 def write_config(tmp_path, **changes):
@@ -73,11 +73,7 @@ def test_role_shape_flag():
 
 def test_missing_tensor_names_key(tiny_ckpt, tmp_path):
     ckpt = copy_ckpt(tiny_ckpt, tmp_path)
-    key = "model.layers.2.moe.up_proj.weight"
-    edit_tensor(ckpt, key, lambda t: t.pop(key))
-    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
-    del index["weight_map"][key]
-    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    remove_tensor(ckpt, "model.layers.2.moe.up_proj.weight")
     with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.2\.moe\.up_proj"):
         LLM(str(ckpt), dtype="float32", num_kv_blocks=8)
 

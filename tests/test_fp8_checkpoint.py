@@ -16,7 +16,13 @@ from afd.config import ConfigError, ModelConfig
 from afd.models.build import load_attention_side, load_ffn_side
 from afd.models.loader import CheckpointError
 from afd.models.step3 import FFNShard
-from tests.conftest import FP8_ACTIVATION_TOLERANCE, PROMPTS, copy_ckpt, edit_tensor
+from tests.conftest import (
+    FP8_ACTIVATION_TOLERANCE,
+    PROMPTS,
+    copy_ckpt,
+    edit_tensor,
+    remove_tensor,
+)
 
 GREEDY = SamplingParams(max_tokens=5, temperature=0.0, logprobs=1, ignore_eos=True)
 KV = dict(num_kv_blocks=128, block_size=4)
@@ -129,7 +135,7 @@ def test_fp8_checkpoint_serves_the_same_tokens_disaggregated(tiny_fp8_ckpt) -> N
         ("colocated", dict(fp8_attention=True)),
         ("disaggregated", dict(colocated=False, ffn="2x1", micro_batches=2, fp8_attention=True)),
         ("default", {}),
-        ("default_disaggregated", dict(colocated=False, ffn="2x1", micro_batches=3)),
+        ("default_disaggregated", dict(colocated=False, ffn="2x1", micro_batches=2)),
     ):
         with LLM(str(tiny_fp8_ckpt), dtype="float32", **KV, **kw) as llm:
             runs[name] = [o.outputs[0] for o in llm.generate(prompts, GREEDY)]
@@ -138,15 +144,24 @@ def test_fp8_checkpoint_serves_the_same_tokens_disaggregated(tiny_fp8_ckpt) -> N
             assert g.token_ids == w.token_ids, got
             for a, b, t in zip(w.logprobs, g.logprobs, w.token_ids, strict=True):
                 assert abs(a[t].logprob - b[t].logprob) < FP8_ACTIVATION_TOLERANCE, got
+    # the attention rank did take --fp8-attention: the same layout without it (which it would
+    # then be) moves the numbers
+    moved = [
+        abs(a[t].logprob - b[t].logprob)
+        for w, g in zip(runs["default_disaggregated"], runs["disaggregated"], strict=True)
+        for a, b, t in zip(w.logprobs, g.logprobs, w.token_ids, strict=False)
+        if t in b
+    ]
+    differ = any(
+        w.token_ids != g.token_ids
+        for w, g in zip(runs["default_disaggregated"], runs["disaggregated"], strict=True)
+    )
+    assert differ or max(moved) > 1e-3
 
 
 def test_missing_scale_names_the_tensor(tiny_fp8_ckpt, tmp_path) -> None:
     ckpt = copy_ckpt(tiny_fp8_ckpt, tmp_path)
-    key = "model.layers.1.self_attn.o_proj.weight_scale_inv"
-    edit_tensor(ckpt, key, lambda t: t.pop(key))
-    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
-    del index["weight_map"][key]
-    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    remove_tensor(ckpt, "model.layers.1.self_attn.o_proj.weight_scale_inv")
     with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.self_attn\.o_proj\.weight'"):
         LLM(str(ckpt), dtype="float32", num_kv_blocks=8)
 
@@ -158,6 +173,32 @@ def test_wrong_scale_shape_names_the_scale(tiny_fp8_ckpt, tmp_path) -> None:
     with pytest.raises(CheckpointError) as e:
         LLM(str(ckpt), dtype="float32", num_kv_blocks=8)
     assert key in str(e.value) and "[6, 1, 1]" in str(e.value) and "[6, 2, 1]" in str(e.value)
+
+
+def test_other_8_bit_formats_fail_naming_the_tensor(tiny_fp8_ckpt, tmp_path) -> None:
+    """An e5m2 weight (or int8) cast as numbers would load wrong: it fails instead."""
+    ckpt = copy_ckpt(tiny_fp8_ckpt, tmp_path)
+    key = "model.layers.3.moe.gate_proj.weight"
+    edit_tensor(ckpt, key, lambda t: t.update({key: t[key].to(torch.float8_e5m2)}))
+    with pytest.raises(
+        CheckpointError, match=r"'model\.layers\.3\.moe\.gate_proj\.weight'.*F8_E5M2"
+    ):
+        LLM(str(ckpt), dtype="float32", num_kv_blocks=8)
+
+
+def test_experts_left_16_bit_take_the_stored_blocks(tiny_fp8_ckpt, tmp_path) -> None:
+    """A checkpoint with one expert tensor in 16 bits: it is quantized in the others' blocks,
+    so gate and up (and down) share one layout for the kernels."""
+    ckpt = copy_ckpt(tiny_fp8_ckpt, tmp_path)
+    key = "model.layers.2.moe.up_proj.weight"
+    tensors = stored(ckpt)
+    plain = dequantized(tensors[key], tensors[key + "_scale_inv"]).float()
+    edit_tensor(ckpt, key, lambda t: t.update({key: plain}))
+    cfg = ModelConfig.from_pretrained(ckpt)
+    layer = load_ffn_side(ckpt, cfg, FFNShard(), torch.float32, "cpu").model.layers[2]
+    scales = layer.expert_scales
+    assert scales is not None and all(s.block == (32, 32) for s in scales)
+    assert layer.moe.up_proj.dtype == torch.float8_e4m3fn
 
 
 def test_e4m3_tensor_without_quantization_config(tiny_fp8_ckpt, tmp_path) -> None:
@@ -176,6 +217,7 @@ def test_e4m3_tensor_without_quantization_config(tiny_fp8_ckpt, tmp_path) -> Non
         ({"fmt": "e5m2"}, "fmt"),
         ({"weight_block_size": None}, "weight_block_size"),
         ({"weight_block_size": [128]}, "weight_block_size"),
+        ({"weight_block_size": [128, 48]}, "weight_block_size"),
     ],
 )
 def test_bad_quantization_config_names_the_field(tiny_fp8_ckpt, tmp_path, change, field) -> None:

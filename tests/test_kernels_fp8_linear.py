@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from afd.quantization import quantize_fp8, quantize_fp8_blocks, quantize_fp8_rows
+from afd.quantization import BlockScales, quantize_fp8, quantize_fp8_blocks, quantize_fp8_rows
 from attn_worker.kernels.fp8_linear import (
     LinearConfig,
     default_config,
@@ -24,7 +24,7 @@ CASES = {
     "channel": (5, 48, 64, None, C(16, 16, 32, 4, 2), False),
     "blocks": (5, 48, 64, (16, 32), C(16, 16, 32, 4, 2), False),
     # K split in 3 (atomics), a ragged last split, K and N not multiples of the blocks
-    "split_ragged": (9, 40, 88, (16, 16), C(16, 32, 16, 4, 2, splits=3), False),
+    "split_ragged": (9, 40, 88, (16, 32), C(16, 32, 32, 4, 2, splits=3), False),
     "channel_split": (9, 40, 88, None, C(16, 32, 16, 4, 2, splits=2), False),
     # fp8 activations: x per row to e4m3, both operands on fp8 tensor cores
     "a8_blocks": (20, 48, 64, (16, 32), C(16, 16, 32, 4, 2), True),
@@ -79,19 +79,27 @@ def test_fp8_linear_matches_float64(interpreted: dict, name: str, dtype) -> None
     assert err < (2e-3 if dtype == torch.float16 else 1e-5)
 
 
+def _blocks(n: int, k: int, cols: int = 128) -> BlockScales:
+    return BlockScales(torch.ones(-(-n // 128), -(-k // cols)), (128, cols))
+
+
 def test_default_config_splits_k_for_short_grids() -> None:
     """On 132 SMs, as served (fp8 x): o_proj's 56 column tiles of 128 split K 4 ways at decode
     rows, none for a prefill chunk. Widened: 32-column tiles, K split to 64 KiB of weight a
     program, except where the columns alone fill the SMs twice (wq). K tiles divide the scale
-    blocks along K."""
-    decode = default_config(32, 7168, 16384, 132, 128)
+    blocks along K, and never go under 32 (e4m3 operands); one scale along K sets no limit."""
+    decode = default_config(32, 7168, 16384, 132, _blocks(7168, 16384))
     assert (decode.block_m, decode.block_n, decode.block_k, decode.splits) == (64, 128, 128, 4)
-    prefill = default_config(2048, 7168, 16384, 132, 128)
+    prefill = default_config(2048, 7168, 16384, 132, _blocks(7168, 16384))
     assert (prefill.block_m, prefill.block_n, prefill.splits) == (64, 128, 1)
-    widened = default_config(8, 7168, 16384, 132, 128, widened=True)
+    widened = default_config(8, 7168, 16384, 132, _blocks(7168, 16384), widened=True)
     assert (widened.block_m, widened.block_n, widened.splits) == (16, 32, 8)
-    assert default_config(8, 16384, 2048, 132, 128, widened=True).splits == 1
-    assert default_config(8, 64, 96, 132, 96).block_k == 32
+    assert default_config(8, 16384, 2048, 132, _blocks(16384, 2048), widened=True).splits == 1
+    assert default_config(8, 64, 192, 132, _blocks(64, 192, 96)).block_k == 32
+    channel = BlockScales(torch.ones(64, 1), (1, 200))
+    assert default_config(8, 64, 200, 132, channel).block_k == 128
+    with pytest.raises(ValueError, match="multiple of 32"):
+        default_config(8, 64, 96, 132, _blocks(64, 96, 48))
 
 
 @pytest.mark.gpu
@@ -104,9 +112,8 @@ def test_gpu_fp8_linear_at_step3_widths(m: int, block, n: int, k: int) -> None:
     at decode rows, a prefill chunk, and rows in between."""
     x, w8, scales = _inputs(m, n, k, block, torch.bfloat16, seed=m)
     out = fp8_linear(x.cuda(), w8.cuda(), scales.to("cuda"))
-    a8 = True  # served: x per row to e4m3
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
-    assert _rel_err(out.cpu(), _reference(x, w8, scales, a8)) < (2e-2 if a8 else 1e-2)
+    assert _rel_err(out.cpu(), _reference(x, w8, scales, a8=True)) < 2e-2
 
 
 @pytest.mark.gpu

@@ -95,9 +95,9 @@ def run_case(name: str) -> float:
 
 
 # a block-FP8 checkpoint's layout at the cases' widths (Step3's is 128 x 128): blocks of 8
-# rows by 16 columns, so tiles span several row blocks, K tiles of 32 shrink to 16, and the
-# widths that are not multiples of 16 end in a partial block
-FP8_BLOCK = (8, 16)
+# rows by 32 columns, so tiles span several row blocks and the widths that are not multiples
+# of 32 end in a partial block
+FP8_BLOCK = (8, 32)
 
 
 def _fp8(args: tuple, block: tuple[int, int] | None = None) -> tuple[tuple, tuple, tuple]:

@@ -102,15 +102,22 @@ def test_fp8_disaggregated_equals_colocated(tiny_ckpt, flags) -> None:
         assert g.token_ids == w.token_ids
         for a, b, t in zip(w.logprobs, g.logprobs, w.token_ids, strict=True):
             assert abs(a[t].logprob - b[t].logprob) < FP8_ACTIVATION_TOLERANCE
-    diffs = [  # and quantizing did change the numbers
-        abs(a[t].logprob - b[t].logprob)
-        for w, p in zip(want, plain, strict=True)
-        for a, b, t in zip(
-            w.outputs[0].logprobs, p.outputs[0].logprobs, w.outputs[0].token_ids, strict=False
-        )
-        if t in b
-    ]
-    assert max(diffs) > 1e-6
+    # and the disaggregated ranks did quantize: one that missed its flag would leave the
+    # numbers at the 16-bit model's, up to float rounding (1e-6)
+    assert _moved(got, plain) > 1e-3
+
+
+def _moved(outputs, reference) -> float:
+    """How far greedy runs moved from a reference: the largest logprob difference over the
+    tokens both chose (inf where the tokens differ)."""
+    moved = 0.0
+    for out, ref in zip(outputs, reference, strict=True):
+        out, ref = out.outputs[0], ref.outputs[0]
+        if out.token_ids != ref.token_ids:
+            return float("inf")
+        for a, b, t in zip(out.logprobs, ref.logprobs, out.token_ids, strict=True):
+            moved = max(moved, abs(a[t].logprob - b[t].logprob))
+    return moved
 
 
 @pytest.mark.gpu

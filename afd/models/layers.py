@@ -98,7 +98,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: BlockScales | None) ->
 class Fp8Linear(nn.Module):
     """A bias-free linear layer with its weight [out, in] in e4m3 and fp32 block scales: a
     block-FP8 checkpoint's projection as stored, or one quantized at load with a scale per
-    output channel (--quantization fp8). The weight keeps its checkpoint name."""
+    output channel (--fp8-attention). The weight keeps its checkpoint name."""
 
     def __init__(self, weight: torch.Tensor, scales: BlockScales) -> None:
         super().__init__()

@@ -88,13 +88,22 @@ def load_params(
             for name in names:
                 spec, param = specs[name], params[name]
                 view = _checked_view(open_file(file), file, spec)
-                if view.get_dtype() != FP8_DTYPE:
+                if view.get_dtype() in FLOAT_DTYPES:
                     tensor = view[spec.index] if spec.index else view[:]
                     param.data = tensor.to(device=device, dtype=dtype).contiguous()
                     continue
+                if view.get_dtype() != FP8_DTYPE:  # cast as numbers, it would load wrong
+                    raise CheckpointError(
+                        f"{file.name}: tensor '{spec.key}' is stored as {view.get_dtype()}; "
+                        f"afd reads 16/32-bit floats and block-FP8 e4m3 ({FP8_DTYPE}) weights"
+                    )
                 values, scales, crop = reader.read(spec, view, file, device)
                 if name in keep_fp8:  # owned whole blocks (experts are split by expert)
-                    assert values.shape == param.shape, f"{name}: e4m3 slice not block-aligned"
+                    if values.shape != param.shape:
+                        raise CheckpointError(
+                            f"{file.name}: '{spec.key}': the e4m3 slice this rank owns is not "
+                            f"whole blocks of {list(scales.block)}"
+                        )
                     param.data, kept[name] = values, scales
                 else:  # slicing the mmapped view reads only the owned blocks from disk
                     param.data = scales.dequantize(values, dtype)[crop].contiguous()
@@ -102,6 +111,7 @@ def load_params(
 
 
 FP8_DTYPE = "F8_E4M3"  # safetensors' name for float8_e4m3fn
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 # where a block-FP8 checkpoint keeps a weight's scales: `<prefix>.weight_scale_inv` (Hugging
 # Face / DeepSeek-V3, multiplied in despite the name) or `<prefix>.weight_scale`
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
@@ -155,6 +165,8 @@ class _Fp8Reader:
         read, scale_index, crop = _block_aligned(spec, self.block)
         values = view[read].to(device)
         scale = scale_view[scale_index].to(device=device, dtype=torch.float32)
+        if not torch.isfinite(scale).all():
+            raise CheckpointError(f"{scale_file.name}: scale tensor '{scale_key}' is not finite")
         return values, BlockScales(scale, self.block), crop
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from afd.config import ModelConfig
 from afd.models.layers import Fp8Linear, RMSNorm, Rope, linear, swiglu, use_fused
-from afd.quantization import BlockScales, quantize_fp8_rows
+from afd.quantization import BlockScales, quantize_fp8_blocks, quantize_fp8_rows
 from attn_worker.kernels.router_topk import router_topk
 from ffn_worker.kernels.fused_moe import fused_moe
 
@@ -106,7 +106,7 @@ class Step3Attention(nn.Module):
         return scales if same and aligned else None
 
     def quantize_projections_fp8(self, stored: Mapping[str, BlockScales] | None = None) -> None:
-        """The five projections in e4m3 (--quantization fp8): those a block-FP8 checkpoint
+        """The five projections in e4m3 (--fp8-attention): those a block-FP8 checkpoint
         gave in e4m3 (`stored`: their scales by name, e.g. "o_proj") as stored, 16-bit ones
         quantized here with one scale per output channel; q/k/v fused again if they were."""
         stored = stored or {}
@@ -215,7 +215,7 @@ class AttentionSide(nn.Module):
         return {name: ParamSpec(name, tuple(p.shape)) for name, p in self.named_parameters()}
 
     def projection_names(self) -> list[str]:
-        """The attention projections' parameter names (what --quantization fp8 stores in
+        """The attention projections' parameter names (what --fp8-attention stores in
         e4m3 on this side; the embedding, router and head stay 16-bit)."""
         return [
             f"model.layers.{i}.self_attn.{name}.weight"
@@ -274,14 +274,21 @@ class FFNLayer(nn.Module):
         """Keeps the routed experts in e4m3 (--quantization fp8): half the bytes each step
         streams, and half the memory. Those a block-FP8 checkpoint gave in e4m3 (`stored`:
         their scales by name, e.g. "gate_proj") stay as stored; 16-bit ones are quantized
-        here with one scale per output channel."""
+        here with one scale per output channel, or in the stored ones' blocks where the
+        checkpoint left only some in 16 bits (gate and up must share a layout)."""
         if not self.is_moe:
             return
         stored = stored or {}
+        block = next((s.block for s in stored.values()), None)
         self.moe.scale_blocks = {}
         for name in self.EXPERTS:
             w = getattr(self.moe, name).detach()
-            quant, scales = (w, stored[name]) if name in stored else quantize_fp8_rows(w)
+            if name in stored:
+                quant, scales = w, stored[name]
+            elif block is not None:
+                quant, scales = quantize_fp8_blocks(w, block)
+            else:
+                quant, scales = quantize_fp8_rows(w)
             setattr(self.moe, name, nn.Parameter(quant, requires_grad=False))
             self.moe.register_buffer(f"{name}_scale", scales.scale)
             self.moe.scale_blocks[name] = scales.block

@@ -1,12 +1,14 @@
 """y = x Wᵀ for a weight W [N, K] stored in e4m3 with fp32 block scales (`BlockScales`: a
-block-FP8 checkpoint's 128 x 128, or one per output channel from --quantization fp8), as one
+block-FP8 checkpoint's 128 x 128, or one per output channel quantized at load), as one
 Triton kernel. It serves the attention side's projections (q/k/v, wq, o_proj), which a decode
 step streams once per layer: half the bytes of their 16-bit weights.
 
 Served (`fp8_activations`, the default): x quantized per row to e4m3 (one launch,
 `quantize_rows_fp8`) and the products on fp8 tensor cores, the row scales applied after the
-sum, as vLLM's dynamic fp8 does. Per row, so a row's numbers do not depend on how many rows
-share the call (a micro-batch split computes what the whole batch does). The alternative,
+sum, as vLLM's dynamic fp8 does. Per row, so a row's numbers depend on how many rows share
+the call only through the fp32 sums' order (the K split follows the row count), not through
+a rounding mode: a micro-batch split computes what the whole batch does to ~1e-2 in a
+logprob (tests/conftest.py FP8_ACTIVATION_TOLERANCE). The alternative,
 the weight widened to x's dtype in registers with x as it is, is 20-25 % faster at 1-16 rows
 but 40-70 % slower from 64 (bench/NOTES-kernels.md version 17); tests and benches pick it.
 The grid splits K too when the column tiles are short of the SMs (o_proj at N=7168 has 56
@@ -119,7 +121,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def default_config(
-    m: int, n: int, k: int, num_sms: int, scale_cols: int, widened: bool = False
+    m: int, n: int, k: int, num_sms: int, scales: BlockScales, widened: bool = False
 ) -> LinearConfig:
     """The tile sweep's rules (`python -m afd.bench.kernels_linear`, H100, o_proj / wq /
     q-k-v at M = 1..2048; bench/NOTES-kernels.md version 17). Widened weights (few rows): 32
@@ -132,9 +134,7 @@ def default_config(
         cfg = LinearConfig(block_m, 32 if m <= 16 else 64, 128, 4, 4)
     else:
         cfg = LinearConfig(64, 128 if n >= 4096 else 64, 128, 4, 4)
-    block_k = cfg.block_k
-    while block_k > 16 and scale_cols % block_k:
-        block_k //= 2
+    block_k = scales.k_tile(cfg.block_k)
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
 
     def split_more(splits: int) -> bool:
@@ -168,7 +168,7 @@ def fp8_linear(
     k_blocks = scales.scale.shape[-1] > 1
     if config is None:
         sms = _num_sms(x.device) if x.is_cuda else 132
-        config = default_config(m, n, k, sms, cols if k_blocks else k, not fp8_activations)
+        config = default_config(m, n, k, sms, scales, not fp8_activations)
         if x.element_size() > 2:  # fp32 x: widened tiles of 4 bytes, fewer fit in shared memory
             config = replace(config, block_k=min(config.block_k, 64), num_stages=2)
     assert not k_blocks or cols % config.block_k == 0, "a K tile must sit in one scale block"

@@ -327,19 +327,9 @@ def _fit_scale_blocks(cfg: MoeConfig, scales: tuple[BlockScales, ...] | None) ->
         block_n = g.block_n
         while block_n > 32 and sums * cfg.block_m * block_n > 128 * 128:
             block_n //= 2
-        return replace(g, block_k=_divisor_tile(g.block_k, s.block[1]), block_n=block_n)
+        return replace(g, block_k=s.k_tile(g.block_k), block_n=block_n)
 
     return replace(cfg, gate_up=fit(cfg.gate_up, scales[0], 2), down=fit(cfg.down, scales[2], 1))
-
-
-def _divisor_tile(block_k: int, cols: int) -> int:
-    """The largest power of two at most block_k that divides cols (at least 16, tl.dot's)."""
-    tile = block_k
-    while tile > 16 and cols % tile:
-        tile //= 2
-    if cols % tile:
-        raise ValueError(f"fp8 scale blocks of {cols} columns: not a multiple of 16")
-    return tile
 
 
 def _weight_arg(w: Tensor, cfg: GemmConfig) -> Tensor | object:
