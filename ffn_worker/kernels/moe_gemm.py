@@ -4,8 +4,6 @@ scatter-add fused."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import torch
 import triton
 import triton.language as tl
@@ -13,57 +11,27 @@ from torch import Tensor
 
 from afd.quantization import BlockScales, quantize_fp8
 from ffn_worker.kernels.moe_align import ExpertTiles, align_by_expert
+from ffn_worker.kernels.moe_config import (
+    GemmConfig,
+    MoeConfig,
+    default_config,
+    fit_scale_blocks,
+    fp8_with_wide_inputs,
+)
 
-__all__ = ["ExpertTiles", "GemmConfig", "MoeConfig", "align_by_expert", "fused_moe_triton"]
+__all__ = [
+    "ExpertTiles",
+    "GemmConfig",
+    "MoeConfig",
+    "align_by_expert",
+    "default_config",
+    "fused_moe_triton",
+]
 
 try:  # TMA descriptors for the weight tiles (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
-
-
-@dataclass(frozen=True)
-class GemmConfig:
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    tma: bool = False  # weight tiles through TMA descriptors instead of pointer loads
-    # fp8 activations: products summed in fp32 every this many K (0: Triton's default); the
-    # fp8 tensor cores keep a short running sum (DeepSeek-V3 promotes every 128)
-    fp8_promote_k: int = 0
-
-
-@dataclass(frozen=True)
-class MoeConfig:
-    block_m: int  # rows per tile; an expert's rows are cut into tiles of this many
-    gate_up: GemmConfig
-    down: GemmConfig
-    small_m: int = 0  # an expert's last tile with at most this many rows runs this size
-
-
-# fp8 experts take fp8 activations (x and the SwiGLU output per row) at every token count:
-# at few rows per expert it costs what widening the weights does (H100, 48 experts: T=64
-# 1.82 / 1.80 ms, T=256 2.00 / 2.00), at many it is 1.8x faster (T=1024 2.55 against 4.56),
-# and a row's numbers then do not depend on how many tokens share the call, so micro-batch
-# splits compute what colocated does (a switch by rows per expert broke that; NOTES-kernels
-# versions 16-17). Widened weights stay as an option (fp8_activations=False).
-
-
-def default_config(num_pairs: int, num_experts: int) -> MoeConfig:
-    """`num_experts`: the model's (rows per expert = num_pairs / num_experts, whichever
-    experts a rank holds). Tiles by rows per expert: few rows stream weights
-    (bandwidth-bound), many rows want big tiles for the tensor cores, and an expert's short
-    last tile runs small. The fastest in `afd-bench kernels` on an H100
-    (bench/results/kernels_moe_h100.json) at T = 64, 256, 1024, 4096 with 48 experts top-3."""
-    rows = num_pairs / max(1, num_experts)
-    if rows <= 8:
-        return MoeConfig(16, GemmConfig(64, 256, 4, 3), GemmConfig(64, 256, 4, 3))
-    if rows <= 24:
-        return MoeConfig(32, GemmConfig(128, 128, 4, 3), GemmConfig(128, 128, 4, 3), 16)
-    if rows <= 96:
-        return MoeConfig(64, GemmConfig(64, 128, 4, 4), GemmConfig(256, 64, 8, 3), 16)
-    return MoeConfig(128, GemmConfig(128, 64, 8, 4), GemmConfig(256, 64, 8, 4, tma=True), 32)
 
 
 @triton.jit
@@ -276,13 +244,6 @@ def _down_kernel(
         )  # fmt: skip
 
 
-def _fp8_with_wide_inputs(cfg: MoeConfig) -> MoeConfig:
-    """fp8 weights beside fp32 activations widen to fp32 tiles, four times their bytes in
-    shared memory: fewer stages and shorter K steps so the 16-bit tiles' configs fit."""
-    fit = lambda g: replace(g, block_k=min(g.block_k, 64), num_stages=2)  # noqa: E731
-    return replace(cfg, gate_up=fit(cfg.gate_up), down=fit(cfg.down))
-
-
 def _scale_args(
     w: Tensor, scales: tuple[BlockScales, ...] | None, count: int, cfg: GemmConfig
 ) -> tuple[tuple[Tensor, ...], dict[str, object]]:
@@ -310,26 +271,6 @@ def _scale_args(
         K_BLOCKS=k_blocks,
     )
     return tuple(s.scale for s in scales), kwargs
-
-
-def _fit_scale_blocks(cfg: MoeConfig, scales: tuple[BlockScales, ...] | None) -> MoeConfig:
-    """K tiles no longer than the scale blocks along K (a block-FP8 checkpoint's 128), so
-    that each tile's sum takes one scale. That sum is a second accumulator beside the
-    running one: tiles of more than 128 x 128 fp32 sums (gate and up count twice) are
-    halved along N, or they spill registers (H100, T=4096: 14.1 ms against 4.9 with a
-    scale per channel; bench/NOTES-kernels.md version 17)."""
-    if scales is None:
-        return cfg
-
-    def fit(g: GemmConfig, s: BlockScales, sums: int) -> GemmConfig:
-        if s.scale.shape[-1] == 1:
-            return g
-        block_n = g.block_n
-        while block_n > 32 and sums * cfg.block_m * block_n > 128 * 128:
-            block_n //= 2
-        return replace(g, block_k=s.k_tile(g.block_k), block_n=block_n)
-
-    return replace(cfg, gate_up=fit(cfg.gate_up, scales[0], 2), down=fit(cfg.down, scales[2], 1))
 
 
 def _weight_arg(w: Tensor, cfg: GemmConfig) -> Tensor | object:
@@ -393,6 +334,14 @@ def moe_down(
     return out
 
 
+# fp8 experts take fp8 activations (x and the SwiGLU output per row) at every token count:
+# at few rows per expert it costs what widening the weights does (H100, 48 experts: T=64
+# 1.82 / 1.80 ms, T=256 2.00 / 2.00), at many it is 1.8x faster (T=1024 2.55 against 4.56),
+# and a row's numbers then do not depend on how many tokens share the call, so micro-batch
+# splits compute what colocated does (a switch by rows per expert broke that; NOTES-kernels
+# versions 16-17). Widened weights stay as an option (fp8_activations=False).
+
+
 def fused_moe_triton(
     x: Tensor,
     w_gate: Tensor,
@@ -415,8 +364,8 @@ def fused_moe_triton(
     topk = topk_ids.shape[1]
     cfg = config or default_config(topk_ids.numel(), model_experts or num_experts)
     if scales is not None and x.element_size() > 2:
-        cfg = _fp8_with_wide_inputs(cfg)
-    cfg = _fit_scale_blocks(cfg, scales)
+        cfg = fp8_with_wide_inputs(cfg)
+    cfg = fit_scale_blocks(cfg, scales)
     tiles = align_by_expert(topk_ids, expert_start, num_experts, cfg.block_m)
     gu_scales, d_scale = (None, None) if scales is None else (scales[:2], scales[2])
     if scales is not None and fp8_activations:  # both products on fp8 tensor cores

@@ -1,0 +1,71 @@
+"""Tile configurations of the MoE grouped GEMMs (moe_gemm.py): the defaults by rows per expert,
+and their fits to fp8 experts (fp32 activations beside them, scales per block along K)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from afd.quantization import BlockScales
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    tma: bool = False  # weight tiles through TMA descriptors instead of pointer loads
+    # fp8 activations: products summed in fp32 every this many K (0: Triton's default); the
+    # fp8 tensor cores keep a short running sum (DeepSeek-V3 promotes every 128)
+    fp8_promote_k: int = 0
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    block_m: int  # rows per tile; an expert's rows are cut into tiles of this many
+    gate_up: GemmConfig
+    down: GemmConfig
+    small_m: int = 0  # an expert's last tile with at most this many rows runs this size
+
+
+def default_config(num_pairs: int, num_experts: int) -> MoeConfig:
+    """`num_experts`: the model's (rows per expert = num_pairs / num_experts, whichever
+    experts a rank holds). Tiles by rows per expert: few rows stream weights
+    (bandwidth-bound), many rows want big tiles for the tensor cores, and an expert's short
+    last tile runs small. The fastest in `afd-bench kernels` on an H100
+    (bench/results/kernels_moe_h100.json) at T = 64, 256, 1024, 4096 with 48 experts top-3."""
+    rows = num_pairs / max(1, num_experts)
+    if rows <= 8:
+        return MoeConfig(16, GemmConfig(64, 256, 4, 3), GemmConfig(64, 256, 4, 3))
+    if rows <= 24:
+        return MoeConfig(32, GemmConfig(128, 128, 4, 3), GemmConfig(128, 128, 4, 3), 16)
+    if rows <= 96:
+        return MoeConfig(64, GemmConfig(64, 128, 4, 4), GemmConfig(256, 64, 8, 3), 16)
+    return MoeConfig(128, GemmConfig(128, 64, 8, 4), GemmConfig(256, 64, 8, 4, tma=True), 32)
+
+
+def fp8_with_wide_inputs(cfg: MoeConfig) -> MoeConfig:
+    """fp8 weights beside fp32 activations widen to fp32 tiles, four times their bytes in
+    shared memory: fewer stages and shorter K steps so the 16-bit tiles' configs fit."""
+    fit = lambda g: replace(g, block_k=min(g.block_k, 64), num_stages=2)  # noqa: E731
+    return replace(cfg, gate_up=fit(cfg.gate_up), down=fit(cfg.down))
+
+
+def fit_scale_blocks(cfg: MoeConfig, scales: tuple[BlockScales, ...] | None) -> MoeConfig:
+    """K tiles no longer than the scale blocks along K (a block-FP8 checkpoint's 128), so
+    that each tile's sum takes one scale. That sum is a second accumulator beside the
+    running one: tiles of more than 128 x 128 fp32 sums (gate and up count twice) are
+    halved along N, or they spill registers (H100, T=4096: 14.1 ms against 4.9 with a
+    scale per channel; bench/NOTES-kernels.md version 17)."""
+    if scales is None:
+        return cfg
+
+    def fit(g: GemmConfig, s: BlockScales, sums: int) -> GemmConfig:
+        if s.scale.shape[-1] == 1:
+            return g
+        block_n = g.block_n
+        while block_n > 32 and sums * cfg.block_m * block_n > 128 * 128:
+            block_n //= 2
+        return replace(g, block_k=s.k_tile(g.block_k), block_n=block_n)
+
+    return replace(cfg, gate_up=fit(cfg.gate_up, scales[0], 2), down=fit(cfg.down, scales[2], 1))
