@@ -62,6 +62,8 @@ def cases() -> dict:
             out = fp8_linear(x, w8, scales, cfg, fp8_activations=a8)
             found[f"{name}_{dtype}"] = [_rel_err(out, _reference(x, w8, scales, a8)),
                                         str(out.dtype), list(out.shape)]  # fmt: skip
+    _, w8, scales = _inputs(1, 48, 64, (16, 32), torch.float16, seed=0)
+    found["no_rows"] = list(fp8_linear(torch.empty(0, 64, dtype=torch.float16), w8, scales).shape)
     return found
 
 
@@ -81,6 +83,10 @@ def test_fp8_linear_matches_float64(interpreted: dict, name: str, dtype) -> None
 
 def _blocks(n: int, k: int, cols: int = 128) -> BlockScales:
     return BlockScales(torch.ones(-(-n // 128), -(-k // cols)), (128, cols))
+
+
+def test_no_rows_give_an_empty_output(interpreted: dict) -> None:
+    assert interpreted["no_rows"] == [0, 48]
 
 
 def test_default_config_splits_k_for_short_grids() -> None:

@@ -166,6 +166,8 @@ def fp8_linear(
     assert scales.scale.dtype == torch.float32 and scales.scale.is_contiguous()
     rows, cols = scales.block
     k_blocks = scales.scale.shape[-1] > 1
+    if m == 0:
+        return x.new_empty(0, n)
     if config is None:
         sms = _num_sms(x.device) if x.is_cuda else 132
         config = default_config(m, n, k, sms, scales, not fp8_activations)
