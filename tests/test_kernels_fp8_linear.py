@@ -14,8 +14,8 @@ from attn_worker.kernels.fp8_linear import (
     LinearConfig,
     default_config,
     fp8_linear,
-    quantize_rows_fp8,
 )
+from attn_worker.kernels.fp8_rows import quantize_rows_fp8
 from tests.conftest import run_interpreted
 
 C = LinearConfig

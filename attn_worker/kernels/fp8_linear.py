@@ -4,7 +4,7 @@ Triton kernel. It serves the attention side's projections (q/k/v, wq, o_proj), w
 step streams once per layer: half the bytes of their 16-bit weights.
 
 Served (`fp8_activations`, the default): x quantized per row to e4m3 (one launch,
-`quantize_rows_fp8`) and the products on fp8 tensor cores, the row scales applied after the
+`fp8_rows.quantize_rows`) and the products on fp8 tensor cores, the row scales applied after the
 sum, as vLLM's dynamic fp8 does. Per row, so a row's numbers depend on how many rows share
 the call only through the fp32 sums' order (the K split follows the row count), not through
 a rounding mode: a micro-batch split computes what the whole batch does to ~1e-2 in a
@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from afd.quantization import BlockScales, quantize_fp8
+from afd.quantization import BlockScales
+from attn_worker.kernels.fp8_rows import quantize_rows
 
 
 @dataclass(frozen=True)
@@ -80,39 +81,6 @@ def _fp8_linear_kernel(
         tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-_INV_FP8_MAX = tl.constexpr(1.0 / 448.0)  # e4m3's largest is 448
-_TINY = tl.constexpr(torch.finfo(torch.float32).tiny)  # an all-zero row stays zero
-
-
-@triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    amax = tl.zeros([BLOCK], tl.float32)
-    for k in range(0, K, BLOCK):
-        v = tl.load(x_ptr + row * stride_x + k + offs, mask=k + offs < K, other=0.0)
-        amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-    # as torch on CUDA computes quantize_fp8: the max times 1/448, an IEEE division by it
-    scale = tl.max(amax, 0) * _INV_FP8_MAX
-    for k in range(0, K, BLOCK):
-        v = tl.load(x_ptr + row * stride_x + k + offs, mask=k + offs < K, other=0.0)
-        quant = tl.math.div_rn(v.to(tl.float32), tl.maximum(scale, _TINY))
-        tl.store(q_ptr + row * K + k + offs, quant.to(tl.float8e4nv), mask=k + offs < K)
-    tl.store(s_ptr + row, scale)
-
-
-def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """afd.quantization.quantize_fp8 over the rows of x [M, K] (unit stride along K) in one
-    launch instead of torch's six: e4m3 rows and fp32 scales [M], the same values."""
-    m, k = x.shape
-    assert x.stride(1) == 1
-    quant = torch.empty(m, k, device=x.device, dtype=torch.float8_e4m3fn)
-    scale = torch.empty(m, device=x.device, dtype=torch.float32)
-    if m:
-        _quantize_rows_kernel[(m,)](x, quant, scale, k, x.stride(0), BLOCK=1024, num_warps=4)
-    return quant, scale
 
 
 @cache
@@ -175,9 +143,7 @@ def fp8_linear(
             config = replace(config, block_k=min(config.block_k, 64), num_stages=2)
     assert not k_blocks or cols % config.block_k == 0, "a K tile must sit in one scale block"
     a8 = fp8_activations
-    # one scale per row; torch's ops where the interpreter runs (its fp8 conversion is off)
-    quantize = quantize_rows_fp8 if x.is_cuda else quantize_fp8
-    x_in, x_scale = quantize(x) if a8 else (x, x)
+    x_in, x_scale = quantize_rows(x) if a8 else (x, x)  # one scale per row
     k_per_split = triton.cdiv(triton.cdiv(k, config.splits), config.block_k) * config.block_k
     splits = triton.cdiv(k, k_per_split)
     atomic = splits > 1

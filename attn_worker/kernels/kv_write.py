@@ -10,8 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_INV_FP8_MAX = tl.constexpr(1.0 / 448.0)  # e4m3's largest is 448
-_TINY = tl.constexpr(torch.finfo(torch.float32).tiny)  # an all-zero vector stays zero
+from attn_worker.kernels.fp8_rows import FP8_TINY, INV_FP8_MAX
 
 
 @triton.jit
@@ -20,8 +19,8 @@ def _store(x, cache_ptr, scale_ptr, slot, offs, D: tl.constexpr, FP8: tl.constex
         xf = x.to(tl.float32)
         # as torch on CUDA computes them: a tensor over a scalar times its reciprocal, a tensor
         # over a tensor an IEEE division (Triton's `/` is an approximate one)
-        scale = tl.max(tl.abs(xf), 0) * _INV_FP8_MAX
-        quant = tl.math.div_rn(xf, tl.maximum(scale, _TINY))
+        scale = tl.max(tl.abs(xf), 0) * INV_FP8_MAX
+        quant = tl.math.div_rn(xf, tl.maximum(scale, FP8_TINY))
         tl.store(cache_ptr + slot * D + offs, quant.to(tl.float8e4nv))
         tl.store(scale_ptr + slot, scale)
     else:

@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from afd.quantization import BlockScales, quantize_fp8
+from afd.quantization import BlockScales
+from attn_worker.kernels.fp8_rows import quantize_rows
 from ffn_worker.kernels.moe_align import ExpertTiles, align_by_expert
 from ffn_worker.kernels.moe_config import (
     GemmConfig,
@@ -369,11 +370,11 @@ def fused_moe_triton(
     tiles = align_by_expert(topk_ids, expert_start, num_experts, cfg.block_m)
     gu_scales, d_scale = (None, None) if scales is None else (scales[:2], scales[2])
     if scales is not None and fp8_activations:  # both products on fp8 tensor cores
-        x8, x_scale = quantize_fp8(x)  # one scale per token row
+        x8, x_scale = quantize_rows(x)  # one scale per token row
         act = moe_gate_up(
             x8, w_gate, w_up, tiles, topk, cfg.gate_up, cfg.small_m, gu_scales, x_scale, x.dtype
         )  # [P, I]
-        act8, act_scale = quantize_fp8(act)  # and per act row
+        act8, act_scale = quantize_rows(act)  # and per act row
         out = moe_down(
             act8, w_down, tiles, topk_weights, cfg.down, cfg.small_m, d_scale, act_scale
         )  # [T, H]
