@@ -17,8 +17,9 @@ for part in "$@"; do
   case $part in
     tests) timeout 240 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests/ 2>&1 | tee "$OUT/tests.log"
            timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_transport_nccl.py 2>&1 | tee -a "$OUT/tests.log" ;;
-    layer) timeout 200 python3 -m afd.bench.cli layer --out "$OUT/layer_$TAG.json" \
-             --profile "$OUT/profile_$TAG.json" 2>&1 | tee "$OUT/layer.log" ;;
+    layer) timeout 300 python3 -m afd.bench.cli layer --out "$OUT/layer_$TAG.json" \
+             --profile "$OUT/profile_$TAG.json" --profile-fp8 "$OUT/profile_fp8_$TAG.json" \
+             2>&1 | tee "$OUT/layer.log" ;;
     e2e) timeout 400 python3 -m afd.bench.cli e2e --out "$OUT/e2e_${TAG}x2.json" 2>&1 | tee "$OUT/e2e.log" ;;
     e2e-timing) timeout 300 python3 -m afd.bench.cli e2e --skip-correctness \
              --out "$OUT/e2e_timing_${TAG}x2.json" 2>&1 | tee "$OUT/e2e.log" ;;

@@ -79,6 +79,7 @@ def test_profile_reproduces_measurements(tmp_path: Path) -> None:
         ({"attention": [{"batch": 1, "context": 2}]}, "'attention[0].us_per_layer'"),
         ({"transfer": [{"tokens": -1, "us_round_trip": 3}]}, "'transfer[0].tokens'"),
         ({"transfer": [7]}, "'transfer[0]' must be an object"),
+        ({"dtype": "int4"}, "'dtype' must be one of bfloat16, float16, fp8, got 'int4'"),
         (
             {"ffn": [{"tokens": 8, "us_per_layer": 1}, {"tokens": 8, "us_per_layer": 2}]},
             "two measurements at tokens=8",
@@ -163,6 +164,30 @@ def test_deploy_uses_measured_times(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert p["tpot_ms"] <= 50
 
 
+def test_memory_follows_the_profiles_weights(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Where a profile's times stand in, memory is sized for the weights they were measured
+    with: 16-bit times with FP8-sized weights would plan a deployment that cannot exist."""
+    argv = ["deploy", "--model", "step3", "--context", "4096", "--tpot-ms", "50", "--json"]
+    argv += ["--attn", "2x8", "--ffn", "2x8", "--micro-batches", "3"]
+
+    def plan(*extra: str) -> dict:
+        assert main([*argv, *extra]) == 0
+        (p,) = json.loads(capsys.readouterr().out)["plans"]
+        return p
+
+    bf16 = plan("--profile", write(tmp_path, profile_dict(), "bf16.json"))
+    fp8 = plan("--profile", write(tmp_path, profile_dict(dtype="fp8"), "fp8.json"))
+    datasheet = plan("--attn-hw", "H100", "--ffn-hw", "H100")  # FP8 tensor cores: FP8 weights
+    assert bf16["ffn_mem_gb"] == pytest.approx(2 * fp8["ffn_mem_gb"])
+    assert fp8["ffn_mem_gb"] == pytest.approx(datasheet["ffn_mem_gb"])
+    # the times are the profile's either way
+    b = bf16["batch_per_micro_batch"]
+    assert bf16["stage_us"]["attention"] == pytest.approx(attn_us(b, 4096))
+    # a role on other hardware than the profile's keeps its datasheet weights
+    other = plan("--profile", write(tmp_path, profile_dict(), "bf16b.json"), "--ffn-hw", "H200")
+    assert other["ffn_hw"] == "H200" and other["ffn_mem_gb"] == pytest.approx(fp8["ffn_mem_gb"])
+
+
 def test_slower_profile_means_fewer_tokens(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     fast, slow = profile_dict(), profile_dict()
     for row in slow["attention"]:
@@ -204,3 +229,13 @@ def test_layer_bench_profile_holds_graph_times(tmp_path: Path) -> None:
     assert profile.attention_us(32, 4096) == 320.0
     assert profile.attention_us(64, 4096) == 1163.0  # no graph: eager
     assert profile.ffn_us(32) == 1993.0 and profile.transfer_us(32) == 156.0
+    assert profile.dtype == "bfloat16" and profile.weight_bytes == 2
+    # the e4m3 columns (--quantization fp8 --fp8-attention) make the fp8 profile
+    attn[0] |= {"fp8_eager_us": 1100.0, "fp8_graph_us": 290.0}
+    attn[1] |= {"fp8_eager_us": 1150.0, "fp8_graph_us": float("nan")}
+    ffn[0] |= {"fp8_eager_us": 1200.0, "fp8_graph_us": 1150.0}
+    write_profile(tmp_path / "f.json", env, attn, ffn, rt, fp8=True)
+    fp8 = load_profile(tmp_path / "f.json")
+    assert (fp8.dtype, fp8.weight_bytes) == ("fp8", 1)
+    assert fp8.attention_us(32, 4096) == 290.0 and fp8.attention_us(64, 4096) == 1150.0
+    assert fp8.ffn_us(32) == 1150.0 and fp8.transfer_us(32) == 156.0

@@ -1,7 +1,8 @@
 """`afd-bench layer`: one Step3-width layer's two stage times on one GPU, as the runner executes
 them (graph replay, as afd serves decodes, and eager; medians): the attention rank's stage
 (attention block + router, decode, batch B at context C) and the FFN rank's (MoE for T tokens).
-Writes a table, a JSON of everything and a profile for `afd-plan deploy --profile`."""
+Writes a table, a JSON of everything and two profiles for `afd-plan deploy --profile`: the
+16-bit stages, and the same with `--quantization fp8 --fp8-attention` (dtype "fp8")."""
 
 from __future__ import annotations
 
@@ -179,30 +180,35 @@ def versions() -> dict[str, str]:
     return {"device": name, "torch": torch.__version__, "triton": triton.__version__}
 
 
-def served_us(row: dict) -> float:
+def served_us(row: dict, prefix: str = "") -> float:
     """A stage as afd serves decode steps: its CUDA-graph replay (attention blocks and FFN
     layers replay graphs up to --cuda-graph-max-batch; past it they run eagerly, which at
     those sizes is within 2 % of replay: H200, B=512 886 / 884 µs, T=4096 7276 / 7377), or
-    eager where capture failed."""
-    graph = row.get("graph_us", float("nan"))
-    return row["eager_us"] if math.isnan(graph) else graph
+    eager where capture failed. `prefix` "fp8_" reads the e4m3 columns."""
+    graph = row.get(f"{prefix}graph_us", float("nan"))
+    return row[f"{prefix}eager_us"] if math.isnan(graph) else graph
 
 
-def write_profile(path: Path, env: dict, attn: list[dict], ffn: list[dict], rt: list[dict]) -> None:
+def write_profile(
+    path: Path, env: dict, attn: list[dict], ffn: list[dict], rt: list[dict], fp8: bool = False
+) -> None:
     """The afd/planner/profile.py schema, with the stage times afd serves decodes at (graph
     replay). Eager times, which the first profiles held, overstate small attention batches,
-    where the host's launches are slower than the GPU (H200, B=32: 1132 µs against 320)."""
+    where the host's launches are slower than the GPU (H200, B=32: 1132 µs against 320).
+    `fp8`: the e4m3 columns (`--quantization fp8 --fp8-attention`), dtype "fp8", so that the
+    planner sizes memory for the weights these times were measured with."""
+    prefix = "fp8_" if fp8 else ""
     profile = {
         "device": env["device"],
         "model": "step3-width (random weights)",
         "hidden_size": STEP3_WIDTH["hidden_size"],
-        "dtype": "bfloat16",
+        "dtype": "fp8" if fp8 else "bfloat16",
         "stage_times": "CUDA-graph replay (eager where capture failed)",
         "attention": [
-            {"batch": r["batch"], "context": r["context"], "us_per_layer": served_us(r)}
+            {"batch": r["batch"], "context": r["context"], "us_per_layer": served_us(r, prefix)}
             for r in attn
         ],
-        "ffn": [{"tokens": r["tokens"], "us_per_layer": served_us(r)} for r in ffn],
+        "ffn": [{"tokens": r["tokens"], "us_per_layer": served_us(r, prefix)} for r in ffn],
         "transfer": [{"tokens": r["tokens"], "us_round_trip": r["transport_us"]} for r in rt],
     }
     path.write_text(json.dumps(profile, indent=2))
@@ -215,6 +221,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tokens", default="32,64,128,256,512,1024,2048,4096")
     p.add_argument("--out", default="bench/results/layer_h200.json")
     p.add_argument("--profile", default="bench/results/profile_h200.json")
+    p.add_argument(
+        "--profile-fp8",
+        default="bench/results/profile_fp8_h200.json",
+        help="the same profile from the e4m3 columns (experts and attention projections)",
+    )
     p.add_argument("--no-transfer", action="store_true", help="skip the 2-GPU round trip")
     return p.parse_args(argv)
 
@@ -257,6 +268,7 @@ def main(argv: list[str]) -> int:
     Path(args.out).write_text(json.dumps(result | {"transfer": rt}, indent=2))
     if rt:
         write_profile(Path(args.profile), env, attn, ffn, rt)
+        write_profile(Path(args.profile_fp8), env, attn, ffn, rt, fp8=True)
     return 0
 
 

@@ -132,7 +132,11 @@ def build_space(
 
 
 def deploy_title(args: argparse.Namespace, spec: ModelSpec, profile: Profile | None) -> str:
-    mode = f"calibrated by {profile.path} ({profile.device})" if profile else "datasheet peaks"
+    mode = (
+        f"calibrated by {profile.path} ({profile.device}, {profile.dtype} weights)"
+        if profile
+        else "datasheet peaks"
+    )
     return (
         f"{spec.name}, context {args.context}, TPOT <= {args.tpot_ms:g} ms, {mode}, "
         f"efficiency attention {args.attn_efficiency:g} / FFN {args.ffn_efficiency:g}"

@@ -10,12 +10,17 @@ from typing import Any
 from afd.config import ConfigError
 
 Point = tuple[float, float]  # (x, microseconds)
+# A profile's "dtype": the weights its times were measured with, as bytes per weight. "fp8":
+# the routed experts and the attention projections in e4m3, the rest in 16 bits, as
+# `afd-serve --quantization fp8 --fp8-attention` serves them (afd-bench layer's fp8 columns).
+WEIGHT_BYTES = {"bfloat16": 2, "float16": 2, "fp8": 1}
 
 
 @dataclass(frozen=True)
 class Profile:
     """Times in microseconds. Attention: one rank, its whole batch, one layer. FFN: one device
-    running a whole FFN layer for the tokens it receives. Transfer: A->F->A round trip."""
+    running a whole FFN layer for the tokens it receives. Transfer: A->F->A round trip.
+    `dtype` names the weights the times were measured with (WEIGHT_BYTES)."""
 
     path: str
     device: str
@@ -37,6 +42,10 @@ class Profile:
 
     def transfer_us(self, tokens: float) -> float:
         return interpolate(self.transfer, tokens)
+
+    @property
+    def weight_bytes(self) -> int:
+        return WEIGHT_BYTES[self.dtype]
 
 
 def interpolate(points: tuple[Point, ...], x: float) -> float:
@@ -71,7 +80,7 @@ def load_profile(path: str | Path) -> Profile:
         device=r.text("device"),
         model=r.text("model"),
         hidden_size=int(r.number(raw, "hidden_size")),
-        dtype=r.text("dtype"),
+        dtype=r.choice("dtype", tuple(WEIGHT_BYTES)),
         attention=_attention_lines(r.rows("attention", ("batch", "context", "us_per_layer")), r),
         ffn=r.line("ffn", "tokens", "us_per_layer"),
         transfer=r.line("transfer", "tokens", "us_round_trip"),
@@ -103,6 +112,12 @@ class _Reader:
         value = self.raw.get(key)
         if not isinstance(value, str) or not value:
             raise self.fail(key, f"must be a non-empty string, got {value!r}")
+        return value
+
+    def choice(self, key: str, allowed: tuple[str, ...]) -> str:
+        value = self.raw.get(key)
+        if value not in allowed:
+            raise self.fail(key, f"must be one of {', '.join(allowed)}, got {value!r}")
         return value
 
     def number(self, obj: dict[str, Any], key: str, where: str = "") -> float:

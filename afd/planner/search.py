@@ -97,14 +97,16 @@ class Planner:
 
     def attn_weights_bytes(self, hw: Hardware) -> float:
         s = self.spec
-        return s.attn_linear_params * s.num_layers * hw.weight_bytes + s.embedding_params * 2
+        weights = s.attn_linear_params * s.num_layers * self.model.weight_bytes(hw)
+        return weights + s.embedding_params * 2
 
     def kv_bytes_per_seq(self) -> float:
         s, m = self.spec, self.model
         return s.kv_elems * m.kv_bytes * s.num_layers * m.context
 
     def ffn_mem_bytes(self, layout: Layout) -> float:
-        return self.spec.ffn_total_params * layout.ffn_hw.weight_bytes / layout.ffn_ranks
+        weights = self.spec.ffn_total_params * self.model.weight_bytes(layout.ffn_hw)
+        return weights / layout.ffn_ranks
 
     def memory_batch(self, hw: Hardware, m: int) -> int:
         """Largest per-micro-batch batch whose KV (all m micro-batches) fits beside weights."""

@@ -89,6 +89,13 @@ class StageModel:
     def calibrated(self, hw: Hardware) -> bool:
         return self.profile is not None and self.profile_hw == hw
 
+    def weight_bytes(self, hw: Hardware) -> int:
+        """Bytes per weight on `hw`: the profile's where its times stand in, so that memory
+        and time describe one deployment; elsewhere FP8 where `hw` has it (PLANNER.md §1)."""
+        if self.profile is not None and self.calibrated(hw):
+            return self.profile.weight_bytes
+        return hw.weight_bytes
+
     def stages(self, layout: Layout, batch: int, network_gbps: float) -> Stages:
         tokens = layout.attn_ranks * batch
         dense, moe = self.ffn(layout.ffn_hw, tokens, layout.ffn_ranks)
@@ -104,7 +111,7 @@ class StageModel:
             ctx * s.attn_flops_per_ctx_layer / hw.peak_flops,
         )
         linear = _roofline(
-            hw, s.attn_linear_params * hw.weight_bytes, batch * 2 * s.attn_linear_params
+            hw, s.attn_linear_params * self.weight_bytes(hw), batch * 2 * s.attn_linear_params
         )
         return (core + linear) / self.eff.attention
 
@@ -113,7 +120,7 @@ class StageModel:
         if self.profile is not None and self.calibrated(hw):
             t = self.profile.ffn_us(tokens) * 1e-6 / ranks
             return t, t
-        s, wb = self.spec, hw.weight_bytes
+        s, wb = self.spec, self.weight_bytes(hw)
         dense = _roofline(
             hw, s.dense_ffn_params * wb / ranks, tokens * 2 * s.dense_ffn_params / ranks
         )
