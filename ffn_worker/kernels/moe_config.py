@@ -51,12 +51,17 @@ def fp8_with_wide_inputs(cfg: MoeConfig) -> MoeConfig:
     return replace(cfg, gate_up=fit(cfg.gate_up), down=fit(cfg.down))
 
 
-def fit_scale_blocks(cfg: MoeConfig, scales: tuple[BlockScales, ...] | None) -> MoeConfig:
-    """K tiles no longer than the scale blocks along K (a block-FP8 checkpoint's 128), so
-    that each tile's sum takes one scale. That sum is a second accumulator beside the
-    running one: tiles of more than 128 x 128 fp32 sums (gate and up count twice) are
-    halved along N, or they spill registers (H100, T=4096: 14.1 ms against 4.9 with a
-    scale per channel; bench/NOTES-kernels.md version 17)."""
+def fit_scale_blocks(
+    cfg: MoeConfig, scales: tuple[BlockScales, ...] | None, wide_inputs: bool = False
+) -> MoeConfig:
+    """K tiles that each sit in one scale block along K, so that each tile's sum takes one
+    scale, and as long as the blocks allow up to 128 (a block-FP8 checkpoint's 128): that
+    sum is a second accumulator beside the running one, which Triton waits for at every K
+    step, so fewer, longer steps pay (H100, T=4096: 7.9 ms at 64 against 5.6 at 128, and
+    T=1024: 2.51 against 2.20; bench/NOTES-kernels.md version 18). Tiles of more than
+    128 x 128 fp32 sums (gate and up count twice) are halved along N, or they spill
+    registers (T=4096: 14.1 ms; version 17). `wide_inputs` (fp32 activations) keep their
+    short K tiles (fp8_with_wide_inputs)."""
     if scales is None:
         return cfg
 
@@ -66,6 +71,7 @@ def fit_scale_blocks(cfg: MoeConfig, scales: tuple[BlockScales, ...] | None) -> 
         block_n = g.block_n
         while block_n > 32 and sums * cfg.block_m * block_n > 128 * 128:
             block_n //= 2
-        return replace(g, block_k=s.k_tile(g.block_k), block_n=block_n)
+        block_k = s.k_tile(g.block_k if wide_inputs else max(g.block_k, 128))
+        return replace(g, block_k=block_k, block_n=block_n)
 
     return replace(cfg, gate_up=fit(cfg.gate_up, scales[0], 2), down=fit(cfg.down, scales[2], 1))

@@ -364,9 +364,10 @@ def fused_moe_triton(
     num_experts = w_gate.shape[0]
     topk = topk_ids.shape[1]
     cfg = config or default_config(topk_ids.numel(), model_experts or num_experts)
-    if scales is not None and x.element_size() > 2:
+    wide_inputs = scales is not None and x.element_size() > 2
+    if wide_inputs:
         cfg = fp8_with_wide_inputs(cfg)
-    cfg = fit_scale_blocks(cfg, scales)
+    cfg = fit_scale_blocks(cfg, scales, wide_inputs)
     tiles = align_by_expert(topk_ids, expert_start, num_experts, cfg.block_m)
     gu_scales, d_scale = (None, None) if scales is None else (scales[:2], scales[2])
     if scales is not None and fp8_activations:  # both products on fp8 tensor cores
