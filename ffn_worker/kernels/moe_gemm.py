@@ -17,6 +17,7 @@ from ffn_worker.kernels.moe_config import (
     MoeConfig,
     default_config,
     fit_scale_blocks,
+    fp8_operand_tiles,
     fp8_with_wide_inputs,
 )
 
@@ -367,6 +368,8 @@ def fused_moe_triton(
     wide_inputs = scales is not None and x.element_size() > 2
     if wide_inputs:
         cfg = fp8_with_wide_inputs(cfg)
+    elif scales is not None and fp8_activations:
+        cfg = fp8_operand_tiles(cfg)
     cfg = fit_scale_blocks(cfg, scales, wide_inputs)
     tiles = align_by_expert(topk_ids, expert_start, num_experts, cfg.block_m)
     gu_scales, d_scale = (None, None) if scales is None else (scales[:2], scales[2])
