@@ -245,6 +245,6 @@ def test_gpu_block_fp8_experts_in_graphs_and_eager(tiny_fp8_ckpt) -> None:
         assert g.token_ids == e.token_ids
         first = g.token_ids[0]
         assert abs(g.logprobs[0][first].logprob - e.logprobs[0][first].logprob) < 1e-3
-        # fp8 tensor cores keep short running sums, and the MoE kernels multiply fp32
-        # activations in TF32: 0.20 seen on an H100 (NOTES-kernels version 17)
+        # fp8 tensor cores keep short running sums: 0.20 seen on an H100 (NOTES-kernels
+        # version 17, when the MoE kernels still multiplied fp32 activations in TF32)
         assert abs(g.logprobs[0][first].logprob - c.logprobs[0][first].logprob) < 0.3

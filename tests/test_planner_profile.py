@@ -10,6 +10,7 @@ import pytest
 
 from afd.config import ConfigError
 from afd.planner.cli import main
+from afd.planner.models import load_model
 from afd.planner.profile import interpolate, load_profile
 
 
@@ -183,6 +184,16 @@ def test_memory_follows_the_profiles_weights(tmp_path: Path, capsys: pytest.Capt
     # the times are the profile's either way
     b = bf16["batch_per_micro_batch"]
     assert bf16["stage_us"]["attention"] == pytest.approx(attn_us(b, 4096))
+    # attention memory: the projections' weights at the profile's bytes, beside the KV
+    spec = load_model("step3")
+    kv_per_seq = spec.kv_elems * spec.num_layers * 4096  # --kv-bytes 1 (the default)
+
+    def weights_gb(p: dict) -> float:
+        return p["attention_mem_gb"] - 3 * p["batch_per_micro_batch"] * kv_per_seq / 1e9
+
+    projections_gb = spec.attn_linear_params * spec.num_layers / 1e9  # one byte a weight
+    assert weights_gb(bf16) - weights_gb(fp8) == pytest.approx(projections_gb)
+    assert weights_gb(fp8) == pytest.approx(weights_gb(datasheet))
     # a role on other hardware than the profile's keeps its datasheet weights
     other = plan("--profile", write(tmp_path, profile_dict(), "bf16b.json"), "--ffn-hw", "H200")
     assert other["ffn_hw"] == "H200" and other["ffn_mem_gb"] == pytest.approx(fp8["ffn_mem_gb"])

@@ -102,11 +102,10 @@ def moe(peaks: dict[str, float], results: dict, token_counts: list[int]) -> None
                 row[kind] = min(cands, key=lambda c: c["ms"])
         if row.get("triton", {}).get("cfg"):
             row["triton_breakdown_ms"] = _moe_breakdown(x, w, ids, weights, row["triton"]["cfg"])
-        cfg = mg.default_config(tokens * TOPK, NUM_EXPERTS)
         served = True  # fused_moe's fp8 experts take fp8 activations at every T
         for name, quantized in (("triton_fp8", w8), ("triton_fp8_blocks", w8_blocks)):
             row[name + "_variants"] = [  # weights widened in registers, fp8 products
-                _fp8_entry(peaks, x, quantized, ids, weights, nbytes, flops, ref, cfg, a8)
+                _fp8_entry(peaks, x, quantized, ids, weights, nbytes, flops, ref, a8)
                 for a8 in (False, True)
             ]
             row[name] = row[name + "_variants"][int(served)]
@@ -114,16 +113,16 @@ def moe(peaks: dict[str, float], results: dict, token_counts: list[int]) -> None
         rows.append(row)
 
 
-def _fp8_entry(peaks: dict, x, w8: list, ids, weights, nbytes, flops, ref, cfg, a8: bool) -> dict:
-    """Tiles `cfg` over fp8 experts (`a8`: fp8 activations too; K tiles cut to the scale
-    blocks, as fused_moe does): time, bandwidth over the fp8 bytes (half the 16-bit ones),
-    error against the dequantized weights (with 16-bit activations) and against the 16-bit
-    layer."""
+def _fp8_entry(peaks: dict, x, w8: list, ids, weights, nbytes, flops, ref, a8: bool) -> dict:
+    """fp8 experts on the tiles fused_moe serves (`a8`: fp8 activations too; mg.tile_config):
+    time, bandwidth over the fp8 bytes (half the 16-bit ones), error against the dequantized
+    weights (with 16-bit activations) and against the 16-bit layer."""
     scales = tuple(sc for _, sc in w8)
     q = (t for t, _ in w8)
     fn = partial(
-        mg.fused_moe_triton, x, *q, ids, weights, 0, cfg, scales=scales, fp8_activations=a8
+        mg.fused_moe_triton, x, *q, ids, weights, 0, None, scales=scales, fp8_activations=a8
     )
+    cfg = mg.tile_config(None, ids.numel(), NUM_EXPERTS, x.dtype, scales, a8)
     deq = [sc.dequantize(t, DTYPE) for t, sc in w8]  # made here: 10 GB, one set at a time
     exact = fused_moe_ref(x, *deq, ids, weights, 0)  # bf16 per-expert loop, same weights
     del deq

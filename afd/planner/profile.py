@@ -11,8 +11,10 @@ from afd.config import ConfigError
 
 Point = tuple[float, float]  # (x, microseconds)
 # A profile's "dtype": the weights its times were measured with, as bytes per weight. "fp8":
-# the routed experts and the attention projections in e4m3, the rest in 16 bits, as
-# `afd-serve --quantization fp8 --fp8-attention` serves them (afd-bench layer's fp8 columns).
+# the routed experts and the attention projections in e4m3, as `afd-serve --quantization fp8
+# --fp8-attention` serves them (afd-bench layer's fp8 columns). The planner counts every FFN
+# and projection weight at these bytes; the shared expert and dense layers, which afd keeps
+# in 16 bits, are ~3 % of Step3's FFN weights (8 of 304 B parameters).
 WEIGHT_BYTES = {"bfloat16": 2, "float16": 2, "fp8": 1}
 
 

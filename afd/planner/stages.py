@@ -111,7 +111,7 @@ class StageModel:
             ctx * s.attn_flops_per_ctx_layer / hw.peak_flops,
         )
         linear = _roofline(
-            hw, s.attn_linear_params * self.weight_bytes(hw), batch * 2 * s.attn_linear_params
+            hw, s.attn_linear_params * hw.weight_bytes, batch * 2 * s.attn_linear_params
         )
         return (core + linear) / self.eff.attention
 
@@ -120,7 +120,7 @@ class StageModel:
         if self.profile is not None and self.calibrated(hw):
             t = self.profile.ffn_us(tokens) * 1e-6 / ranks
             return t, t
-        s, wb = self.spec, self.weight_bytes(hw)
+        s, wb = self.spec, hw.weight_bytes
         dense = _roofline(
             hw, s.dense_ffn_params * wb / ranks, tokens * 2 * s.dense_ffn_params / ranks
         )

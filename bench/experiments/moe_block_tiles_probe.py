@@ -4,9 +4,11 @@ stores them), fp8 activations, Step3 widths, one GPU: the serving tiles beside K
 
     python bench/experiments/moe_block_tiles_probe.py --out $OUT/moe_block_tiles_probe.json
 
-"default" is the serving config of the commit it runs from. Up to c43f6cf, block scales and
-fp8 activations took K tiles of 64 at T >= 1024; the two runs that moved them to 128 are
-`bench/results/moe_block_tiles_probe*_h100.json` (NOTES-kernels version 18).
+Each variant is passed to fused_moe_triton as its config, which it runs as given (K tiles
+cut to the scale blocks): "default" is `default_config` by rows per expert, K tiles of 64 at
+T >= 1024; serving adds K tiles of 128 for fp8 activations ("bk128_s4", mg.tile_config) since
+the two runs in `bench/results/moe_block_tiles_probe*_h100.json` (NOTES-kernels version 18;
+in the first, "default" for blocks was at K 64, in the second at 128).
 """
 
 from __future__ import annotations

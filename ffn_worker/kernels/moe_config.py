@@ -44,32 +44,29 @@ def default_config(num_pairs: int, num_experts: int) -> MoeConfig:
     return MoeConfig(128, GemmConfig(128, 64, 8, 4), GemmConfig(256, 64, 8, 4, tma=True), 32)
 
 
-def fp8_with_wide_inputs(cfg: MoeConfig) -> MoeConfig:
-    """fp8 weights beside fp32 activations widen to fp32 tiles, four times their bytes in
-    shared memory: fewer stages and shorter K steps so the 16-bit tiles' configs fit."""
+def fp32_input_tiles(cfg: MoeConfig) -> MoeConfig:
+    """fp32 activations (tests, the tiny model, --dtype float32): 4-byte tiles, twice the
+    16-bit ones' bytes (and fp8 weights widen to them), so shorter K steps and two stages
+    make the 16-bit tiles' configs fit (rows <= 8 at 3 stages of K 256 asked for 288 KiB)."""
     fit = lambda g: replace(g, block_k=min(g.block_k, 64), num_stages=2)  # noqa: E731
     return replace(cfg, gate_up=fit(cfg.gate_up), down=fit(cfg.down))
 
 
 def fp8_operand_tiles(cfg: MoeConfig) -> MoeConfig:
-    """Both operands in e4m3: K tiles of at least 128, the 128-byte rows that the 16-bit
-    tiles' 64 give (H100, per-channel scales: T=1024 2.29 -> 2.09 ms, T=4096 3.94 -> 3.41;
-    bench/NOTES-kernels.md version 18)."""
+    """Both operands in e4m3 (fp8 activations): K tiles of at least 128, so that each K row
+    of a tile is 128 bytes, as a 16-bit tile's 64 is. H100, per-channel scales: T=1024 2.29
+    -> 2.09 ms, T=4096 3.94 -> 3.41; 128 x 128 blocks, whose scaled tile sums Triton waits
+    for at every K step, so that half the steps halve the waits: T=1024 2.51 -> 2.20, T=4096
+    7.9 -> 5.6 (bench/NOTES-kernels.md version 18)."""
     wide = lambda g: replace(g, block_k=max(g.block_k, 128))  # noqa: E731
     return replace(cfg, gate_up=wide(cfg.gate_up), down=wide(cfg.down))
 
 
-def fit_scale_blocks(
-    cfg: MoeConfig, scales: tuple[BlockScales, ...] | None, wide_inputs: bool = False
-) -> MoeConfig:
+def fit_scale_blocks(cfg: MoeConfig, scales: tuple[BlockScales, ...] | None) -> MoeConfig:
     """K tiles that each sit in one scale block along K, so that each tile's sum takes one
-    scale, and as long as the blocks allow up to 128 (a block-FP8 checkpoint's 128): that
-    sum is a second accumulator beside the running one, which Triton waits for at every K
-    step, so fewer, longer steps pay (H100, T=4096: 7.9 ms at 64 against 5.6 at 128, and
-    T=1024: 2.51 against 2.20; bench/NOTES-kernels.md version 18). Tiles of more than
+    scale. That sum is a second accumulator beside the running one: tiles of more than
     128 x 128 fp32 sums (gate and up count twice) are halved along N, or they spill
-    registers (T=4096: 14.1 ms; version 17). `wide_inputs` (fp32 activations) keep their
-    short K tiles (fp8_with_wide_inputs)."""
+    registers (H100, T=4096: 14.1 ms against 4.9 with a scale per channel; version 17)."""
     if scales is None:
         return cfg
 
@@ -79,7 +76,6 @@ def fit_scale_blocks(
         block_n = g.block_n
         while block_n > 32 and sums * cfg.block_m * block_n > 128 * 128:
             block_n //= 2
-        block_k = s.k_tile(g.block_k if wide_inputs else max(g.block_k, 128))
-        return replace(g, block_k=block_k, block_n=block_n)
+        return replace(g, block_k=s.k_tile(g.block_k), block_n=block_n)
 
     return replace(cfg, gate_up=fit(cfg.gate_up, scales[0], 2), down=fit(cfg.down, scales[2], 1))

@@ -18,7 +18,7 @@ from ffn_worker.kernels.moe_config import (
     default_config,
     fit_scale_blocks,
     fp8_operand_tiles,
-    fp8_with_wide_inputs,
+    fp32_input_tiles,
 )
 
 __all__ = [
@@ -59,7 +59,7 @@ def _gate_up_tile(
     N, K, stride_xt, stride_we, stride_wn, stride_act, stride_se, stride_sn, SCALE_N, SCALE_K,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, TMA: tl.constexpr, W8: tl.constexpr, K_BLOCKS: tl.constexpr,
-    A8: tl.constexpr, PROMOTE_K: tl.constexpr,
+    A8: tl.constexpr, PROMOTE_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.arange(0, BLOCK_M)
     valid = offs_m < rows
@@ -95,14 +95,16 @@ def _gate_up_tile(
             u = u.to(a.dtype)
         if K_BLOCKS:  # scales change along K: each tile's sum scaled (BLOCK_K divides SCALE_K)
             k_block = (k * BLOCK_K) // SCALE_K
-            acc_g += tl.dot(a, g) * tl.load(sg_ptr + s_off + k_block)[None, :]
-            acc_u += tl.dot(a, u) * tl.load(su_ptr + s_off + k_block)[None, :]
+            scale_g = tl.load(sg_ptr + s_off + k_block)[None, :]
+            scale_u = tl.load(su_ptr + s_off + k_block)[None, :]
+            acc_g += tl.dot(a, g, input_precision=PRECISION) * scale_g
+            acc_u += tl.dot(a, u, input_precision=PRECISION) * scale_u
         elif A8 and PROMOTE_K > 0:  # fp32 sums every PROMOTE_K products (fp8 MMAs sum short)
             acc_g = tl.dot(a, g, acc_g, max_num_imprecise_acc=PROMOTE_K)
             acc_u = tl.dot(a, u, acc_u, max_num_imprecise_acc=PROMOTE_K)
         else:
-            acc_g = tl.dot(a, g, acc_g)
-            acc_u = tl.dot(a, u, acc_u)
+            acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         if not TMA:
             w_off += BLOCK_K
@@ -126,7 +128,7 @@ def _gate_up_kernel(
     SCALE_K,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, W8: tl.constexpr,
-    K_BLOCKS: tl.constexpr, A8: tl.constexpr, PROMOTE_K: tl.constexpr,
+    K_BLOCKS: tl.constexpr, A8: tl.constexpr, PROMOTE_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     expert, row0, rows, pid_n = _program_tile(tile_meta_ptr, num_experts, num_pid_n, BLOCK_M)
     if expert >= num_experts:  # past the last tile of the upper-bound grid
@@ -137,21 +139,21 @@ def _gate_up_kernel(
             x_ptr, xs_ptr, wg, wu, sg_ptr, su_ptr, act_ptr, sorted_ids_ptr, expert, row0, rows,
             pid_n, N, K, stride_xt, stride_we, stride_wn, stride_act, stride_se, stride_sn,
             SCALE_N, SCALE_K, TOPK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, W8, K_BLOCKS, A8,
-            PROMOTE_K,
+            PROMOTE_K, PRECISION,
         )  # fmt: skip
     elif rows <= SMALL_M:
         _gate_up_tile(
             x_ptr, xs_ptr, wg, wu, sg_ptr, su_ptr, act_ptr, sorted_ids_ptr, expert, row0, rows,
             pid_n, N, K, stride_xt, stride_we, stride_wn, stride_act, stride_se, stride_sn,
             SCALE_N, SCALE_K, TOPK, SMALL_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, W8, K_BLOCKS, A8,
-            PROMOTE_K,
+            PROMOTE_K, PRECISION,
         )  # fmt: skip
     else:
         _gate_up_tile(
             x_ptr, xs_ptr, wg, wu, sg_ptr, su_ptr, act_ptr, sorted_ids_ptr, expert, row0, rows,
             pid_n, N, K, stride_xt, stride_we, stride_wn, stride_act, stride_se, stride_sn,
             SCALE_N, SCALE_K, TOPK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, W8, K_BLOCKS, A8,
-            PROMOTE_K,
+            PROMOTE_K, PRECISION,
         )  # fmt: skip
 
 
@@ -161,7 +163,7 @@ def _down_tile(
     N, K, stride_act, stride_we, stride_wn, stride_ot, stride_se, stride_sn, SCALE_N, SCALE_K,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, TMA: tl.constexpr, W8: tl.constexpr, K_BLOCKS: tl.constexpr,
-    A8: tl.constexpr, PROMOTE_K: tl.constexpr,
+    A8: tl.constexpr, PROMOTE_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.arange(0, BLOCK_M)
     valid = offs_m < rows
@@ -191,11 +193,12 @@ def _down_tile(
         if W8 and not A8:
             w = w.to(a.dtype)
         if K_BLOCKS:
-            acc += tl.dot(a, w) * tl.load(sd_ptr + s_off + (k * BLOCK_K) // SCALE_K)[None, :]
+            scale = tl.load(sd_ptr + s_off + (k * BLOCK_K) // SCALE_K)[None, :]
+            acc += tl.dot(a, w, input_precision=PRECISION) * scale
         elif A8 and PROMOTE_K > 0:
             acc = tl.dot(a, w, acc, max_num_imprecise_acc=PROMOTE_K)
         else:
-            acc = tl.dot(a, w, acc)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         if not TMA:
             w_off += BLOCK_K
@@ -218,7 +221,7 @@ def _down_kernel(
     stride_sn, SCALE_N, SCALE_K,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, W8: tl.constexpr,
-    K_BLOCKS: tl.constexpr, A8: tl.constexpr, PROMOTE_K: tl.constexpr,
+    K_BLOCKS: tl.constexpr, A8: tl.constexpr, PROMOTE_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     expert, row0, rows, pid_n = _program_tile(tile_meta_ptr, num_experts, num_pid_n, BLOCK_M)
     if expert >= num_experts:
@@ -228,21 +231,21 @@ def _down_kernel(
             act_ptr, as_ptr, wd, sd_ptr, out_ptr, sorted_ids_ptr, topk_w_ptr, expert, row0, rows,
             pid_n, N, K, stride_act, stride_we, stride_wn, stride_ot, stride_se, stride_sn,
             SCALE_N, SCALE_K, TOPK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, W8, K_BLOCKS, A8,
-            PROMOTE_K,
+            PROMOTE_K, PRECISION,
         )  # fmt: skip
     elif rows <= SMALL_M:
         _down_tile(
             act_ptr, as_ptr, wd, sd_ptr, out_ptr, sorted_ids_ptr, topk_w_ptr, expert, row0, rows,
             pid_n, N, K, stride_act, stride_we, stride_wn, stride_ot, stride_se, stride_sn,
             SCALE_N, SCALE_K, TOPK, SMALL_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, W8, K_BLOCKS, A8,
-            PROMOTE_K,
+            PROMOTE_K, PRECISION,
         )  # fmt: skip
     else:
         _down_tile(
             act_ptr, as_ptr, wd, sd_ptr, out_ptr, sorted_ids_ptr, topk_w_ptr, expert, row0, rows,
             pid_n, N, K, stride_act, stride_we, stride_wn, stride_ot, stride_se, stride_sn,
             SCALE_N, SCALE_K, TOPK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, W8, K_BLOCKS, A8,
-            PROMOTE_K,
+            PROMOTE_K, PRECISION,
         )  # fmt: skip
 
 
@@ -275,6 +278,13 @@ def _scale_args(
     return tuple(s.scale for s in scales), kwargs
 
 
+def _precision(a: Tensor) -> str:
+    """fp32 activations (tests, the tiny model) multiply in IEEE fp32, not TF32's 10-bit
+    mantissa, so that the GPU computes what the CPU reference does; 16- and 8-bit operands
+    ignore it."""
+    return "ieee" if a.dtype == torch.float32 else "tf32"
+
+
 def _weight_arg(w: Tensor, cfg: GemmConfig) -> Tensor | object:
     """The weight as the kernels take it: a TMA descriptor over its [E*N, K] view, or itself."""
     if not cfg.tma:
@@ -305,7 +315,7 @@ def moe_gate_up(
         tiles.tile_meta, num_experts, num_pid_n, inter, hidden, x.stride(0), w_gate.stride(0),
         w_gate.stride(1), act.stride(0), TOPK=topk, BLOCK_M=tiles.block_m, SMALL_M=small_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=hidden % cfg.block_k == 0, TMA=cfg.tma,
-        A8=x_scale is not None, **scale_args,
+        A8=x_scale is not None, PRECISION=_precision(x), **scale_args,
         PROMOTE_K=cfg.fp8_promote_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return act
@@ -330,7 +340,7 @@ def moe_down(
         num_experts, num_pid_n, hidden, inter, act.stride(0), w_down.stride(0),
         w_down.stride(1), out.stride(0), TOPK=topk, BLOCK_M=tiles.block_m, SMALL_M=small_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=inter % cfg.block_k == 0, TMA=cfg.tma,
-        A8=act_scale is not None, **scale_args,
+        A8=act_scale is not None, PRECISION=_precision(act), **scale_args,
         PROMOTE_K=cfg.fp8_promote_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
@@ -342,6 +352,26 @@ def moe_down(
 # and a row's numbers then do not depend on how many tokens share the call, so micro-batch
 # splits compute what colocated does (a switch by rows per expert broke that; NOTES-kernels
 # versions 16-17). Widened weights stay as an option (fp8_activations=False).
+
+
+def tile_config(
+    config: MoeConfig | None,
+    num_pairs: int,
+    model_experts: int,
+    x_dtype: torch.dtype,
+    scales: tuple[BlockScales, ...] | None,
+    fp8_activations: bool,
+) -> MoeConfig:
+    """The tiles fused_moe_triton runs: `config`, or the default by rows per expert with K
+    tiles of 128 when both operands are e4m3 (a speed preference, so a given config stays as
+    given); short tiles for fp32 x, and K tiles inside the scale blocks (both needed, to fit
+    in shared memory and to be right)."""
+    cfg = config or default_config(num_pairs, model_experts)
+    if x_dtype == torch.float32:
+        cfg = fp32_input_tiles(cfg)
+    elif config is None and scales is not None and fp8_activations:
+        cfg = fp8_operand_tiles(cfg)
+    return fit_scale_blocks(cfg, scales)
 
 
 def fused_moe_triton(
@@ -364,13 +394,8 @@ def fused_moe_triton(
     topk_ids holds every rank's pairs."""
     num_experts = w_gate.shape[0]
     topk = topk_ids.shape[1]
-    cfg = config or default_config(topk_ids.numel(), model_experts or num_experts)
-    wide_inputs = scales is not None and x.element_size() > 2
-    if wide_inputs:
-        cfg = fp8_with_wide_inputs(cfg)
-    elif scales is not None and fp8_activations:
-        cfg = fp8_operand_tiles(cfg)
-    cfg = fit_scale_blocks(cfg, scales, wide_inputs)
+    experts = model_experts or num_experts
+    cfg = tile_config(config, topk_ids.numel(), experts, x.dtype, scales, fp8_activations)
     tiles = align_by_expert(topk_ids, expert_start, num_experts, cfg.block_m)
     gu_scales, d_scale = (None, None) if scales is None else (scales[:2], scales[2])
     if scales is not None and fp8_activations:  # both products on fp8 tensor cores
