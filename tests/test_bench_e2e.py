@@ -27,3 +27,16 @@ def test_pipeline_bench_runs_on_cpu_with_gloo() -> None:
     assert [(r["m"], r["graphs"]) for r in disagg] == [(1, False), (3, False), (1, True), (3, True)]
     table = budget_table(colo, disagg, [1e9, 1e-9])
     assert table[0]["colocated"]["batch"] == 6 and table[1]["disaggregated"] is None
+
+
+def test_pipeline_bench_fp8_weights_on_both_ranks() -> None:
+    """--fp8: the FFN rank and the colocated FFN quantize the same draws the same way, and the
+    attention side serves e4m3 projections, so disaggregated still computes colocated's
+    numbers; and the weights really are e4m3 (a bench that dropped the flag on one side
+    would differ by the quantization error, ~5 %)."""
+    cfg = step3_config(num_layers=3, **TINY)
+    with PipelineBench(cfg, 6, 40, ("cpu", "cpu"), "gloo", torch.float32, fp8=True) as bench:
+        assert bench.rel_diff(6, 3)["disagg_vs_colocated"] < 1e-5
+        moe = next(layer.moe for layer in bench.local.model.layers if layer.is_moe)
+        assert moe.gate_proj.dtype == torch.float8_e4m3fn
+        assert type(bench.side.layer(0).self_attn.o_proj).__name__ == "Fp8Linear"

@@ -50,6 +50,7 @@ def write_checkpoint(out: Path, layers: int, moe_layers: str) -> Path:
 
 
 def generate(model: Path, prompts: list[list[int]], steps: int, **kwargs) -> list[dict]:
+    """Greedy tokens and their logprobs from LLM(model, **kwargs)."""
     from afd.llm import LLM
     from afd.sampling_params import SamplingParams
 
@@ -70,18 +71,22 @@ def generate(model: Path, prompts: list[list[int]], steps: int, **kwargs) -> lis
     return rows
 
 
-def correctness(workdir: Path, steps: int) -> dict:
+def correctness(workdir: Path, steps: int, fp8: bool = False) -> dict:
     start = time.time()
+    quant = {"quantization": "fp8", "fp8_attention": True} if fp8 else {}
     model = write_checkpoint(workdir / "step3w", layers=2, moe_layers="1")
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 511, (n,), generator=g).tolist() for n in (7, 19, 33, 64)]
     # the reference is colocated and eager; the others replay CUDA graphs (afd's default)
-    colo = generate(model, prompts, steps, colocated=True, cuda_graph_max_batch=0)
+    colo = generate(model, prompts, steps, colocated=True, cuda_graph_max_batch=0, **quant)
     runs = {
-        "colocated_graphs": generate(model, prompts, steps, colocated=True),
-        "disaggregated": generate(model, prompts, steps, colocated=False, transport="nccl"),
+        "colocated_graphs": generate(model, prompts, steps, colocated=True, **quant),
+        "disaggregated": generate(
+            model, prompts, steps, colocated=False, transport="nccl", **quant
+        ),
     }
-    result: dict = {"model": "step3-width, 2 layers (0 dense, 1 MoE), random bf16"}
+    weights = "e4m3 experts and projections" if fp8 else "bf16"
+    result: dict = {"model": f"step3-width, 2 layers (0 dense, 1 MoE), random {weights}"}
     result |= {"steps": steps, "colocated_eager": colo} | runs
     for name, rows in runs.items():
         same = [a["tokens"] == b["tokens"] for a, b in zip(colo, rows, strict=True)]
@@ -126,6 +131,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tpots-ms", default="50,100,200,400,800")
     p.add_argument("--workdir", default="/tmp/afd-e2e")
     p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="weights as --quantization fp8 --fp8-attention serves them (e4m3 experts and "
+        "attention projections, a scale per output channel)",
+    )
     p.add_argument("--out", default="bench/results/e2e_h200x2.json")
     return p.parse_args(argv)
 
@@ -135,12 +146,12 @@ def main(argv: list[str]) -> int:
     if torch.cuda.device_count() < 2:
         print("afd-bench e2e needs two CUDA GPUs", file=sys.stderr)
         return 2
-    result: dict = versions()
+    result: dict = versions() | {"fp8": args.fp8}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not args.skip_correctness:
         try:
-            result["correctness"] = correctness(Path(args.workdir), args.steps)
+            result["correctness"] = correctness(Path(args.workdir), args.steps, args.fp8)
         except Exception as e:  # keep the timing part: it does not need the engine
             result["correctness"] = {"error": f"{type(e).__name__}: {e}"}
         out.write_text(json.dumps(result, indent=2))
@@ -150,7 +161,7 @@ def main(argv: list[str]) -> int:
         )
     cfg = step3_config(num_layers=args.layers)
     batches = [int(b) for b in args.batches.split(",")]
-    with PipelineBench(cfg, max(batches), args.context) as bench:
+    with PipelineBench(cfg, max(batches), args.context, fp8=args.fp8) as bench:
         # NCCL pipeline vs colocated, one step, eager and with graphs
         result["pipeline_rel_diff"] = {"batch": min(batches), "m": 3}
         result["pipeline_rel_diff"]["eager"] = bench.rel_diff(min(batches), 3)
@@ -169,7 +180,9 @@ def main(argv: list[str]) -> int:
 
 
 def print_tables(r: dict) -> None:
-    print(f"per-layer decode step, Step3 width, context {r['context']}, {r['layers']} layers")
+    weights = "e4m3 experts and projections" if r.get("fp8") else "bf16"
+    print(f"per-layer decode step, Step3 width ({weights}), context {r['context']}, "
+          f"{r['layers']} layers")  # fmt: skip
     print("layer µs: steady state (fill/drain left out); step/L: the whole step over its layers")
     print("attn/ffn µs: each stage's busy time per layer in the same run (CUDA events)")
     head = ("mode", "graphs", "B", "m", "layer µs", "step/L", "attn µs", "ffn µs", "vs bound")

@@ -1,7 +1,8 @@
 """The timed half of `afd-bench e2e`: this process is attention rank a0 on cuda:0 (the real
 AttnRunner pipeline with RemoteFFN over the nccl transport), a spawned process is FFN rank f0
 on cuda:1 (the real FFNServer). Colocated runs the same runner with LocalFFN on cuda:0. Each
-mode runs eagerly and with CUDA graphs (DecodeGraphs / FFNGraphs, as afd serves decodes)."""
+mode runs eagerly and with CUDA graphs (DecodeGraphs / FFNGraphs, as afd serves decodes).
+`fp8`: the weights as `--quantization fp8 --fp8-attention` serves them, on both ranks."""
 
 from __future__ import annotations
 
@@ -29,12 +30,21 @@ BLOCK = 16
 WARM, TIMED = 2, 5
 
 
-def _ffn_rank(cfg: ModelConfig, backend: str, device: str, dtype, max_tokens, queues):
+def fp8_experts(side: FFNSide) -> FFNSide:
+    """--quantization fp8: every MoE layer's routed experts in e4m3, a scale per channel."""
+    for layer in side.model.layers:
+        layer.quantize_experts_fp8()
+    return side
+
+
+def _ffn_rank(cfg: ModelConfig, backend: str, device: str, dtype, max_tokens, fp8, queues):
     addresses, table, shapes, busy = queues
     t = create_transport("nccl", "f0", backend=backend, device=device)
     addresses.put(("f0", t.address()))
     t.connect(table.get(timeout=120))
     side = build(lambda: FFNSide(cfg, FFNShard()), dtype, device, 2)
+    if fp8:
+        fp8_experts(side)
     graphs = FFNGraphs(side, max_tokens) if max_tokens else None
     servers = {
         False: FFNServer(side, t, ["a0"], 300.0),
@@ -60,16 +70,18 @@ class PipelineBench:
         backend: str = "nccl",
         dtype: torch.dtype = torch.bfloat16,
         graphs: bool = True,
+        fp8: bool = False,
     ) -> None:
         """devices: (attention rank, FFN rank); backend "gloo" with CPU devices for tests;
-        graphs: also build the CUDA-graph runners (captured up to `max_batch` rows)."""
+        graphs: also build the CUDA-graph runners (captured up to `max_batch` rows); fp8:
+        e4m3 experts and attention projections (`--quantization fp8 --fp8-attention`)."""
         self.cfg, self.context, self.step = cfg, context, 0
         self.device, self.dtype = devices[0], dtype
         ctx = mp.get_context("spawn")
         addresses, table, self.shapes = ctx.Queue(), ctx.Queue(), ctx.Queue()
         self.busy = ctx.Queue()
         queues = (addresses, table, self.shapes, self.busy)
-        args = (cfg, backend, devices[1], dtype, max_batch if graphs else 0, queues)
+        args = (cfg, backend, devices[1], dtype, max_batch if graphs else 0, fp8, queues)
         self.proc = ctx.Process(target=_ffn_rank, args=args)
         self.proc.start()
         self.transport = create_transport("nccl", "a0", backend=backend, device=self.device)
@@ -78,6 +90,9 @@ class PipelineBench:
         self.transport.connect({name: address})
         self.side = build(lambda: AttentionSide(cfg), dtype, self.device, 1)
         self.local = build(lambda: FFNSide(cfg, FFNShard()), dtype, self.device, 2)
+        if fp8:  # the same draws as the FFN rank's, quantized the same way
+            self.side.quantize_projections_fp8({})
+            fp8_experts(self.local)
         per_seq = -(-context // BLOCK)
         blocks = max_batch * per_seq
         layers = cfg.num_hidden_layers
@@ -166,7 +181,8 @@ class PipelineBench:
         replayed as a CUDA graph."""
         if b not in self._stages:
             g = graphs and self.device.startswith("cuda")
-            a = attention_stage(self.side.layer(0), self.cfg, b, self.context, self.dtype, g)
+            layer = self.side.layer(0)
+            a = attention_stage(layer, self.cfg, b, self.context, self.dtype, g, unfused=False)
             f = ffn_stage(self.local.model.layers[0], self.cfg, b, self.dtype, g)
             self._stages[b] = {"eager": (a["eager_us"], f["eager_us"])}
             self._stages[b]["graph"] = (a["graph_us"], f["graph_us"])
