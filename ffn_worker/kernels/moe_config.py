@@ -1,9 +1,12 @@
 """Tile configurations of the MoE grouped GEMMs (moe_gemm.py): the defaults by rows per expert,
-and their fits to fp8 experts (fp32 activations beside them, scales per block along K)."""
+their changes for fp32 activations, e4m3 operands and scales per block along K, and
+`tile_config`, which picks the tiles a call runs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
+import torch
 
 from afd.quantization import BlockScales
 
@@ -79,3 +82,23 @@ def fit_scale_blocks(cfg: MoeConfig, scales: tuple[BlockScales, ...] | None) -> 
         return replace(g, block_k=s.k_tile(g.block_k), block_n=block_n)
 
     return replace(cfg, gate_up=fit(cfg.gate_up, scales[0], 2), down=fit(cfg.down, scales[2], 1))
+
+
+def tile_config(
+    config: MoeConfig | None,
+    num_pairs: int,
+    model_experts: int,
+    x_dtype: torch.dtype,
+    scales: tuple[BlockScales, ...] | None,
+    fp8_activations: bool,
+) -> MoeConfig:
+    """The tiles fused_moe_triton runs: `config`, or the default by rows per expert with K
+    tiles of 128 when both operands are e4m3 (a speed preference, so a given config stays as
+    given); short tiles for fp32 x, and K tiles inside the scale blocks (both needed, to fit
+    in shared memory and to be right)."""
+    cfg = config or default_config(num_pairs, model_experts)
+    if x_dtype == torch.float32:
+        cfg = fp32_input_tiles(cfg)
+    elif config is None and scales is not None and fp8_activations:
+        cfg = fp8_operand_tiles(cfg)
+    return fit_scale_blocks(cfg, scales)

@@ -12,14 +12,7 @@ from torch import Tensor
 from afd.quantization import BlockScales
 from attn_worker.kernels.fp8_rows import quantize_rows
 from ffn_worker.kernels.moe_align import ExpertTiles, align_by_expert
-from ffn_worker.kernels.moe_config import (
-    GemmConfig,
-    MoeConfig,
-    default_config,
-    fit_scale_blocks,
-    fp8_operand_tiles,
-    fp32_input_tiles,
-)
+from ffn_worker.kernels.moe_config import GemmConfig, MoeConfig, default_config, tile_config
 
 __all__ = [
     "ExpertTiles",
@@ -28,6 +21,7 @@ __all__ = [
     "align_by_expert",
     "default_config",
     "fused_moe_triton",
+    "tile_config",
 ]
 
 try:  # TMA descriptors for the weight tiles (Triton >= 3.4)
@@ -352,26 +346,6 @@ def moe_down(
 # and a row's numbers then do not depend on how many tokens share the call, so micro-batch
 # splits compute what colocated does (a switch by rows per expert broke that; NOTES-kernels
 # versions 16-17). Widened weights stay as an option (fp8_activations=False).
-
-
-def tile_config(
-    config: MoeConfig | None,
-    num_pairs: int,
-    model_experts: int,
-    x_dtype: torch.dtype,
-    scales: tuple[BlockScales, ...] | None,
-    fp8_activations: bool,
-) -> MoeConfig:
-    """The tiles fused_moe_triton runs: `config`, or the default by rows per expert with K
-    tiles of 128 when both operands are e4m3 (a speed preference, so a given config stays as
-    given); short tiles for fp32 x, and K tiles inside the scale blocks (both needed, to fit
-    in shared memory and to be right)."""
-    cfg = config or default_config(num_pairs, model_experts)
-    if x_dtype == torch.float32:
-        cfg = fp32_input_tiles(cfg)
-    elif config is None and scales is not None and fp8_activations:
-        cfg = fp8_operand_tiles(cfg)
-    return fit_scale_blocks(cfg, scales)
 
 
 def fused_moe_triton(
