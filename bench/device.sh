@@ -4,7 +4,8 @@
 #   bash bench/device.sh tests layer e2e    # 2+ GPUs: GPU tests, afd-bench layer, e2e
 #   bash bench/device.sh sweep              # 4 or 8 GPUs: afd-bench sweep (the ratio sweep)
 #   (e2e-timing: e2e without the LLM correctness runs; e2e-fp8-timing: the same with e4m3
-#   experts and attention projections, as --quantization fp8 --fp8-attention serves them)
+#   experts and attention projections, as --quantization fp8 --fp8-attention serves them;
+#   e2e-fp8-correctness: their greedy tokens disaggregated over NCCL against colocated)
 # Each part has its own time limit, so a hang in one still leaves the others' results.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -26,6 +27,8 @@ for part in "$@"; do
              --out "$OUT/e2e_timing_${TAG}x2.json" 2>&1 | tee "$OUT/e2e.log" ;;
     e2e-fp8-timing) timeout 330 python3 -m afd.bench.cli e2e --fp8 --skip-correctness \
              --out "$OUT/e2e_fp8_timing_${TAG}x2.json" 2>&1 | tee "$OUT/e2e.log" ;;
+    e2e-fp8-correctness) timeout 200 python3 -m afd.bench.cli e2e --fp8 --skip-timing \
+             --out "$OUT/e2e_fp8_correctness_${TAG}x2.json" 2>&1 | tee "$OUT/e2e.log" ;;
     sweep) timeout 540 python3 -m afd.bench.cli sweep --gpus "$GPUS" --layers 4 --context 4096 \
              --batches 64,128,256,512,1024,2048,3072 --micro-batches 1,2,3 --tpot-ms 100,200,400,800 \
              --profile bench/results/profile_$TAG.json --out "$OUT/sweep_${TAG}x$GPUS.json" 2>&1 | tee "$OUT/sweep.log" ;;

@@ -131,6 +131,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tpots-ms", default="50,100,200,400,800")
     p.add_argument("--workdir", default="/tmp/afd-e2e")
     p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument("--skip-timing", action="store_true", help="only the correctness runs")
     p.add_argument(
         "--fp8",
         action="store_true",
@@ -159,6 +160,8 @@ def main(argv: list[str]) -> int:
         print(
             "correctness:", shown, {k: v for k, v in result["correctness"].items() if "same" in k}
         )
+    if args.skip_timing:
+        return 0 if result.get("correctness", {}).get("all_same") else 1
     cfg = step3_config(num_layers=args.layers)
     batches = [int(b) for b in args.batches.split(",")]
     with PipelineBench(cfg, max(batches), args.context, fp8=args.fp8) as bench:
