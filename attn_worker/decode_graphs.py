@@ -19,7 +19,7 @@ from afd.cuda_graphs import GraphRunner, capture_sizes, size_for
 from afd.models.step3 import AttentionSide
 from attn_worker.attention import BatchAttention, DecodeAttention
 from attn_worker.ffn_client import Routing
-from attn_worker.kernels.decode_attention import graph_num_splits
+from attn_worker.kernels.decode_splits import graph_num_splits
 from attn_worker.kv_cache import KVCache
 
 

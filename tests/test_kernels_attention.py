@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from attn_worker.kernels.decode_attention import (
-    choose_num_splits,
-    graph_num_splits,
     paged_decode_attention,
     paged_decode_attention_ref,
     paged_decode_attention_triton,
 )
+from attn_worker.kernels.decode_splits import choose_num_splits, graph_num_splits
 from tests.conftest import run_interpreted
 
 # name -> (dtype, heads, head_dim, page, seq_lens, num_splits, max_seq_len passed, tolerance);

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from afd.bench.kernel_timing import ceilings, cycle, ms_of, rel_err, rotate
 from afd.quantization import quantize_fp8
 from attn_worker.attention import attend
-from attn_worker.kernels.decode_attention import DEFAULT_BLOCK_N, choose_num_splits
 from attn_worker.kernels.decode_attention import paged_decode_attention_ref as attn_ref
 from attn_worker.kernels.decode_attention import paged_decode_attention_triton as attn_triton
+from attn_worker.kernels.decode_splits import DEFAULT_BLOCK_N, choose_num_splits
 
 HQ, HEAD_DIM, PAGE = 64, 256, 64
 # sweep: tile configs timed side by side at the shapes that decide the defaults, each at the

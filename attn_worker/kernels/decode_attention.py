@@ -11,13 +11,14 @@ import triton.language as tl
 from torch import Tensor
 
 from attn_worker.kernels.decode_attention_ref import paged_decode_attention_ref
+from attn_worker.kernels.decode_splits import (
+    DEFAULT_BLOCK_N,
+    FP8_PROGRAMS_PER_SM,
+    choose_num_splits,
+    num_sms,
+)
 
 _LOG2E = 1.4426950408889634
-# Default tiles, the fastest measured at every benchmarked shape (H100, bench/results): 32
-# tokens a tile, 4 warps, 4 stages (two tiles in flight), one 164 KB program per SM. fp8 KV:
-# 2 stages, two programs per SM (1.5x faster than one: bench/NOTES-kernels.md, version 11).
-DEFAULT_BLOCK_N = 32
-FP8_PROGRAMS_PER_SM = 2
 
 
 @triton.jit
@@ -163,13 +164,6 @@ def _decode_kernel(
         tl.store(po_ptrs, acc / l_i[:, None], mask=mask_hd)  # normalised partial [BH, BD]
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few splits still exercise the reduce
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 # device -> (partials [rows * D], m and l [2, rows]), rows = B * S * Hq, all fp32
 _WORKSPACES: dict[torch.device, tuple[Tensor, Tensor]] = {}
 # Outgrown workspaces stay allocated: CUDA graphs captured while they were current keep
@@ -202,47 +196,6 @@ def _has_gdc(device: torch.device) -> bool:
     Triton from 3.4 (older ones have no gdc_wait and no launch_pdl)."""
     hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
     return hopper and hasattr(tl.extra.cuda, "gdc_wait")
-
-
-# The split-count model's two measured constants (H100, bench/NOTES-kernels.md, version 10):
-# one program streams up to ~1.9x its fair share (1/SMs) of memory bandwidth (64 programs
-# reached 2.8 of 3.0 TB/s), and splitting costs about 9 tiles' time: the reduce launch, the
-# partials, and more programs racing for bandwidth, whose slowest sets the end.
-_PROGRAM_SPEEDUP = 1.9
-_SPLIT_COST_TILES = 9.0
-
-
-@functools.lru_cache(maxsize=4096)
-def choose_num_splits(batch: int, max_seq_len: int, block_n: int, slots: int) -> int:
-    """Splits per sequence with the least modelled time, in units of one tile streamed at a
-    fair share of bandwidth. `slots` programs run at once; each wave of n programs, each
-    with t tiles, takes t x max(1 / _PROGRAM_SPEEDUP, n / slots): a short wave is bound by
-    what one program can stream, a full one by the memory. Splitting adds a fixed cost."""
-    tiles = max(1, triton.cdiv(max_seq_len, block_n))
-    best_cost, best = float("inf"), 1
-    for splits in range(1, min(tiles, 64) + 1):
-        per_split = triton.cdiv(tiles, splits)
-        programs, cost = batch * triton.cdiv(tiles, per_split), 0.0
-        while programs > 0:  # wave by wave
-            wave = min(programs, slots)
-            cost += per_split * max(1 / _PROGRAM_SPEEDUP, wave / slots)
-            programs -= wave
-        cost += _SPLIT_COST_TILES if splits > 1 else 0.0
-        if cost < best_cost - 1e-9:
-            best_cost, best = cost, splits
-    return best
-
-
-def graph_num_splits(batch: int, max_seq_len: int, fp8: bool = False) -> int:
-    """The split count for a launch captured once and replayed at any lengths up to
-    `max_seq_len`: the default tiles' choice for the longest case (shorter sequences cut
-    themselves into as many, smaller, splits)."""
-    device = (
-        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    )
-    sms = _num_sms(device) if device is not None else _num_sms(torch.device("cpu"))
-    slots = sms * (FP8_PROGRAMS_PER_SM if fp8 else 1)
-    return choose_num_splits(batch, max_seq_len, DEFAULT_BLOCK_N, slots)
 
 
 def paged_decode_attention_triton(
@@ -286,7 +239,7 @@ def paged_decode_attention_triton(
     if num_splits is None or max_seq_len is not None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max().item())  # a host sync: callers that capture pass it
-        slots = programs_per_sm * _num_sms(q.device)
+        slots = programs_per_sm * num_sms(q.device)
         if num_splits is None:
             num_splits = choose_num_splits(batch, max_seq_len, block_n, slots)
         # no more splits than the longest sequence fills (each split >= one tile)
@@ -342,7 +295,7 @@ def paged_decode_attention(
     attn_worker/kv_cache.py); block_tables int32 [B, max_blocks];
     seq_lens int32 [B], each >= 1. Returns [B, Hq, D] in q's dtype. Triton on CUDA,
     the torch reference elsewhere. Without `max_seq_len` the launch reads it from the device
-    (a sync) unless `num_splits` is given (see `graph_num_splits`).
+    (a sync) unless `num_splits` is given (see `decode_splits.graph_num_splits`).
     """
     if q.is_cuda:
         return paged_decode_attention_triton(

@@ -19,13 +19,13 @@ the whole sum once."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import cache
 
 import torch
 import triton
 import triton.language as tl
 
 from afd.quantization import BlockScales
+from attn_worker.kernels.decode_splits import num_sms
 from attn_worker.kernels.fp8_rows import quantize_rows
 
 
@@ -83,11 +83,6 @@ def _fp8_linear_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def default_config(
     m: int, n: int, k: int, num_sms: int, scales: BlockScales, widened: bool = False
 ) -> LinearConfig:
@@ -137,7 +132,7 @@ def fp8_linear(
     if m == 0:
         return x.new_empty(0, n)
     if config is None:
-        sms = _num_sms(x.device) if x.is_cuda else 132
+        sms = num_sms(x.device) if x.is_cuda else 132
         config = default_config(m, n, k, sms, scales, not fp8_activations)
         if x.element_size() > 2:  # fp32 x: widened tiles of 4 bytes, fewer fit in shared memory
             config = replace(config, block_k=min(config.block_k, 64), num_stages=2)
