@@ -48,7 +48,7 @@ def run_deploy(args: argparse.Namespace) -> int:
     planner = Planner(model, Limits(args.tpot_ms * 1e-3, args.mem_util))
     plans = planner.search(build_space(args, table, profile_hw))
     ranked = rank(plans, args.rank_by)[: args.top]
-    title = deploy_title(args, spec, profile)
+    title = deploy_title(args, spec, profile, profile_hw)
     if args.plot and plans:
         plot_ratio(best_per_ratio(plans, args.rank_by), args.plot, title)
     if args.json:
@@ -131,12 +131,17 @@ def build_space(
     )
 
 
-def deploy_title(args: argparse.Namespace, spec: ModelSpec, profile: Profile | None) -> str:
-    mode = (
-        f"calibrated by {profile.path} ({profile.device}, {profile.dtype} weights)"
-        if profile
-        else "datasheet peaks"
-    )
+def deploy_title(
+    args: argparse.Namespace, spec: ModelSpec, profile: Profile | None, hw: Hardware | None
+) -> str:
+    """The settings a plan table answers; a profile's times stand in only on its hardware
+    (each plan's JSON says whether it was calibrated)."""
+    mode = "datasheet peaks"
+    if profile is not None and hw is not None:
+        mode = (
+            f"stage times of {profile.path} ({profile.dtype} weights) on {hw.name}, "
+            "datasheet peaks on other hardware"
+        )
     return (
         f"{spec.name}, context {args.context}, TPOT <= {args.tpot_ms:g} ms, {mode}, "
         f"efficiency attention {args.attn_efficiency:g} / FFN {args.ffn_efficiency:g}"
