@@ -45,7 +45,7 @@ def _inputs(m, n, k, block, dtype, seed):
 def _reference(x, w8, scales, a8: bool) -> torch.Tensor:
     """float64 over the dequantized weight; with fp8 x, over x's per-row e4m3 rounding."""
     if a8:
-        q, s = quantize_fp8(x)
+        q, s = quantize_fp8(x, power_of_two=True)
         x = q.double() * s.double()[:, None]
     return x.double() @ scales.dequantize(w8, torch.float64).T
 
@@ -62,8 +62,27 @@ def cases() -> dict:
             out = fp8_linear(x, w8, scales, cfg, fp8_activations=a8)
             found[f"{name}_{dtype}"] = [_rel_err(out, _reference(x, w8, scales, a8)),
                                         str(out.dtype), list(out.shape)]  # fmt: skip
+    found["invariant"] = batch_invariance_case()
     _, w8, scales = _inputs(1, 48, 64, (16, 32), torch.float16, seed=0)
     found["no_rows"] = list(fp8_linear(torch.empty(0, 64, dtype=torch.float16), w8, scales).shape)
+    return found
+
+
+def _rows_unchanged(x, w8, scales, config, counts) -> dict[int, bool]:
+    """Whether the first m rows of x come out the same bits alone as with all of x."""
+    full = fp8_linear(x, w8, scales, config)
+    return {m: torch.equal(fp8_linear(x[:m], w8, scales, config), full[:m]) for m in counts}
+
+
+def batch_invariance_case() -> dict:
+    """fp8 x, K split in 4, 16 x 16 tiles at N=176: 11 column tiles, so 192 rows fill the
+    132 programs an interpreted run assumes (each program sums its 4 splits) and fewer rows
+    spread them over programs (partials summed by a second launch)."""
+    x, w8, scales = _inputs(192, 176, 256, (16, 32), torch.float16, seed=3)
+    cfg = C(16, 16, 32, 4, 2, splits=4)
+    found = _rows_unchanged(x, w8, scales, cfg, (1, 5, 16, 100, 191))
+    _, w8c, channel = _inputs(192, 176, 256, None, torch.float16, seed=3)
+    found.update({-m: v for m, v in _rows_unchanged(x, w8c, channel, cfg, (3, 150)).items()})
     return found
 
 
@@ -81,6 +100,14 @@ def test_fp8_linear_matches_float64(interpreted: dict, name: str, dtype) -> None
     assert err < (2e-3 if dtype == torch.float16 else 1e-5)
 
 
+def test_a_row_gives_the_same_bits_whatever_rows_share_the_call(interpreted: dict) -> None:
+    """Batch invariance (a micro-batch split computes what the whole batch does): 1-191 rows
+    of 192, with the K splits spread over programs and summed in each program, block and
+    per-channel weight scales (negative keys)."""
+    found = interpreted["invariant"]
+    assert found == {str(m): True for m in (1, 5, 16, 100, 191, -3, -150)}
+
+
 def _blocks(n: int, k: int, cols: int = 128) -> BlockScales:
     return BlockScales(torch.ones(-(-n // 128), -(-k // cols)), (128, cols))
 
@@ -90,14 +117,15 @@ def test_no_rows_give_an_empty_output(interpreted: dict) -> None:
 
 
 def test_default_config_splits_k_for_short_grids() -> None:
-    """On 132 SMs, as served (fp8 x): o_proj's 56 column tiles of 128 split K 4 ways at decode
-    rows, none for a prefill chunk. Widened: 32-column tiles, K split to 64 KiB of weight a
-    program, except where the columns alone fill the SMs twice (wq). K tiles divide the scale
+    """On 132 SMs, as served (fp8 x): o_proj's 56 column tiles of 128 split K 4 ways, at
+    decode rows and for a prefill chunk alike (the split follows the columns only).
+    Widened: 32-column tiles, K split to 64 KiB of weight a program, except where the columns
+    alone fill the SMs twice (wq). K tiles divide the scale
     blocks along K, and never go under 32 (e4m3 operands); one scale along K sets no limit."""
     decode = default_config(32, 7168, 16384, 132, _blocks(7168, 16384))
     assert (decode.block_m, decode.block_n, decode.block_k, decode.splits) == (64, 128, 128, 4)
     prefill = default_config(2048, 7168, 16384, 132, _blocks(7168, 16384))
-    assert (prefill.block_m, prefill.block_n, prefill.splits) == (64, 128, 1)
+    assert (prefill.block_m, prefill.block_n, prefill.block_k, prefill.splits) == (64, 128, 128, 4)
     widened = default_config(8, 7168, 16384, 132, _blocks(7168, 16384), widened=True)
     assert (widened.block_m, widened.block_n, widened.splits) == (16, 32, 8)
     assert default_config(8, 16384, 2048, 132, _blocks(16384, 2048), widened=True).splits == 1
@@ -124,14 +152,26 @@ def test_gpu_fp8_linear_at_step3_widths(m: int, block, n: int, k: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("block", [None, (128, 128)], ids=["channel", "b128"])
+@pytest.mark.parametrize(("n", "k"), [(7168, 16384), (2560, 7168)], ids=["o_proj", "qkv"])
+def test_gpu_fp8_linear_rows_are_batch_invariant(block, n: int, k: int) -> None:
+    """As served, at Step3's widths: the first m of 2048 bf16 rows give the same bits alone,
+    from decode rows (K splits spread over programs) to a prefill chunk (summed in each)."""
+    x, w8, scales = _inputs(2048, n, k, block, torch.bfloat16, seed=n)
+    found = _rows_unchanged(x.cuda(), w8.cuda(), scales.to("cuda"), None, (1, 3, 64, 65, 700))
+    assert found == {m: True for m in (1, 3, 64, 65, 700)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_gpu_row_quantization_equals_torch(dtype) -> None:
     """The one-launch row quantizer (the fp8-activation path's) stores the bytes and scales
-    torch's quantize_fp8 computes on CUDA; a zero row stays zero."""
+    torch's quantize_fp8 (power-of-two scales) computes on CUDA; a zero row stays zero."""
     x = (torch.randn(37, 16384) * torch.logspace(-3, 3, 37)[:, None]).to(dtype).cuda()
     x[5] = 0
     q, s = quantize_rows_fp8(x)
-    want_q, want_s = quantize_fp8(x)
+    want_q, want_s = quantize_fp8(x, power_of_two=True)
     assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
 
 

@@ -66,8 +66,8 @@ def _inputs(tokens, hidden, inter, experts, global_experts, dtype, seed, skew=0.
 
 
 def _fp8_round_trip(v: torch.Tensor) -> torch.Tensor:
-    """A row as the fp8-activation path sees it: e4m3 with the row's own scale."""
-    q, scale = quantize_fp8(v)
+    """A row as the fp8-activation path sees it: e4m3 with the row's own power-of-two scale."""
+    q, scale = quantize_fp8(v, power_of_two=True)
     return q.double() * scale.double()[..., None]
 
 

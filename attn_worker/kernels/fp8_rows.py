@@ -1,7 +1,7 @@
-"""Rows of activations to e4m3, one fp32 scale per row, in one launch: what the fp8 GEMMs
-(fp8_linear.py, ffn_worker/kernels/moe_gemm.py) take, where torch runs six kernels for
-afd.quantization.quantize_fp8. Bit-equal to it on CUDA; the KV-cache write (kv_write.py)
-quantizes its vectors the same way."""
+"""Rows of activations to e4m3, one power-of-two fp32 scale per row, in one launch: what the
+fp8 GEMMs (fp8_linear.py, ffn_worker/kernels/moe_gemm.py) take, where torch runs six kernels
+for afd.quantization.quantize_fp8(power_of_two=True). Bit-equal to it on CUDA; the KV-cache
+write (kv_write.py) quantizes its vectors the same way."""
 
 from __future__ import annotations
 
@@ -16,6 +16,14 @@ FP8_TINY = tl.constexpr(torch.finfo(torch.float32).tiny)  # an all-zero row stay
 
 
 @triton.jit
+def power_of_two_scale(scale):
+    """afd.quantization.power_of_two_scales: the smallest power of two at or above `scale`."""
+    bits = scale.to(tl.int32, bitcast=True)
+    up = ((tl.minimum(bits, 0x7F000000) + 0x7FFFFF) & -0x800000).to(tl.float32, bitcast=True)
+    return tl.where(bits < 0x7F000000, up, scale)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -23,8 +31,9 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr)
     for k in range(0, K, BLOCK):
         v = tl.load(x_ptr + row * stride_x + k + offs, mask=k + offs < K, other=0.0)
         amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-    # as torch on CUDA computes quantize_fp8: the max times 1/448, an IEEE division by it
-    scale = tl.max(amax, 0) * INV_FP8_MAX
+    # as torch on CUDA computes quantize_fp8: the max times 1/448 up to a power of two, an
+    # IEEE division by it
+    scale = power_of_two_scale(tl.max(amax, 0) * INV_FP8_MAX)
     for k in range(0, K, BLOCK):
         v = tl.load(x_ptr + row * stride_x + k + offs, mask=k + offs < K, other=0.0)
         quant = tl.math.div_rn(v.to(tl.float32), tl.maximum(scale, FP8_TINY))
@@ -33,8 +42,9 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr)
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """afd.quantization.quantize_fp8 over the rows of x [M, K] (unit stride along K) in one
-    launch instead of torch's six: e4m3 rows and fp32 scales [M], the same values."""
+    """afd.quantization.quantize_fp8(power_of_two=True) over the rows of x [M, K] (unit
+    stride along K) in one launch instead of torch's six: e4m3 rows and fp32 scales [M], the
+    same values."""
     m, k = x.shape
     assert x.stride(1) == 1
     quant = torch.empty(m, k, device=x.device, dtype=torch.float8_e4m3fn)
@@ -49,4 +59,4 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     converts to e4m3 wrongly)."""
     if x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
         return quantize_rows_fp8(x)
-    return quantize_fp8(x)
+    return quantize_fp8(x, power_of_two=True)
