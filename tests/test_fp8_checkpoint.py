@@ -115,7 +115,7 @@ def test_experts_stay_e4m3_as_stored_by_default(tiny_fp8_ckpt) -> None:
         assert torch.equal(proj.scales.scale, tensors[key + "_scale_inv"])
     # 32-row blocks straddle k_proj's 16 rows and v_proj's: q/k/v stay three GEMMs
     assert attn.self_attn.qkv_weight is None
-    x = torch.randn(7, cfg.hidden_size)
+    x = torch.randn(7, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     ids = torch.randint(0, cfg.moe_num_experts, (7, cfg.moe_top_k), dtype=torch.int32)
     weights = torch.rand(7, cfg.moe_top_k)
     with torch.no_grad():

@@ -68,21 +68,24 @@ def cases() -> dict:
     return found
 
 
-def _rows_unchanged(x, w8, scales, config, counts) -> dict[int, bool]:
+def _rows_unchanged(x, w8, scales, counts, config=None) -> dict[int, bool]:
     """Whether the first m rows of x come out the same bits alone as with all of x."""
     full = fp8_linear(x, w8, scales, config)
     return {m: torch.equal(fp8_linear(x[:m], w8, scales, config), full[:m]) for m in counts}
 
 
 def batch_invariance_case() -> dict:
-    """fp8 x, K split in 4, 16 x 16 tiles at N=176: 11 column tiles, so 192 rows fill the
-    132 programs an interpreted run assumes (each program sums its 4 splits) and fewer rows
-    spread them over programs (partials summed by a second launch)."""
-    x, w8, scales = _inputs(192, 176, 256, (16, 32), torch.float16, seed=3)
-    cfg = C(16, 16, 32, 4, 2, splits=4)
-    found = _rows_unchanged(x, w8, scales, cfg, (1, 5, 16, 100, 191))
-    _, w8c, channel = _inputs(192, 176, 256, None, torch.float16, seed=3)
-    found.update({-m: v for m, v in _rows_unchanged(x, w8c, channel, cfg, (3, 150)).items()})
+    """fp8 x on the served tiles, whose columns a program takes change with the rows: 32 up
+    to 64 rows, 64 for all 192 (blocks of 16 x 32, and per channel: negative keys). The
+    pre-invariance rule (K split by the grid: 8 ways for one row tile, 4 for three) fails it
+    at 5 and 64 rows."""
+    found = {}
+    for block, sign in (((16, 32), 1), (None, -1)):
+        x, w8, scales = _inputs(192, 1280, 1024, block, torch.float16, seed=3)
+        assert default_config(5, 1280, 1024, 132, scales).block_n == 32
+        assert default_config(192, 1280, 1024, 132, scales).block_n == 64
+        counts = (1, 5, 64, 65, 191)
+        found.update({sign * m: v for m, v in _rows_unchanged(x, w8, scales, counts).items()})
     return found
 
 
@@ -102,10 +105,9 @@ def test_fp8_linear_matches_float64(interpreted: dict, name: str, dtype) -> None
 
 def test_a_row_gives_the_same_bits_whatever_rows_share_the_call(interpreted: dict) -> None:
     """Batch invariance (a micro-batch split computes what the whole batch does): 1-191 rows
-    of 192, with the K splits spread over programs and summed in each program, block and
-    per-channel weight scales (negative keys)."""
+    of 192 through the served tiles, block and per-channel weight scales."""
     found = interpreted["invariant"]
-    assert found == {str(m): True for m in (1, 5, 16, 100, 191, -3, -150)}
+    assert found == {str(sign * m): True for m in (1, 5, 64, 65, 191) for sign in (1, -1)}
 
 
 def _blocks(n: int, k: int, cols: int = 128) -> BlockScales:
@@ -116,16 +118,18 @@ def test_no_rows_give_an_empty_output(interpreted: dict) -> None:
     assert interpreted["no_rows"] == [0, 48]
 
 
-def test_default_config_splits_k_for_short_grids() -> None:
-    """On 132 SMs, as served (fp8 x): o_proj's 56 column tiles of 128 split K 4 ways, at
-    decode rows and for a prefill chunk alike (the split follows the columns only).
-    Widened: 32-column tiles, K split to 64 KiB of weight a program, except where the columns
-    alone fill the SMs twice (wq). K tiles divide the scale
-    blocks along K, and never go under 32 (e4m3 operands); one scale along K sets no limit."""
-    decode = default_config(32, 7168, 16384, 132, _blocks(7168, 16384))
-    assert (decode.block_m, decode.block_n, decode.block_k, decode.splits) == (64, 128, 128, 4)
-    prefill = default_config(2048, 7168, 16384, 132, _blocks(7168, 16384))
-    assert (prefill.block_m, prefill.block_n, prefill.block_k, prefill.splits) == (64, 128, 128, 4)
+def test_default_config_never_splits_k_as_served() -> None:
+    """On 132 SMs, as served (fp8 x): no K split at any row count; 32 columns a program for
+    decode rows (6 stages over o_proj's long K, 4 over wq's), then 64 while the 128-column
+    grid is short of the SMs (o_proj at 128 rows), else 128. Widened: 32-column tiles, K split
+    to 64 KiB of weight a program, except where the columns alone fill the SMs twice (wq). K
+    tiles divide the scale blocks along K, and never go under 32 (e4m3 operands); one scale
+    along K sets no limit."""
+    o_proj = lambda m: default_config(m, 7168, 16384, 132, _blocks(7168, 16384))  # noqa: E731
+    assert o_proj(32) == LinearConfig(64, 32, 128, 4, 6, 1)
+    assert o_proj(128) == LinearConfig(64, 64, 128, 4, 4, 1)
+    assert o_proj(2048) == LinearConfig(64, 128, 128, 4, 4, 1)
+    assert default_config(8, 16384, 2048, 132, _blocks(16384, 2048)).num_stages == 4
     widened = default_config(8, 7168, 16384, 132, _blocks(7168, 16384), widened=True)
     assert (widened.block_m, widened.block_n, widened.splits) == (16, 32, 8)
     assert default_config(8, 16384, 2048, 132, _blocks(16384, 2048), widened=True).splits == 1
@@ -156,9 +160,9 @@ def test_gpu_fp8_linear_at_step3_widths(m: int, block, n: int, k: int) -> None:
 @pytest.mark.parametrize(("n", "k"), [(7168, 16384), (2560, 7168)], ids=["o_proj", "qkv"])
 def test_gpu_fp8_linear_rows_are_batch_invariant(block, n: int, k: int) -> None:
     """As served, at Step3's widths: the first m of 2048 bf16 rows give the same bits alone,
-    from decode rows (K splits spread over programs) to a prefill chunk (summed in each)."""
+    from decode rows (32 columns a program) to a prefill chunk (64 or 128)."""
     x, w8, scales = _inputs(2048, n, k, block, torch.bfloat16, seed=n)
-    found = _rows_unchanged(x.cuda(), w8.cuda(), scales.to("cuda"), None, (1, 3, 64, 65, 700))
+    found = _rows_unchanged(x.cuda(), w8.cuda(), scales.to("cuda"), (1, 3, 64, 65, 700))
     assert found == {m: True for m in (1, 3, 64, 65, 700)}
 
 

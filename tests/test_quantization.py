@@ -37,7 +37,7 @@ def test_fp8_experts_are_stored_in_e4m3_and_stay_close(tiny_ckpt) -> None:
         assert torch.allclose(back, getattr(ref, name), rtol=2**-3, atol=1e-6)
     dense = next(i for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i))
     assert fp8.model.layers[dense].mlp.gate_proj.weight.dtype == torch.float32  # untouched
-    x = torch.randn(7, cfg.hidden_size)
+    x = torch.randn(7, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     ids = torch.randint(0, cfg.moe_num_experts, (7, cfg.moe_top_k), dtype=torch.int32)
     weights = torch.rand(7, cfg.moe_top_k)
     with torch.no_grad():
@@ -62,7 +62,7 @@ def test_fp8_attention_projections_stay_close(tiny_ckpt) -> None:
         assert torch.allclose(back, ref, rtol=2**-3, atol=1e-6)
     assert attn.qkv_weight is not None  # fused, the three weights its slices
     assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
-    x = torch.randn(6, cfg.hidden_size)
+    x = torch.randn(6, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     positions = torch.arange(6)
     cos, sin = Rope(cfg.head_dim, cfg.rope_theta).cos_sin(positions)
     causal = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
@@ -76,7 +76,9 @@ def test_fp8_attention_projections_stay_close(tiny_ckpt) -> None:
         want = plain.self_attn(x, cos, sin, causal)
     torch.testing.assert_close(fused, three, rtol=1e-5, atol=1e-6)
     err = float((fused - want).norm() / want.norm())
-    assert 1e-4 < err < 0.1  # quantized, and not far off
+    # quantized, and not far off: over 200 random x, 0.08 on average, at most 0.15 (x was
+    # unseeded, and 15 % of draws went over the old bound of 0.1)
+    assert 1e-4 < err < 0.2
 
 
 @pytest.mark.slow
