@@ -87,8 +87,8 @@ class BlockScales:
 
 
 def power_of_two_scales(scale: torch.Tensor) -> torch.Tensor:
-    """The smallest power of two at or above each fp32 scale (0 stays 0; from 2^127 on, and
-    inf or NaN, as they are)."""
+    """The smallest power of two at or above each fp32 scale (0 stays 0, subnormals go to
+    2^-126; from 2^127 on, and inf or NaN, as they are)."""
     bits = scale.float().contiguous().view(torch.int32)
     up = ((bits.clamp(max=0x7F000000) + 0x7FFFFF) & -0x800000).view(torch.float32)
     return torch.where(bits < 0x7F000000, up, scale.float())

@@ -115,9 +115,10 @@ def test_experts_stay_e4m3_as_stored_by_default(tiny_fp8_ckpt) -> None:
         assert torch.equal(proj.scales.scale, tensors[key + "_scale_inv"])
     # 32-row blocks straddle k_proj's 16 rows and v_proj's: q/k/v stay three GEMMs
     assert attn.self_attn.qkv_weight is None
-    x = torch.randn(7, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
-    ids = torch.randint(0, cfg.moe_num_experts, (7, cfg.moe_top_k), dtype=torch.int32)
-    weights = torch.rand(7, cfg.moe_top_k)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, cfg.hidden_size, generator=g)
+    ids = torch.randint(0, cfg.moe_num_experts, (7, cfg.moe_top_k), dtype=torch.int32, generator=g)
+    weights = torch.rand(7, cfg.moe_top_k, generator=g)
     with torch.no_grad():
         want, got = plain(2, x, ids, weights), fp8(2, x, ids, weights)
     err = float((got - want).norm() / want.norm())

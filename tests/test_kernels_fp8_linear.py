@@ -63,6 +63,7 @@ def cases() -> dict:
             found[f"{name}_{dtype}"] = [_rel_err(out, _reference(x, w8, scales, a8)),
                                         str(out.dtype), list(out.shape)]  # fmt: skip
     found["invariant"] = batch_invariance_case()
+    found["row_scales"] = row_scales_case()
     _, w8, scales = _inputs(1, 48, 64, (16, 32), torch.float16, seed=0)
     found["no_rows"] = list(fp8_linear(torch.empty(0, 64, dtype=torch.float16), w8, scales).shape)
     return found
@@ -76,17 +77,41 @@ def _rows_unchanged(x, w8, scales, counts, config=None) -> dict[int, bool]:
 
 def batch_invariance_case() -> dict:
     """fp8 x on the served tiles, whose columns a program takes change with the rows: 32 up
-    to 64 rows, 64 for all 192 (blocks of 16 x 32, and per channel: negative keys). The
-    pre-invariance rule (K split by the grid: 8 ways for one row tile, 4 for three) fails it
-    at 5 and 64 rows."""
+    to 64 rows, 64 for all 192 (blocks of 16 x 32 at N=1280, and per channel at N=2816:
+    negative keys). The pre-invariance rule (K split by the grid: 8 ways for one row tile
+    and 4 for three with the blocks, 2 and 1 per channel) fails both at 5 and 64 rows."""
     found = {}
-    for block, sign in (((16, 32), 1), (None, -1)):
-        x, w8, scales = _inputs(192, 1280, 1024, block, torch.float16, seed=3)
-        assert default_config(5, 1280, 1024, 132, scales).block_n == 32
-        assert default_config(192, 1280, 1024, 132, scales).block_n == 64
+    for block, n, sign in (((16, 32), 1280, 1), (None, 2816, -1)):
+        x, w8, scales = _inputs(192, n, 1024, block, torch.float16, seed=3)
+        assert default_config(5, n, 1024, 132, scales).block_n == 32
+        assert default_config(192, n, 1024, 132, scales).block_n == 64
         counts = (1, 5, 64, 65, 191)
         found.update({sign * m: v for m, v in _rows_unchanged(x, w8, scales, counts).items()})
     return found
+
+
+def _scale_rows() -> torch.Tensor:
+    """Rows whose largest magnitude sits on a power-of-two boundary of the scale (448 x 2^e),
+    one float above it and below it, a zero row, and rows over 12 decades."""
+    tops = []
+    for e in (-10, 0, 7):
+        top = torch.tensor(448.0 * 2.0**e)
+        tops += [top, torch.nextafter(top, top * 2), -torch.nextafter(top, top * 0)]
+    rows = torch.zeros(len(tops), 256)
+    rows[:, 5] = torch.stack(tops)
+    g = torch.Generator().manual_seed(4)
+    spread = torch.randn(6, 256, generator=g) * torch.logspace(-6, 6, 6)[:, None]
+    return torch.cat([rows, spread, torch.zeros(1, 256)])
+
+
+def row_scales_case() -> list[bool]:
+    """The row quantizer's power-of-two scales (its Triton bit trick) against torch's,
+    bit for bit, per row (the interpreter's e4m3 codes are not checked: it converts
+    wrongly)."""
+    x = _scale_rows()
+    _, got = quantize_rows_fp8(x)
+    _, want = quantize_fp8(x, power_of_two=True)
+    return [bool(a) for a in got.view(torch.int32) == want.view(torch.int32)]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +133,10 @@ def test_a_row_gives_the_same_bits_whatever_rows_share_the_call(interpreted: dic
     of 192 through the served tiles, block and per-channel weight scales."""
     found = interpreted["invariant"]
     assert found == {str(sign * m): True for m in (1, 5, 64, 65, 191) for sign in (1, -1)}
+
+
+def test_row_quantizer_scales_are_torchs_powers_of_two(interpreted: dict) -> None:
+    assert interpreted["row_scales"] == [True] * len(_scale_rows())
 
 
 def _blocks(n: int, k: int, cols: int = 128) -> BlockScales:
@@ -172,8 +201,9 @@ def test_gpu_fp8_linear_rows_are_batch_invariant(block, n: int, k: int) -> None:
 def test_gpu_row_quantization_equals_torch(dtype) -> None:
     """The one-launch row quantizer (the fp8-activation path's) stores the bytes and scales
     torch's quantize_fp8 (power-of-two scales) computes on CUDA; a zero row stays zero."""
-    x = (torch.randn(37, 16384) * torch.logspace(-3, 3, 37)[:, None]).to(dtype).cuda()
+    x = (torch.randn(37, 16384) * torch.logspace(-3, 3, 37)[:, None]).to(dtype)
     x[5] = 0
+    x = torch.cat([x, torch.nn.functional.pad(_scale_rows(), (0, 16384 - 256)).to(dtype)]).cuda()
     q, s = quantize_rows_fp8(x)
     want_q, want_s = quantize_fp8(x, power_of_two=True)
     assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))

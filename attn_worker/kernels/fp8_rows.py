@@ -1,7 +1,7 @@
 """Rows of activations to e4m3, one power-of-two fp32 scale per row, in one launch: what the
 fp8 GEMMs (fp8_linear.py, ffn_worker/kernels/moe_gemm.py) take, where torch runs six kernels
-for afd.quantization.quantize_fp8(power_of_two=True). Bit-equal to it on CUDA; the KV-cache
-write (kv_write.py) quantizes its vectors the same way."""
+for afd.quantization.quantize_fp8(power_of_two=True). Bit-equal to it on CUDA. The KV-cache
+write (kv_write.py) quantizes its vectors with exact scales instead (quantize_fp8's default)."""
 
 from __future__ import annotations
 

@@ -133,8 +133,9 @@ def moe_down(
 # 1.82 / 1.80 ms, T=256 2.00 / 2.00), at many it is 1.8x faster (T=1024 2.55 against 4.56),
 # and a row's quantization then does not depend on how many tokens share the call (a switch
 # by rows per expert made a micro-batch split differ from colocated by a rounding mode;
-# NOTES-kernels versions 16-17; what still differs across splits: NOTES-e2e, seventh
-# session). Widened weights stay as an option (fp8_activations=False).
+# NOTES-kernels versions 16-17; their scales are powers of two, version 19; what still
+# differs across splits: NOTES-e2e, eighth session). Widened weights stay as an option
+# (fp8_activations=False).
 
 
 def fused_moe_triton(
