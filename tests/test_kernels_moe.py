@@ -19,7 +19,6 @@ from ffn_worker.kernels.fused_moe import (
 from ffn_worker.kernels.moe_gemm import (
     GemmConfig,
     MoeConfig,
-    align_by_expert,
     fused_moe_triton,
 )
 from tests.conftest import run_interpreted
@@ -215,62 +214,6 @@ def test_no_local_expert_gives_zero() -> None:
     assert torch.equal(fused_moe(x, wg, wu, wd, ids, weights, 0), torch.zeros_like(x))
 
 
-def align_cases() -> dict[str, list]:
-    """align_by_expert on a hand-made routing and on skewed random ones (run interpreted)."""
-    ids = torch.tensor([[0, 2, 5], [2, 1, 3]], dtype=torch.int32)  # pairs 0..5, expert 5 remote
-    tiles = align_by_expert(ids, 0, 4, 2)
-    found = {"hand": [tiles.sorted_ids.tolist(), tiles.tile_meta.tolist()]}
-    g = torch.Generator().manual_seed(0)
-    for block_m in (1, 4, 16):
-        for skew in (0.0, 1.0, 10.0):
-            scores = torch.rand(50, 8, generator=g) + skew * torch.arange(8)
-            ids = scores.topk(TOPK, dim=-1).indices.to(torch.int32)
-            tiles = align_by_expert(ids, 2, 4, block_m)
-            found[f"rand_{block_m}_{skew}"] = [
-                ids.tolist(),
-                tiles.sorted_ids.tolist(),
-                tiles.tile_meta.tolist(),
-            ]
-    return found
-
-
-def test_align_tiles_each_expert_run(interpreted: dict) -> None:
-    sorted_ids, meta = interpreted["align"]["hand"]
-    # by expert (order within one is free), the remote pair last
-    assert [sorted(sorted_ids[a:b]) for a, b in ((0, 1), (1, 2), (2, 4), (4, 5), (5, 6))] == [
-        [0],
-        [4],
-        [1, 3],
-        [5],
-        [2],
-    ]
-    # (expert, its first tile, its first row, its rows) per tile; expert 4 = past the last tile
-    assert meta[:4] == [[0, 0, 0, 1], [1, 1, 1, 1], [2, 2, 2, 2], [3, 3, 4, 1]]
-    assert all(row[0] == 4 for row in meta[4:])
-
-
-def test_align_groups_every_pair(interpreted: dict) -> None:
-    """Whatever the routing: each expert's rows hold exactly its pairs, and the upper-bound
-    tile list holds every tile, in expert order."""
-    for name, found in interpreted["align"].items():
-        if name == "hand":
-            continue
-        ids, sorted_ids, meta = found
-        block_m = int(name.split("_")[1])
-        local = torch.tensor(ids).flatten() - 2  # [P], experts 2..5 are local
-        assert sorted(sorted_ids) == list(range(local.numel()))
-        row = 0
-        for e in range(4):
-            pairs = (local == e).nonzero().flatten().tolist()
-            assert sorted(sorted_ids[row : row + len(pairs)]) == pairs
-            tiles = [m for m in meta if m[0] == e]
-            assert len(tiles) == -(-len(pairs) // block_m)
-            assert all(m[2:] == [row, len(pairs)] for m in tiles)
-            row += len(pairs)
-        experts = [m[0] for m in meta]
-        assert experts == sorted(experts) and experts[-1] == 4
-
-
 GPU_CONFIGS = {
     "default": None,
     "small_tail": MoeConfig(64, G(64, 64, 4, 3), G(64, 64, 4, 3), small_m=16),
@@ -345,4 +288,4 @@ if __name__ == "__main__":  # the interpreted child of the `interpreted` fixture
     found |= {"fp8blk_" + name: run_fp8_case(name, FP8_BLOCK) for name in CASES}
     found |= {"fp8blka8_" + name: run_fp8_activations_case(name, FP8_BLOCK) for name in CASES}
     found["fp8_split"] = fp8_split_case()
-    print(json.dumps({**found, "align": align_cases()}))
+    print(json.dumps(found))

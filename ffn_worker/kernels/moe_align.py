@@ -1,8 +1,14 @@
 """Routing alignment for the MoE GEMMs: (token, slot) pairs grouped by the rank's local
-expert and cut into row tiles per expert (the last one shorter), in three small Triton
-kernels (count, plan, scatter) with no host sync, so the layer stays capturable in a CUDA
-graph: the tile list has an upper-bound length and entries past the last tile name expert
-num_experts."""
+expert, in pair order within an expert, and cut into row tiles per expert (the last one
+shorter), in three small Triton kernels (count, plan, scatter) with no host sync, so the
+layer stays capturable in a CUDA graph: the tile list has an upper-bound length and entries
+past the last tile name expert num_experts.
+
+The order within an expert is fixed (not the order of atomics) because a row's result can
+depend on the tile it lands in: an expert's short last tile runs other instructions
+(`mma.sync` below 64 rows, `wgmma` above), and with e4m3 operands the two sum differently.
+In atomic order the same inputs gave outputs 2 % apart from run to run (H100; NOTES-kernels
+version 20)."""
 
 from __future__ import annotations
 
@@ -12,6 +18,14 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+
+def pairs_per_program(num_pairs: int) -> int:
+    """Pairs a program of the count and scatter kernels takes. The scatter sums the counts of
+    all earlier programs' blocks, so blocks grow past 64K pairs (H100: 11 / 14 / 17 / 38 us at
+    T = 64 / 1024 / 4096 / 16384 tokens, against 8 / 12 / 17 / 37 for atomic order; at T =
+    65536, 177 us with blocks of 128 and 121 with 256)."""
+    return 128 if num_pairs <= 65536 else 256
 
 
 @dataclass(frozen=True)
@@ -34,12 +48,14 @@ def _bucket(ids_ptr, offs, num_pairs, expert_start, num_experts):
 
 @triton.jit
 def _count_kernel(
-    ids_ptr, counts_ptr, num_pairs, expert_start, num_experts,
+    ids_ptr, counts_ptr, block_counts_ptr, num_pairs, expert_start, num_experts,
     BLOCK: tl.constexpr, NUM_BINS: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     hist = tl.histogram(_bucket(ids_ptr, offs, num_pairs, expert_start, num_experts), NUM_BINS)
     bins = tl.arange(0, NUM_BINS)
+    tl.store(block_counts_ptr + pid * NUM_BINS + bins, hist)  # for the scatter's row bases
     tl.atomic_add(counts_ptr + bins, hist, mask=bins <= num_experts, sem="relaxed")
 
 
@@ -70,23 +86,37 @@ def _plan_kernel(
 
 @triton.jit
 def _scatter_kernel(
-    ids_ptr, cursor_ptr, sorted_ids_ptr, num_pairs, expert_start, num_experts,
-    BLOCK: tl.constexpr,
+    ids_ptr, cursor_ptr, block_counts_ptr, sorted_ids_ptr, num_pairs, expert_start, num_experts,
+    BLOCK: tl.constexpr, NUM_BINS: tl.constexpr, PREV: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # A pair's row: its expert's first row, plus the expert's pairs in earlier blocks (their
+    # counts), plus those before it in this block (a scan over the block's one-hot buckets).
+    pid = tl.program_id(0)
+    bins = tl.arange(0, NUM_BINS)
+    base = tl.load(cursor_ptr + bins, mask=bins <= num_experts, other=0)  # [NB]
+    for b0 in range(0, pid, PREV):
+        prev = b0 + tl.arange(0, PREV)  # [PREV] earlier blocks
+        counts = tl.load(
+            block_counts_ptr + prev[:, None] * NUM_BINS + bins[None, :],
+            mask=prev[:, None] < pid,
+            other=0,
+        )  # [PREV, NB]
+        base += tl.sum(counts, 0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     bucket = _bucket(ids_ptr, offs, num_pairs, expert_start, num_experts)
-    in_range = offs < num_pairs
-    # rows within an expert land in atomic order: each row's result does not depend on it
-    row = tl.atomic_add(cursor_ptr + bucket, 1, mask=in_range, sem="relaxed")
-    tl.store(sorted_ids_ptr + row, offs, mask=in_range)
+    hit = (bucket[:, None] == bins[None, :]).to(tl.int32)  # [BLOCK, NB] one-hot
+    before = tl.cumsum(hit, 0) - hit  # same-expert pairs before each, in this block
+    row = tl.sum(hit * (base[None, :] + before), 1)  # [BLOCK]
+    tl.store(sorted_ids_ptr + row, offs, mask=offs < num_pairs)
 
 
 def align_by_expert(
     topk_ids: Tensor, expert_start: int, num_experts: int, block_m: int
 ) -> ExpertTiles:
-    """Group (token, slot) pairs by local expert and cut each expert's rows into tiles of
-    block_m rows (its last tile shorter). Three small kernels and no host sync: the tile list
-    has an upper-bound length, and entries past the last tile name expert num_experts."""
+    """Group (token, slot) pairs by local expert, in pair order, and cut each expert's rows
+    into tiles of block_m rows (its last tile shorter). Three small kernels and no host
+    sync: the tile list has an upper-bound length, and entries past the last tile name
+    expert num_experts."""
     num_pairs = topk_ids.numel()
     ids = topk_ids.reshape(-1)  # [P]
     num_bins = triton.next_power_of_2(num_experts + 2)
@@ -96,10 +126,17 @@ def align_by_expert(
     max_tiles = max(1, min(num_pairs, (num_pairs + num_experts * (block_m - 1)) // block_m))
     tile_meta = torch.empty(max_tiles, 4, dtype=torch.int32, device=ids.device)
     sorted_ids = torch.empty(num_pairs, dtype=torch.int32, device=ids.device)  # [P]
-    grid = (triton.cdiv(num_pairs, 1024),)
-    _count_kernel[grid](ids, counts, num_pairs, expert_start, num_experts, 1024, num_bins)
+    block = pairs_per_program(num_pairs)
+    grid = (triton.cdiv(num_pairs, block),)
+    block_counts = torch.empty(grid[0], num_bins, dtype=torch.int32, device=ids.device)
+    _count_kernel[grid](
+        ids, counts, block_counts, num_pairs, expert_start, num_experts, block, num_bins
+    )
     _plan_kernel[(1,)](
         counts, cursor, tile_meta, num_experts, max_tiles, block_m, num_bins, 4096 // num_bins
     )
-    _scatter_kernel[grid](ids, cursor, sorted_ids, num_pairs, expert_start, num_experts, 1024)
+    _scatter_kernel[grid](
+        ids, cursor, block_counts, sorted_ids, num_pairs, expert_start, num_experts,
+        block, num_bins, 32,
+    )  # fmt: skip
     return ExpertTiles(sorted_ids, tile_meta, block_m)

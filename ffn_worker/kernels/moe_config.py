@@ -65,17 +65,6 @@ def fp8_operand_tiles(cfg: MoeConfig) -> MoeConfig:
     return replace(cfg, gate_up=wide(cfg.gate_up), down=wide(cfg.down))
 
 
-def fp8_weight_small_tiles(cfg: MoeConfig) -> MoeConfig:
-    """fp8 weights: no short last tile (`small_m` 0). On an H100 the served configs with
-    e4m3 weights and short tiles (16 rows at T=1024, 32 at T=4096) gave a different result
-    on each run of the same inputs, by up to 2 % of the output: the down kernel (per channel
-    and blocks, fp8 or widened activations; gate-up and 16-bit weights repeat bit for bit).
-    Without them the same calls repeat to the fp32 atomics' last bit. Costs nothing at
-    T <= 256, 4-9 % from T=1024 (per channel 2.05 -> 2.24 ms at 1024, 3.47 -> 3.73 at 4096;
-    bench/NOTES-kernels.md version 19)."""
-    return replace(cfg, small_m=0)
-
-
 def fit_scale_blocks(cfg: MoeConfig, scales: tuple[BlockScales, ...] | None) -> MoeConfig:
     """K tiles that each sit in one scale block along K, so that each tile's sum takes one
     scale. That sum is a second accumulator beside the running one: tiles of more than
@@ -105,13 +94,11 @@ def tile_config(
 ) -> MoeConfig:
     """The tiles fused_moe_triton runs: `config`, or the default by rows per expert with K
     tiles of 128 when both operands are e4m3 (a speed preference, so a given config stays as
-    given); short tiles for fp32 x, K tiles inside the scale blocks, and no short last tile
-    with fp8 weights (all three needed: to fit in shared memory, to be right, to repeat)."""
+    given); short K tiles for fp32 x and K tiles inside the scale blocks (both needed: to fit
+    in shared memory, to be right)."""
     cfg = config or default_config(num_pairs, model_experts)
     if x_dtype == torch.float32:
         cfg = fp32_input_tiles(cfg)
     elif config is None and scales is not None and fp8_activations:
         cfg = fp8_operand_tiles(cfg)
-    if scales is not None:
-        cfg = fp8_weight_small_tiles(cfg)
     return fit_scale_blocks(cfg, scales)
