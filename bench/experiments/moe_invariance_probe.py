@@ -4,7 +4,9 @@ activations as served): the first m of 4096 tokens alone against their rows in t
 bitwise and by max |difference|, and the full call twice (the down kernel's fp32 atomics sum a
 token's 3 experts in the programs' order). Also with an explicit config at every m, so that
 only the atomics can differ. One run, JSON. Its first run (`moe_invariance_h100.json`) found
-the served e4m3 configs differing run to run (their short last tiles; since removed).
+the served e4m3 configs differing run to run: the alignment placed an expert's pairs in atomic
+order, and a pair's tile (short or full) changes its e4m3 sums; since in pair order,
+`moe_invariance_ordered_h100.json` (NOTES-kernels version 20).
 
     python bench/experiments/moe_invariance_probe.py --out $OUT/moe_invariance_h100.json
 """
