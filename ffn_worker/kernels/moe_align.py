@@ -4,11 +4,11 @@ shorter), in three small Triton kernels (count, plan, scatter) with no host sync
 layer stays capturable in a CUDA graph: the tile list has an upper-bound length and entries
 past the last tile name expert num_experts.
 
-The order within an expert is fixed (not the order of atomics) because a row's result can
-depend on the tile it lands in: an expert's short last tile runs other instructions
-(`mma.sync` below 64 rows, `wgmma` above), and with e4m3 operands the two sum differently.
-In atomic order the same inputs gave outputs 2 % apart from run to run (H100; NOTES-kernels
-version 20)."""
+The order within an expert is fixed (not the order of atomics) because with e4m3 operands a
+row's result depends on the tile it lands in: in atomic order the same inputs gave outputs up
+to 2 % apart from run to run on an H100 when experts' last tiles ran short, and repeat in pair
+order (likely because a short tile of fewer than 64 rows runs `mma.sync` and a full one
+`wgmma`, which sum e4m3 products differently; NOTES-kernels version 20)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,12 @@ from torch import Tensor
 
 def pairs_per_program(num_pairs: int) -> int:
     """Pairs a program of the count and scatter kernels takes. The scatter sums the counts of
-    all earlier programs' blocks, so blocks grow past 64K pairs (H100: 11 / 14 / 17 / 38 us at
-    T = 64 / 1024 / 4096 / 16384 tokens, against 8 / 12 / 17 / 37 for atomic order; at T =
-    65536, 177 us with blocks of 128 and 121 with 256)."""
-    return 128 if num_pairs <= 65536 else 256
+    all earlier programs' blocks, a cost that grows with the square of the programs, so blocks
+    grow past 32K pairs. H100, top-3 of 48 experts (`moe_align_blocks_h100.json`), us, blocks of
+    128 / 256 / atomic order: T = 64 tokens 10.7 / 14.7 / 8.2, 4096 17.5 / 21.2 / 17.2, 16384
+    37.8 / 35.2 / 37.3, 65536 177 / 121 / 122. Past ~200K pairs a step (65K tokens) it grows
+    faster than the atomic scatter did."""
+    return 128 if num_pairs <= 32768 else 256
 
 
 @dataclass(frozen=True)
@@ -61,14 +63,14 @@ def _count_kernel(
 
 @triton.jit
 def _plan_kernel(
-    counts_ptr, cursor_ptr, tile_meta_ptr, num_experts, max_tiles,
+    counts_ptr, first_row_ptr, tile_meta_ptr, num_experts, max_tiles,
     BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, TILE_BLOCK: tl.constexpr,
 ):  # fmt: skip
     # One program: each bucket's first row (other ranks' pairs last), and the tile list.
     bins = tl.arange(0, NUM_BINS)
     counts = tl.load(counts_ptr + bins, mask=bins <= num_experts, other=0)  # [NB]
     first_row = tl.cumsum(counts, 0) - counts
-    tl.store(cursor_ptr + bins, first_row, mask=bins <= num_experts)
+    tl.store(first_row_ptr + bins, first_row, mask=bins <= num_experts)
     tiles = tl.where(bins < num_experts, tl.cdiv(counts, BLOCK_M), 0)  # [NB]
     tile_end = tl.cumsum(tiles, 0)
     for t0 in range(0, max_tiles, TILE_BLOCK):
@@ -86,14 +88,14 @@ def _plan_kernel(
 
 @triton.jit
 def _scatter_kernel(
-    ids_ptr, cursor_ptr, block_counts_ptr, sorted_ids_ptr, num_pairs, expert_start, num_experts,
+    ids_ptr, first_row_ptr, block_counts_ptr, sorted_ids_ptr, num_pairs, expert_start, num_experts,
     BLOCK: tl.constexpr, NUM_BINS: tl.constexpr, PREV: tl.constexpr,
 ):  # fmt: skip
     # A pair's row: its expert's first row, plus the expert's pairs in earlier blocks (their
     # counts), plus those before it in this block (a scan over the block's one-hot buckets).
     pid = tl.program_id(0)
     bins = tl.arange(0, NUM_BINS)
-    base = tl.load(cursor_ptr + bins, mask=bins <= num_experts, other=0)  # [NB]
+    base = tl.load(first_row_ptr + bins, mask=bins <= num_experts, other=0)  # [NB]
     for b0 in range(0, pid, PREV):
         prev = b0 + tl.arange(0, PREV)  # [PREV] earlier blocks
         counts = tl.load(
@@ -121,7 +123,7 @@ def align_by_expert(
     ids = topk_ids.reshape(-1)  # [P]
     num_bins = triton.next_power_of_2(num_experts + 2)
     counts = torch.zeros(num_bins, dtype=torch.int32, device=ids.device)  # [NB]
-    cursor = torch.empty_like(counts)
+    first_rows = torch.empty_like(counts)
     # Σ ceil(n_e / BM) <= (P + E (BM - 1)) / BM, and each tile holds at least one pair
     max_tiles = max(1, min(num_pairs, (num_pairs + num_experts * (block_m - 1)) // block_m))
     tile_meta = torch.empty(max_tiles, 4, dtype=torch.int32, device=ids.device)
@@ -133,10 +135,10 @@ def align_by_expert(
         ids, counts, block_counts, num_pairs, expert_start, num_experts, block, num_bins
     )
     _plan_kernel[(1,)](
-        counts, cursor, tile_meta, num_experts, max_tiles, block_m, num_bins, 4096 // num_bins
+        counts, first_rows, tile_meta, num_experts, max_tiles, block_m, num_bins, 4096 // num_bins
     )
     _scatter_kernel[grid](
-        ids, cursor, block_counts, sorted_ids, num_pairs, expert_start, num_experts,
+        ids, first_rows, block_counts, sorted_ids, num_pairs, expert_start, num_experts,
         block, num_bins, 32,
     )  # fmt: skip
     return ExpertTiles(sorted_ids, tile_meta, block_m)
