@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json as jsonlib
+import math
 from dataclasses import dataclass, field
 
 from transport.codec import message
@@ -10,6 +11,11 @@ from transport.codec import message
 
 class SamplingError(ValueError):
     """A sampling parameter is out of range; the message names the parameter."""
+
+
+# vLLM's floor for a positive temperature: below it, logits / temperature overflow float32
+# (1e-45 is 0 there) and a row's probabilities turn to NaN
+MIN_TEMPERATURE = 1e-2
 
 
 @message
@@ -85,12 +91,18 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = {int(t): float(b) for t, b in (self.logit_bias or {}).items()}
         self.validate()
+        if 0.0 < self.temperature < MIN_TEMPERATURE:  # as vLLM: raised to its floor
+            self.temperature = MIN_TEMPERATURE
 
     def validate(self) -> None:
         checks = [
             (self.n >= 1, "n", "must be at least 1"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),
-            (self.temperature >= 0.0, "temperature", "must be non-negative"),
+            (
+                math.isfinite(self.temperature) and self.temperature >= 0.0,
+                "temperature",
+                "must be non-negative and finite",
+            ),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
             (self.top_k >= -1, "top_k", "must be -1 (disabled) or positive"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]"),
@@ -102,7 +114,11 @@ class SamplingParams:
                 "must be in [0, 20] (or None: off)",
             ),
             (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
-            (self.repetition_penalty > 0.0, "repetition_penalty", "must be positive (1.0: off)"),
+            (
+                math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0,
+                "repetition_penalty",
+                "must be positive and finite (1.0: off)",
+            ),
             (
                 all(t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()),
                 "logit_bias",

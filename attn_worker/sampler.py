@@ -153,7 +153,10 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
 def sampling_probs(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
     """logits [R, V] (temperature > 0) -> probs [R, V] after temperature, top-k, min-p (relative
     to the most likely token, after temperature) and top-p. Filtered-out tokens get 0; the rest
-    are not renormalised (draws do not need it)."""
+    are not renormalised (draws do not need it). A row with no valid distribution left (a
+    penalty or bias that made a logit infinite, or no token allowed) draws its most likely
+    token instead: a draw from it would raise and end the rank."""
+    scores = logits
     logits = logits / _column([s.temperature for s in specs], logits)
     vocab = logits.shape[-1]
     k = [s.top_k if 0 < s.top_k < vocab else 0 for s in specs]  # 0: no top-k for this row
@@ -169,13 +172,23 @@ def sampling_probs(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Ten
         probs = probs.masked_fill(probs < floor, 0.0)
     if any(s.top_p < 1.0 for s in specs):
         probs = _top_p(probs, [s.top_p for s in specs])
-    return probs
+    return _valid_or_argmax(probs, scores)
+
+
+def _valid_or_argmax(probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """probs [R, V], with each row that is not a distribution (NaN or inf in it, or nothing
+    left) replaced by one-hot at the row's largest logit (NaN counted lowest); no host sync."""
+    valid = torch.isfinite(probs).all(-1, keepdim=True) & (probs.sum(-1, keepdim=True) > 0)
+    top = torch.argmax(torch.nan_to_num(logits, nan=float("-inf")), dim=-1, keepdim=True)
+    one_hot = torch.zeros_like(probs).scatter_(-1, top, 1.0)
+    return torch.where(valid, probs, one_hot)
 
 
 def _top_p(probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     sorted_p, order = torch.sort(probs, dim=-1, descending=True)
     p = _column(top_p, probs)  # [R, 1]
-    keep = (sorted_p.cumsum(-1) - sorted_p) < p  # always keeps the most likely token
+    keep = (sorted_p.cumsum(-1) - sorted_p) < p
+    keep[:, 0] = True  # the most likely token, also where p rounds to 0 in float32
     keep |= p >= 1.0  # rows without top-p keep all, whatever the rounding of the sum
     return torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
 

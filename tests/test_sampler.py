@@ -123,3 +123,25 @@ def test_repetition_penalty_applies_per_row_in_a_mixed_batch():
     ]
     picked = [t.token_id for t in sample(logits, [0, 1, 2, 3], states(specs))]
     assert picked == [1, 0, 0, 1]
+
+
+def test_degenerate_rows_draw_their_most_likely_token_instead_of_raising():
+    """Values that pass validation but underflow float32 once on the rank (top_p 1e-320 is 0
+    there, a repetition penalty of 1e-50 divides by 0) left rows with no distribution, and
+    torch.multinomial raised for seeded rows, which ended the rank and the engine with it.
+    Such rows now take their most likely token, seeded or not; the other rows still draw."""
+    logits = torch.tensor([[0.5, 2.0, 1.0, -1.0]] * 5)
+    specs = [
+        SamplingSpec(temperature=1.0, top_p=1e-320, seed=1),  # float32 p = 0: keeps the top
+        SamplingSpec(temperature=1.0, top_p=1e-320),
+        SamplingSpec(temperature=1.0, repetition_penalty=1e-50, prompt_token_ids=[2], seed=7),
+        SamplingSpec(temperature=1.0, top_k=2, logit_bias={3: float("inf")}, seed=3),
+        SamplingSpec(temperature=1.0, seed=5),
+    ]
+    for _ in range(20):
+        picked = [t.token_id for t in sample(logits, [0, 1, 2, 3, 4], states(specs))]
+        # +inf logits (1.0 / 0; an infinite bias, which the server rejects) win the argmax
+        assert picked[:4] == [1, 1, 2, 3]
+        assert 0 <= picked[4] < 4
+    probs = sampling_probs(logits[:2], specs[:2])
+    assert torch.equal(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0]] * 2) * probs.max())

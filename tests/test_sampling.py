@@ -104,6 +104,27 @@ def test_repetition_penalty_counts_prompt_tokens_like_output_tokens(llm):
             SamplingParams(repetition_penalty=bad)
 
 
+def test_non_finite_values_are_rejected_and_tiny_temperatures_raised():
+    for name in ("temperature", "repetition_penalty"):
+        with pytest.raises(SamplingError, match=f"{name} must be .* finite"):
+            SamplingParams(**{name: float("inf")})
+    assert SamplingParams(temperature=1e-45).temperature == 1e-2  # vLLM's floor
+    assert SamplingParams(temperature=0.0).greedy
+
+
+def test_values_that_underflow_on_the_rank_do_not_end_the_engine(llm):
+    """top_p 1e-320 is 0 in float32 and a repetition penalty of 1e-50 divides by 0: such
+    seeded requests once made torch.multinomial raise on the attention rank, which took the
+    engine down for every request. Now top_p keeps the most likely token (so this is greedy),
+    and the engine goes on serving."""
+    greedy_tokens = tokens(llm, PROMPTS, greedy(1.0, max_tokens=6))
+    tiny_p = SamplingParams(max_tokens=6, temperature=1.0, top_p=1e-320, seed=1, ignore_eos=True)
+    assert tokens(llm, PROMPTS, tiny_p) == greedy_tokens
+    rep = SamplingParams(max_tokens=6, repetition_penalty=1e-50, seed=2, ignore_eos=True)
+    assert all(len(t) == 6 for t in tokens(llm, PROMPTS, rep))
+    assert tokens(llm, PROMPTS, greedy(1.0, max_tokens=6)) == greedy_tokens
+
+
 def test_server_accepts_repetition_penalty_and_rejects_non_positive():
     engine = FakeEngine()
     chat = {"model": "tiny-step3", "messages": [{"role": "user", "content": "hi"}]}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -64,10 +63,10 @@ class WorkerSpec:
         transport = create_transport(self.transport, self.name, **options)
         try:
             yield channel, transport
-        except Exception:
-            channel.send(
-                WorkerError(self.name, f"rank {self.name} failed:\n{traceback.format_exc(limit=8)}")
-            )
+        except Exception as exc:
+            # the traceback goes to this rank's stderr (the server's log) as the exception
+            # leaves; requests fail with one line, which reaches clients
+            channel.send(WorkerError(self.name, f"rank {self.name} failed: {exc!r}"[:500]))
             raise
         finally:
             transport.close()
