@@ -5,6 +5,7 @@ Reads tokenizer.json, tokenizer_config.json (bos/eos, chat template) and generat
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,17 @@ class Tokenizer:
         return self._hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self._hf.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL while it works (encode does not): the server
+        # tokenizes in a thread, and a long prompt must not stall every other request
+        return self._hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text one token stands for, bounded by its vocabulary
+        string's bytes (a byte-level token's string has a character per byte; a piece's "▁"
+        or "<0x41>" stands for fewer bytes than it takes), so a text of B bytes needs at
+        least B / this many tokens, unless a normalizer deletes text."""
+        return max(len(t.encode("utf-8")) for t in self._hf.get_vocab(with_added_tokens=True))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)

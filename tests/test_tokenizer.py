@@ -51,6 +51,17 @@ def test_round_trip(tok: Tokenizer, text: str) -> None:
     assert tok.decode(ids, skip_special_tokens=False) == text
 
 
+@pytest.mark.parametrize("text", TEXTS)
+def test_no_token_stands_for_more_than_max_token_bytes(tok: Tokenizer, text: str) -> None:
+    """The server refuses a prompt before tokenizing it when its bytes exceed max_model_len x
+    max_token_bytes, so that bound must hold: per token, and over whole texts (the special
+    tokens' text included)."""
+    long = (text + " <|BOT|> The user asked a question") * 3
+    assert len(tok.encode(long)) >= len(long.encode()) / tok.max_token_bytes
+    for i in tok.encode(long, add_special_tokens=True):
+        assert len(tok.decode([i], skip_special_tokens=False).encode()) <= tok.max_token_bytes
+
+
 def test_merges_compress_common_text(tok: Tokenizer) -> None:
     text = "The user asked a question and the assistant answered it."
     assert len(tok.encode(text)) < len(text.encode()) / 2

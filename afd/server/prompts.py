@@ -3,6 +3,7 @@ completion prompts (text or token ids) through the tokenizer."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from afd.server.chat_template import load_chat_template, render_chat
@@ -11,8 +12,14 @@ from afd.server.protocol import ChatCompletionRequest, ChatMessage, ToolParam
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer: Any, template_override: str | None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        template_override: str | None,
+        max_model_len: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.tokenizer = tokenizer
+        self.max_model_len = max_model_len  # the engine's, once it is up (0: unknown)
         self.template = load_chat_template(None, template_override) if template_override else None
         self.vocab_size: int | None = getattr(tokenizer, "vocab_size", None)
 
@@ -61,10 +68,32 @@ class PromptBuilder:
         )
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        self.check_size(text)
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         if not ids:
             raise BadRequestError("the prompt is empty", param="prompt")
         return ids
+
+    def check_size(self, text: str) -> None:
+        """400s before tokenizing: a text that is not valid Unicode (a lone surrogate), and a
+        text longer than the context could hold if every token stood for the tokenizer's
+        longest (`max_token_bytes`): tokenizing megabytes takes seconds of a CPU for a prompt
+        that is refused anyway."""
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise BadRequestError(
+                f"the prompt is not valid Unicode: {e.reason} at character {e.start}", "prompt"
+            ) from None
+        limit = self.max_model_len()
+        per_token = getattr(self.tokenizer, "max_token_bytes", 0)
+        if limit and per_token and size > limit * per_token:
+            raise BadRequestError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt "
+                f"has {size} bytes of text, more than {limit} tokens of at most {per_token} "
+                "bytes each hold. Please reduce the length of the prompt.",
+                param="input_tokens",
+            )
 
     def completion_prompts(self, prompt: Any, add_special_tokens: bool) -> list[list[int]]:
         """Accept a string, a list of strings, a token-id list or a list of token-id lists."""

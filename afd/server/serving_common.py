@@ -46,7 +46,9 @@ class Serving:
         self.engine = engine
         self.settings = settings
         self.model_names = settings.served_model_names or (engine.model_name,)
-        self.prompts = PromptBuilder(engine.tokenizer, settings.chat_template)
+        self.prompts = PromptBuilder(
+            engine.tokenizer, settings.chat_template, lambda: engine.max_model_len
+        )
         slo = settings.tpot_slo_ms / 1000 if settings.tpot_slo_ms else None
         self.metrics = ServerMetrics(self.model_names[0], slo)
         self.streams = EngineStreams(engine, self.metrics)
