@@ -62,6 +62,15 @@ def test_regex_choice_and_grammar_are_followed(llm: LLM) -> None:
         assert reason == "stop" and re.fullmatch(r"x=[1-9][0-9]?;", text), text
 
 
+def test_special_token_text_is_spelled_in_text_tokens(llm: LLM) -> None:
+    """A regex for a special token's text (here the end-of-turn token's): llguidance allowed
+    the special token itself, then refused it, and the request ended with no text
+    ("abort"). The text now comes in ordinary tokens."""
+    for regex, want in ((r"<\|EOT\|>", "<|EOT|>"), (r"a<\|BOT\|>b", "a<|BOT|>b")):
+        for text, reason in _texts(llm, StructuredOutputs(regex=regex), 1.0):
+            assert (text, reason) == (want, "stop")
+
+
 def test_json_object_and_unconstrained_neighbours(llm: LLM) -> None:
     """A constrained request batched with a free one: only the former is constrained."""
     free = SamplingParams(max_tokens=12, temperature=0.0)

@@ -129,7 +129,7 @@ class EngineCore:
         )
         if reason is None and grammar == "stop":  # the EOS after a complete grammar
             reason = ("stop", None)
-        elif grammar not in (None, "stop"):  # cannot happen while the rank applies the mask
+        elif grammar not in (None, "stop"):  # the grammar refused a token its mask allowed
             log.error("seq %d: structured output rejected token %d: %s", seq.seq_id,
                       token.token_id, grammar)  # fmt: skip
             reason = ("abort", None)

@@ -47,7 +47,7 @@ class Grammars:
         cover it; ids past the tokenizer's are never allowed). ValueError when the two
         disagree (a checkpoint whose config.json vocab is smaller than its tokenizer's)."""
         self.tokenizer = llguidance.LLTokenizer(
-            tokenizer_json, n_vocab=vocab_size, eos_token=eos_token_ids or None
+            _text_tokens_only(tokenizer_json), n_vocab=vocab_size, eos_token=eos_token_ids or None
         )
         self.matchers: dict[int, llguidance.LLMatcher] = {}
         # sequences whose constraint waits for a marker: seq id -> (marker, last tokens seen)
@@ -133,6 +133,32 @@ class Grammars:
     def finish(self, seq_id: int) -> None:
         self.matchers.pop(seq_id, None)
         self.waiting.pop(seq_id, None)
+
+
+def _text_tokens_only(tokenizer_json: str) -> str:
+    """The tokenizer with its special tokens renamed to text no prompt holds, for llguidance.
+    A constraint is on text, and llguidance (1.9) tokenizes the text a grammar forces with the
+    tokenizer, which matches special tokens' names in text: for a regex `<\\|EOT\\|>` it
+    allowed only the end-of-turn token itself, then refused it when it came back sampled (a
+    special token's bytes are not its name), ending the request with no text. Renamed, the
+    text comes in ordinary tokens, and special tokens stay out of strings and the EOS ids end
+    a complete constraint, as before."""
+    spec = json.loads(tokenizer_json)
+    vocab = spec.get("model", {}).get("vocab")
+    for token in spec.get("added_tokens", []):
+        if not token.get("special"):
+            continue
+        name = f"\u2060afd-special-{token['id']}\u2060"  # word joiners around it
+        if isinstance(vocab, dict) and token["content"] in vocab:  # BPE, WordPiece
+            vocab[name] = vocab.pop(token["content"])
+        elif (
+            isinstance(vocab, list)
+            and token["id"] < len(vocab)
+            and vocab[token["id"]][0] == token["content"]
+        ):
+            vocab[token["id"]] = [name, *vocab[token["id"]][1:]]  # Unigram: [piece, score]
+        token["content"] = name
+    return json.dumps(spec)
 
 
 def _find(tokens: list[int], marker: list[int]) -> int | None:
