@@ -144,7 +144,7 @@ class FakeEngine:
         if c.out.logprobs is not None:
             c.out.logprobs.append(self._logprobs(token, params.logprobs or 0))
         if (token == eos and not params.ignore_eos) or token in params.stop_token_ids:
-            if self.leaky:
+            if self.leaky or params.include_stop_str_in_output:
                 c.full_text += c.detok.add(token)
             c.out.text = c.full_text + c.detok.flush()
             c.out.finish_reason = "stop"

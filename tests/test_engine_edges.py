@@ -54,6 +54,21 @@ def test_stopped_choice_keeps_its_tokens_while_siblings_run(tiny_ckpt):
     assert outs[0].outputs[1].token_ids == [c, c]
 
 
+def test_include_stop_str_in_output_keeps_a_stop_token_text(tiny_ckpt):
+    """As vLLM: a stop token id's text ends the output only with include_stop_str_in_output
+    (it was dropped either way)."""
+    llm = LLM(str(tiny_ckpt), dtype="float32")
+    tok = Tokenizer.from_pretrained(tiny_ckpt)
+    apple = tok.encode(" apple")[0]
+    for keep, text in ((True, tok.decode([apple])), (False, "")):
+        params = SamplingParams(
+            max_tokens=4, logit_bias={apple: 100.0}, stop_token_ids=[apple],
+            include_stop_str_in_output=keep,
+        )  # fmt: skip
+        (choice,) = llm.generate({"prompt_token_ids": [5, 6, 7]}, params)[0].outputs
+        assert (choice.text, choice.token_ids, choice.stop_reason) == (text, [apple], apple)
+
+
 class _Exited:
     where = "test"
 

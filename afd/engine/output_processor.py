@@ -98,8 +98,9 @@ class OutputProcessor:
             records = seq.output_logprobs[choice.num_seen : len(seq.output_token_ids)]
             choice.logprobs += [self._table(t, r) for t, r in zip(new, records, strict=True)]
         choice.num_seen = len(seq.output_token_ids)
-        if seq.finished and seq.finish_reason == "stop" and new:
-            new = new[:-1]  # the EOS or stop token ends the text; it is not part of it
+        keep_stop = params.include_stop_str_in_output
+        if seq.finished and seq.finish_reason == "stop" and new and not keep_stop:
+            new = new[:-1]  # the EOS or stop token ends the text; vLLM keeps it only if asked
         if choice.detok is not None:
             before = len(choice.text)
             choice.text += choice.detok.add_many(new)
