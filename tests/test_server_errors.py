@@ -26,13 +26,21 @@ def comp(**fields: object) -> dict:
 
 # (name, path, JSON body or raw bytes, expected status, phrase expected in the message)
 CASES: list[tuple[str, str, object, int, str]] = [
-    ("invalid json", CHAT, b"{not json", 400, ""),
+    ("invalid json", CHAT, b"{not json", 400, "not valid JSON at character 1"),
+    ("invalid utf-8", CHAT, b'{"model": "tiny-step3", "messages": "\xff"}', 400, ""),
     ("body is a list", CHAT, [1, 2], 400, ""),
     ("missing messages", CHAT, {"model": "tiny-step3"}, 400, "messages"),
     ("messages not a list", CHAT, chat(messages="hi"), 400, "messages"),
     ("empty messages", CHAT, chat(messages=[]), 400, "messages"),
     ("bad role", CHAT, chat(messages=[{"role": "wizard", "content": "x"}]), 400, "role"),
     ("content is a number", CHAT, chat(messages=[{"role": "user", "content": 5}]), 400, ""),
+    (
+        "text part without text",
+        CHAT,
+        chat(messages=[{"role": "user", "content": [{"type": "text"}]}]),
+        400,
+        "needs its `text`",
+    ),
     (
         "image part",
         CHAT,
@@ -146,6 +154,7 @@ CASES: list[tuple[str, str, object, int, str]] = [
     ("negative token id", COMPLETIONS, comp(prompt=[-1]), 400, "out of range"),
     ("token id past vocab", COMPLETIONS, comp(prompt=[10**9]), 400, "out of range"),
     ("mixed prompt list", COMPLETIONS, comp(prompt=["a", 1]), 400, "prompt"),
+    ("empty string in a list", COMPLETIONS, comp(prompt=["a", ""]), 400, "empty string"),
     (
         "token prompt past context",
         COMPLETIONS,
@@ -195,6 +204,7 @@ CASES: list[tuple[str, str, object, int, str]] = [
     ("unknown model", COMPLETIONS, comp(model="nope"), 404, "does not exist"),
     ("tokenize nothing", "/tokenize", {}, 400, "prompt"),
     ("detokenize bad id", "/detokenize", {"tokens": [-3]}, 400, "out of range"),
+    ("detokenize bad id names tokens", "/detokenize", {"tokens": [-3]}, 400, "tokens"),
     ("unknown path", "/v1/embeddings", {}, 404, ""),
 ]
 
@@ -226,8 +236,19 @@ def test_bad_request(base_url: str, name: str, path: str, body: object, status: 
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}
         assert error["code"] == status and isinstance(error["message"], str)
+        assert error["type"] == {400: "BadRequestError", 404: "NotFoundError"}[status]
         assert phrase in error["message"] or phrase == error["param"], error
         assert http.get("/health").status_code == 200
+
+
+def test_json_error_names_no_field(base_url: str) -> None:
+    r = httpx.post(base_url + CHAT, content=b'{"model": 1,', headers={"content-type": "json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] is None
+
+
+def test_echo_null_is_off(base_url: str) -> None:
+    r = httpx.post(base_url + COMPLETIONS, json=comp(echo=None, max_tokens=2))
+    assert r.status_code == 200 and not r.json()["choices"][0]["text"].startswith("hello")
 
 
 def test_wrong_method_is_405_envelope(base_url: str) -> None:

@@ -151,7 +151,7 @@ def _add_token_routes(app: FastAPI, serving: ChatServing) -> None:
     @raise_api
     async def detokenize(body: DetokenizeRequest) -> JSONResponse:
         serving.resolve_model(body.model)
-        ids = serving.prompts.check_ids(body.tokens) if body.tokens else []
+        ids = serving.prompts.check_ids(body.tokens, "tokens") if body.tokens else []
         text = serving.engine.tokenizer.decode(ids, skip_special_tokens=False)
         return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
 

@@ -85,6 +85,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     parts, param = [], None
     for err in errors:
+        if err.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            where = err.get("loc", ("body", "?"))[-1]
+            detail = (err.get("ctx") or {}).get("error") or err.get("msg", "")
+            return f"the body is not valid JSON at character {where}: {detail}", None
         path = [str(x) for x in err.get("loc", ()) if x != "body"]
         loc = ".".join(path)
         param = param or (path[0] if path else None)
@@ -107,9 +111,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = HTTPStatus(exc.status_code)
+        name = status.phrase.replace(" ", "")  # BadRequest -> BadRequestError, as APIError's
+        kind = name if name.endswith("Error") else name + "Error"
         return JSONResponse(
-            error_body(str(exc.detail), status.phrase.replace(" ", ""), status.value),
-            status_code=status.value,
+            error_body(str(exc.detail), kind, status.value), status_code=status.value
         )
 
     @app.exception_handler(Exception)

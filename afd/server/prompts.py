@@ -104,16 +104,18 @@ class PromptBuilder:
         if all(isinstance(p, int) for p in prompt):
             return [self.check_ids(prompt)]
         if all(isinstance(p, str) for p in prompt):
+            if "" in prompt:  # as a lone "" is: encoded it would be the BOS alone
+                raise BadRequestError("prompt must not hold an empty string", "prompt")
             return [self.encode(p, add_special_tokens) for p in prompt]
         return [self.check_ids(p) for p in prompt]
 
-    def check_ids(self, ids: list[int]) -> list[int]:
+    def check_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
         if not ids:
-            raise BadRequestError("a token-id prompt must not be empty", param="prompt")
+            raise BadRequestError("a token-id prompt must not be empty", param=param)
         bad = [i for i in ids if i < 0 or (self.vocab_size is not None and i >= self.vocab_size)]
         if bad:
             raise BadRequestError(
-                f"token id {bad[0]} is out of range [0, {self.vocab_size})", param="prompt"
+                f"token id {bad[0]} is out of range [0, {self.vocab_size})", param=param
             )
         return list(ids)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class OpenAIModel(BaseModel):
@@ -69,6 +69,12 @@ class ContentPart(OpenAIModel):
     type: str
     text: str | None = None
 
+    @model_validator(mode="after")
+    def _text_part_has_text(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text content part needs its `text`")
+        return self
+
 
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -102,7 +108,7 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    echo: bool = False
+    echo: bool | None = False  # null: off, as vLLM takes it
     request_id: str | None = None
     prompt_logprobs: int | None = None  # vLLM's extra: the prompt tokens' logprobs, top N
     # structured outputs: OpenAI's response_format, or one of vLLM's extras
