@@ -177,11 +177,13 @@ def sampling_probs(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Ten
 
 def _valid_or_argmax(probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """probs [R, V], with each row that is not a distribution (NaN or inf in it, or nothing
-    left) replaced by one-hot at the row's largest logit (NaN counted lowest); no host sync."""
-    valid = torch.isfinite(probs).all(-1, keepdim=True) & (probs.sum(-1, keepdim=True) > 0)
-    top = torch.argmax(torch.nan_to_num(logits, nan=float("-inf")), dim=-1, keepdim=True)
-    one_hot = torch.zeros_like(probs).scatter_(-1, top, 1.0)
-    return torch.where(valid, probs, one_hot)
+    left; its sum shows either) replaced by one-hot at the row's largest logit; in three
+    passes over the rows and no host sync."""
+    total = probs.sum(-1, keepdim=True)  # [R, 1]
+    invalid = ~(torch.isfinite(total) & (total > 0))
+    top = torch.argmax(logits, dim=-1, keepdim=True)  # [R, 1]
+    probs = probs.masked_fill(invalid, 0.0)
+    return probs.scatter_add_(-1, top, invalid.to(probs.dtype))
 
 
 def _top_p(probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
