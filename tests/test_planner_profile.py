@@ -250,3 +250,29 @@ def test_layer_bench_profile_holds_graph_times(tmp_path: Path) -> None:
     assert (fp8.dtype, fp8.weight_bytes) == ("fp8", 1)
     assert fp8.attention_us(32, 4096) == 290.0 and fp8.attention_us(64, 4096) == 1150.0
     assert fp8.ffn_us(32) == 1150.0 and fp8.transfer_us(32) == 156.0
+
+
+def test_a_looser_target_never_serves_fewer_tokens(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Attention measured at 1K and 2K context, planned at 8K: the extended lines add their
+    slopes, so past 32 sequences attention time grows faster than the batch. The planner took
+    the largest batch meeting the target, and a looser target served fewer tokens/s (60 ms:
+    437 tok/s/GPU at 78 sequences, 150 ms: 403 at 181); now it takes the batch that serves the
+    most (32: 559) whatever the target."""
+    rows = {1024: (100, 120, 200), 2048: (110, 140, 400)}
+    attention = [
+        {"batch": b, "context": c, "us_per_layer": v}
+        for c, values in rows.items()
+        for b, v in zip((8, 32, 128), values, strict=True)
+    ]
+    path = write(tmp_path, profile_dict(attention=attention))
+    pinned = ["--attn", "1x8", "--ffn", "2x8", "--micro-batches", "1", "--profile", path]
+    rates = []
+    for tpot in ("20", "60", "150", "500"):
+        argv = ["deploy", "--model", "step3", "--context", "8192", "--tpot-ms", tpot]
+        assert main([*argv, *pinned, "--json"]) == 0
+        (p,) = json.loads(capsys.readouterr().out)["plans"]
+        rates.append(p["tokens_per_s_per_gpu"])
+    assert rates == sorted(rates) and rates[-1] > 550
+    assert p["batch_per_micro_batch"] == 32 and p["binding"] == "throughput peak"

@@ -124,18 +124,52 @@ class Planner:
         while lo < hi:  # largest b meeting the TPOT target; time grows with b
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if self.fits_tpot(layout, mid, m, gbps) else (lo, mid - 1)
-        return self.build(layout, lo, m, gbps, b_mem)
+        best = self.best_batch(layout, lo, m, gbps)
+        return self.build(layout, best, m, gbps, b_mem, peak=best < lo)
 
-    def fits_tpot(self, layout: Layout, b: int, m: int, gbps: float) -> bool:
+    def tpot_s(self, layout: Layout, b: int, m: int, gbps: float) -> float:
         st = self.model.stages(layout, b, gbps)
         dense, moe = _layer_seconds(st.ffn_dense, st, m), _layer_seconds(st.ffn_moe, st, m)
-        tpot = self.spec.num_dense_layers * dense + self.spec.num_moe_layers * moe
-        return tpot <= self.limits.tpot_s
+        return self.spec.num_dense_layers * dense + self.spec.num_moe_layers * moe
 
-    def build(self, layout: Layout, b: int, m: int, gbps: float, b_mem: int) -> Plan:
+    def fits_tpot(self, layout: Layout, b: int, m: int, gbps: float) -> bool:
+        return self.tpot_s(layout, b, m, gbps) <= self.limits.tpot_s
+
+    def best_batch(self, layout: Layout, hi: int, m: int, gbps: float) -> int:
+        """The batch in [1, hi] that serves the most tokens/s (b / TPOT). That is hi wherever
+        TPOT grows no faster than the batch, as modelled and interpolated times do; a
+        profile extended past its measured contexts can grow faster (its last segments'
+        slopes add up), and then a smaller batch serves more, so a looser TPOT target would
+        otherwise give fewer tokens/s. Geometric candidates from hi down, then a local
+        refinement; ties keep the larger batch."""
+
+        def rate(b: int) -> float:
+            return b / self.tpot_s(layout, b, m, gbps)
+
+        candidates, b = [hi], hi
+        while b > 1:
+            b = max(1, min(b - 1, int(b * 0.9)))
+            candidates.append(b)
+        best = max(candidates, key=rate)  # the first (largest) of equals
+        step = max(1, best // 20)
+        while step:
+            better = [
+                c for c in (best + step, best - step) if 1 <= c <= hi and rate(c) > rate(best)
+            ]
+            if better:
+                best = better[0]
+            else:
+                step //= 2
+        return best
+
+    def build(
+        self, layout: Layout, b: int, m: int, gbps: float, b_mem: int, peak: bool = False
+    ) -> Plan:
         st = self.model.stages(layout, b, gbps)
         tpot, binding = self.tpot(st, m)
-        if b == b_mem:
+        if peak:  # a larger batch fits the target but serves fewer tokens/s
+            binding = "throughput peak"
+        elif b == b_mem:
             binding = "attention memory"
         elif b == self.limits.max_batch:
             binding = "batch cap"
