@@ -210,3 +210,27 @@ def test_console_entry_point_reports_errors_without_traceback() -> None:
     assert proc.returncode == 2
     assert proc.stderr.startswith("afd-plan: error: unknown model 'gpt-9'")
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--profile-hw", "H100"], "--profile-hw names the hardware of a --profile"),
+        (["--attn", "9x8", "--ffn", "2x8"], "is 88 GPUs, more than --max-gpus 64"),
+        (["--plot", "plot.txt"], "--plot plot.txt: needs an image file suffix"),
+        (["--plot", "plot"], "--plot plot: needs an image file suffix"),
+    ],
+)
+def test_flags_that_would_be_ignored_or_rule_out_every_plan(
+    tmp_path, capsys: pytest.CaptureFixture, monkeypatch, flags: list[str], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main([*STEP3_4K, *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--mem-util", "--tpot-ms", "--network-gbps"])
+def test_non_finite_numbers_are_usage_errors(capsys: pytest.CaptureFixture, flag: str) -> None:
+    assert main([*STEP3_4K, flag, "nan"]) == 2
+    assert "expected a positive float, got 'nan'" in capsys.readouterr().err

@@ -110,8 +110,13 @@ def test_hardware_file_adds_and_overrides(tmp_path: Path, capsys: pytest.Capture
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("MI300X:\n  price_per_hour: 1.8\n", "MI300X.bf16_flops must be a positive number"),
+        ("MI300X:\n  price_per_hour: 1.8\n", "MI300X.bf16_flops must be a positive finite number"),
         ("MI300X: 3\n", "entry 'MI300X' must be a mapping"),
+        (
+            "X: {price_per_hour: .nan, bf16_flops: 1e15, mem_bandwidth: 1e12, memory_gb: 80}\n",
+            "X.price_per_hour must be a positive finite number",
+        ),
+        ("\udcff: 1\n", "not valid YAML/JSON"),
         ("[1, 2]\n", "expected a mapping"),
         ("a: [unclosed\n", "not valid YAML/JSON"),
     ],
@@ -120,7 +125,7 @@ def test_bad_hardware_file_exits_2(
     tmp_path: Path, capsys: pytest.CaptureFixture, text: str, message: str
 ) -> None:
     path = tmp_path / "hw.yaml"
-    path.write_text(text)
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))  # \udcff: a 0xff byte
     assert (
         main(["cost", "--model", "step3", "--context", "4096", "--hardware-file", str(path)]) == 2
     )

@@ -116,3 +116,23 @@ def test_unknown_model_and_bad_configs(tmp_path: Path, capsys: pytest.CaptureFix
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("preset", "field", "value", "message"),
+    [
+        ("deepseek-v3", "n_routed_experts", 0, "'n_routed_experts' must be an integer >= 1"),
+        ("deepseek-v3", "num_hidden_layers", 0, "'num_hidden_layers' must be an integer >= 1"),
+        ("qwen3-235b-a22b", "num_experts", 0, "'num_experts' must be an integer >= 1"),
+        ("qwen3-235b-a22b", "decoder_sparse_step", 0, "'decoder_sparse_step' must be an"),
+        ("qwen3-235b-a22b", "num_experts_per_tok", 200, "more than the 128 experts"),
+    ],
+)
+def test_counts_that_would_divide_by_zero_name_their_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture, preset: str, field: str, value: int, message: str
+) -> None:
+    path = _write(tmp_path, {**PRESET_CONFIGS[preset], field: value})
+    argv = ["deploy", "--model", path, "--context", "4096", "--tpot-ms", "50"]
+    assert main([*argv, "--attn", "1x8", "--ffn", "1x8"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

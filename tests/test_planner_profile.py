@@ -76,7 +76,13 @@ def test_profile_reproduces_measurements(tmp_path: Path) -> None:
         ({"ffn": None}, "'ffn' must be a non-empty list"),
         ({"ffn": []}, "'ffn' must be a non-empty list"),
         ({"device": 3}, "'device' must be a non-empty string"),
-        ({"hidden_size": "7168"}, "'hidden_size' must be a positive number"),
+        ({"hidden_size": "7168"}, "'hidden_size' must be a positive finite number"),
+        ({"hidden_size": 7168.5}, "'hidden_size' must be a whole number"),
+        ({"hidden_size": float("inf")}, "'hidden_size' must be a positive finite number"),
+        (
+            {"ffn": [{"tokens": 8, "us_per_layer": float("nan")}]},
+            "'ffn[0].us_per_layer' must be a positive finite number",
+        ),
         ({"attention": [{"batch": 1, "context": 2}]}, "'attention[0].us_per_layer'"),
         ({"transfer": [{"tokens": -1, "us_round_trip": 3}]}, "'transfer[0].tokens'"),
         ({"transfer": [7]}, "'transfer[0]' must be an object"),
@@ -110,6 +116,11 @@ def test_profile_must_fit_the_model_and_a_known_device(
     assert "'hidden_size' is 7168" in capsys.readouterr().err
     assert main([*argv, path, "--model", "deepseek-v3"]) == 2  # same hidden size, other model
     assert "key 'model' is 'step3' but the plan is for 'deepseek-v3'" in capsys.readouterr().err
+    bench = write(tmp_path, profile_dict(model="step3-width (random weights)"), "bench.json")
+    assert main([*argv, bench, "--model", "deepseek-v3"]) == 2  # afd-bench layer's name
+    assert "is 'step3-width (random weights)' but the plan is for" in capsys.readouterr().err
+    assert main([*argv, bench, "--model", "step3"]) == 0
+    capsys.readouterr()
     odd = write(tmp_path, profile_dict(device="Mystery Accelerator"), "odd.json")
     assert main([*argv, odd, "--model", "step3"]) == 2
     err = capsys.readouterr().err

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from afd.config import ConfigError, RoleShape
@@ -27,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"afd-plan: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `afd-plan ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def run_cost(args: argparse.Namespace) -> int:
@@ -40,6 +46,7 @@ def run_cost(args: argparse.Namespace) -> int:
 
 
 def run_deploy(args: argparse.Namespace) -> int:
+    check_deploy_flags(args)
     spec, table = load_model(args.model), hardware_table(args)
     profile = load_profile(args.profile) if args.profile else None
     profile_hw = check_profile(profile, spec, table, args.profile_hw) if profile else None
@@ -82,6 +89,30 @@ def hardware_table(args: argparse.Namespace) -> dict[str, Hardware]:
     return table
 
 
+def check_deploy_flags(args: argparse.Namespace) -> None:
+    """Flags that would be ignored or that rule out every plan before the search."""
+    if args.profile_hw and not args.profile:
+        raise ConfigError("--profile-hw names the hardware of a --profile; none was given")
+    if args.attn and args.ffn:
+        total = (
+            RoleShape.parse(args.attn, "--attn").num_ranks
+            + RoleShape.parse(args.ffn, "--ffn").num_ranks
+        )
+        if total > args.max_gpus:
+            raise ConfigError(
+                f"--attn {args.attn} --ffn {args.ffn} is {total} GPUs, more than --max-gpus "
+                f"{args.max_gpus}"
+            )
+    if args.plot:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        suffix = Path(args.plot).suffix.lstrip(".").lower()
+        if suffix not in FigureCanvasBase.get_supported_filetypes():
+            raise ConfigError(
+                f"--plot {args.plot}: needs an image file suffix (.png, .svg, .pdf, ...)"
+            )
+
+
 def check_profile(
     profile: Profile, spec: ModelSpec, table: dict[str, Hardware], name: str | None
 ) -> Hardware:
@@ -91,8 +122,11 @@ def check_profile(
             f"{profile.path}: key 'hidden_size' is {profile.hidden_size} but model "
             f"{spec.name} has hidden size {spec.hidden_size}"
         )
-    family, measured = spec.name.split(":")[0], profile.model.lower()
-    # only two known presets can be told apart; a config path names a family, not a model
+    family = spec.name.split(":")[0]
+    # the preset a profile's model names ("step3-width (random weights)" is step3); only
+    # presets can be told apart: a config path names a family, not a model
+    known = [p for p in PRESET_CONFIGS if profile.model.lower().startswith(p)]
+    measured = max(known, key=len) if known else profile.model.lower()
     if measured != family and {measured, family} <= set(PRESET_CONFIGS):
         raise ConfigError(
             f"{profile.path}: key 'model' is {profile.model!r} but the plan is for {family!r}"
@@ -136,15 +170,16 @@ def deploy_title(
 ) -> str:
     """The settings a plan table answers; a profile's times stand in only on its hardware
     (each plan's JSON says whether it was calibrated)."""
-    mode = "datasheet peaks"
+    mode, scope = "datasheet peaks", ""
     if profile is not None and hw is not None:
         mode = (
             f"stage times of {profile.path} ({profile.dtype} weights) on {hw.name}, "
             "datasheet peaks on other hardware"
         )
+        scope = " and network (other hardware only)"
     return (
         f"{spec.name}, context {args.context}, TPOT <= {args.tpot_ms:g} ms, {mode}, "
-        f"efficiency attention {args.attn_efficiency:g} / FFN {args.ffn_efficiency:g}"
+        f"efficiency attention {args.attn_efficiency:g} / FFN {args.ffn_efficiency:g}{scope}"
     )
 
 
@@ -154,7 +189,7 @@ def _positive(kind: type) -> Any:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value <= 0:
+        if value is None or not math.isfinite(value) or value <= 0:
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
         return value
 

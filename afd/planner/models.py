@@ -183,12 +183,13 @@ def _deepseek_v3(raw: dict[str, Any], source: str) -> ModelSpec:
         g.num("num_attention_heads"),
         g.num("num_hidden_layers"),
     )
-    nope, rope, v = g.num("qk_nope_head_dim"), g.num("qk_rope_head_dim"), g.num("v_head_dim")
+    nope, v = g.num("qk_nope_head_dim"), g.num("v_head_dim")
+    rope = g.num("qk_rope_head_dim", least=0)
     kv_lora, q_lora = g.num("kv_lora_rank"), g.optional("q_lora_rank")
     q = h * heads * (nope + rope) if q_lora is None else h * q_lora + q_lora * heads * (nope + rope)
     # kv_a (latent + rope key), kv_b (latent -> per-head key and value), o_proj
     linear = q + h * (kv_lora + rope) + kv_lora * heads * (nope + v) + heads * v * h
-    first_dense, freq = g.num("first_k_dense_replace", 0), g.num("moe_layer_freq", 1)
+    first_dense, freq = g.num("first_k_dense_replace", 0, least=0), g.num("moe_layer_freq", 1)
     num_moe = sum(1 for i in range(layers) if i >= first_dense and i % freq == 0)
     expert = 3 * h * g.num("moe_intermediate_size")
     return ModelSpec(
@@ -202,12 +203,12 @@ def _deepseek_v3(raw: dict[str, Any], source: str) -> ModelSpec:
         v_dim=kv_lora + rope,
         attn_linear_params=linear,
         num_dense_layers=layers - num_moe,
-        dense_ffn_params=3 * h * g.num("intermediate_size"),
+        dense_ffn_params=3 * h * g.num("intermediate_size", least=0),
         num_moe_layers=num_moe,
         num_experts=g.num("n_routed_experts"),
-        top_k=g.num("num_experts_per_tok"),
+        top_k=g.top_k(g.num("n_routed_experts")),
         expert_params=expert,
-        shared_params=g.num("n_shared_experts", 0) * expert,
+        shared_params=g.num("n_shared_experts", 0, least=0) * expert,
     )
 
 
@@ -233,38 +234,48 @@ def _qwen3_moe(raw: dict[str, Any], source: str) -> ModelSpec:
         v_dim=d,
         attn_linear_params=h * heads * d + 2 * h * kv_heads * d + heads * d * h,
         num_dense_layers=layers - num_moe,
-        dense_ffn_params=3 * h * g.num("intermediate_size"),
+        dense_ffn_params=3 * h * g.num("intermediate_size", least=0),
         num_moe_layers=num_moe,
         num_experts=g.num("num_experts"),
-        top_k=g.num("num_experts_per_tok"),
+        top_k=g.top_k(g.num("num_experts")),
         expert_params=3 * h * g.num("moe_intermediate_size"),
         shared_params=0,
     )
 
 
 class _Fields:
-    """Reads integer fields of one config, naming the file and field on error."""
+    """Reads integer fields of one config, naming the file and field on error. Sizes and counts
+    must be at least 1 (a 0 divides by zero further on); the fields that may be 0 say so."""
 
     def __init__(self, raw: dict[str, Any], source: str) -> None:
         self.raw, self.source = raw, source
 
-    def num(self, name: str, default: int | None = None) -> int:
-        value = self.optional(name)
+    def num(self, name: str, default: int | None = None, least: int = 1) -> int:
+        value = self.optional(name, least)
         if value is not None:
             return value
         if default is None:
             raise ConfigError(f"{self.source}: missing required field '{name}'")
         return default
 
-    def optional(self, name: str) -> int | None:
+    def optional(self, name: str, least: int = 1) -> int | None:
         value = self.raw.get(name)
         if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 0
+            isinstance(value, bool) or not isinstance(value, int) or value < least
         ):
             raise ConfigError(
-                f"{self.source}: field '{name}' must be an integer >= 0, got {value!r}"
+                f"{self.source}: field '{name}' must be an integer >= {least}, got {value!r}"
             )
         return value
+
+    def top_k(self, experts: int) -> int:
+        k = self.num("num_experts_per_tok")
+        if k > experts:
+            raise ConfigError(
+                f"{self.source}: field 'num_experts_per_tok' is {k}, more than the {experts} "
+                "experts"
+            )
+        return k
 
 
 def _name(source: str, family: str) -> str:

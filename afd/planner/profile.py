@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def load_profile(path: str | Path) -> Profile:
         raise ConfigError(f"{path}: profile file not found")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: profile is not valid JSON ({e})") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: profile must be a JSON object")
@@ -81,7 +82,7 @@ def load_profile(path: str | Path) -> Profile:
         path=str(path),
         device=r.text("device"),
         model=r.text("model"),
-        hidden_size=int(r.number(raw, "hidden_size")),
+        hidden_size=r.whole(raw, "hidden_size"),
         dtype=r.choice("dtype", tuple(WEIGHT_BYTES)),
         attention=_attention_lines(r.rows("attention", ("batch", "context", "us_per_layer")), r),
         ffn=r.line("ffn", "tokens", "us_per_layer"),
@@ -124,9 +125,20 @@ class _Reader:
 
     def number(self, obj: dict[str, Any], key: str, where: str = "") -> float:
         value = obj.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise self.fail(f"{where}{key}", f"must be a positive number, got {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)  # JSON's NaN, Infinity and 1e400
+            or value <= 0
+        ):
+            raise self.fail(f"{where}{key}", f"must be a positive finite number, got {value!r}")
         return float(value)
+
+    def whole(self, obj: dict[str, Any], key: str) -> int:
+        value = self.number(obj, key)
+        if value != int(value):
+            raise self.fail(key, f"must be a whole number, got {obj.get(key)!r}")
+        return int(value)
 
     def rows(self, key: str, fields: tuple[str, ...]) -> list[tuple[float, ...]]:
         entries = self.raw.get(key)

@@ -139,5 +139,7 @@ def plot_ratio(plans: list[Plan], path: str | Path, title: str) -> None:
         fig.savefig(path)
     except OSError as e:
         raise ConfigError(f"{path}: cannot write the plot ({e.strerror or e})") from e
+    except ValueError as e:  # matplotlib: a suffix it has no writer for
+        raise ConfigError(f"--plot {path}: {e}") from e
     finally:
         plt.close(fig)
