@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from afd.bench.arg_types import positive_int, positive_ints
 from afd.engine.admission import TPOTAdmission
 from afd.engine.engine_core import EngineCore
 from afd.engine.executor import Executor
@@ -88,14 +89,16 @@ def time_steps(engine: EngineCore, steps: int) -> list[float]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="afd-bench scheduler", description=__doc__)
-    parser.add_argument("--sizes", default="256,1024,4096", help="running sequences per rank")
-    parser.add_argument("--ranks", type=int, default=1, help="attention ranks")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument(
+        "--sizes", type=positive_ints, default=[256, 1024, 4096], help="running sequences per rank"
+    )
+    parser.add_argument("--ranks", type=positive_int, default=1, help="attention ranks")
+    parser.add_argument("--steps", type=positive_int, default=50)
+    parser.add_argument("--prompt-len", type=positive_int, default=64)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     results = []
-    for size in (int(s) for s in args.sizes.split(",")):
+    for size in args.sizes:
         engine = running_engine(size, args.ranks, args.prompt_len)
         times = time_steps(engine, args.steps)
         results.append(

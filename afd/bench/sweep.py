@@ -19,12 +19,14 @@ from pathlib import Path
 
 import torch
 
+from afd.bench.arg_types import existing_file, output_file
 from afd.bench.layer import step3_config, versions
 from afd.bench.step_timing import scaled_step_ms
 from afd.bench.sweep_ranks import RankGroup, RankSetup
 from afd.models.tiny import TINY_DIMS
 
 FULL_LAYERS = 61
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"  # the repository's
 TINY = TINY_DIMS
 
 
@@ -201,9 +203,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="decode micro-batches up to this many rows per attention rank replay CUDA graphs, "
         "as afd-serve does (0: eager)",
     )
-    p.add_argument("--profile", default="bench/results/profile_h200.json")
-    p.add_argument("--out", default="bench/results/sweep.json")
-    p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
+    p.add_argument("--profile", default=str(RESULTS / "profile_h200.json"), type=existing_file)
+    p.add_argument("--out", default=str(RESULTS / "sweep.json"), type=output_file)
+    p.add_argument("--plot", default=None, type=output_file, help="PNG (default: --out, .png)")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, CPU ranks over gloo")
     args = p.parse_args(argv)
     args.tpot = sorted({50.0, *args.tpot})

@@ -18,6 +18,7 @@ import msgpack
 import torch
 import zmq
 
+from afd.bench.arg_types import choices_list, non_negative_int, output_file, positive_int
 from transport import Transport, create_transport
 
 TIMEOUT_S = 60.0
@@ -187,15 +188,22 @@ def print_table(rows: list[dict], header: str) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="afd-bench transport", description=__doc__)
-    p.add_argument("--tokens", type=int, default=128, help="rows per activation message")
-    p.add_argument("--hidden", type=int, default=7168, help="hidden size (Step3: 7168)")
-    p.add_argument("--iters", type=int, default=1000, help="measured iterations per case")
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--protocols", default="tcp,ipc", help="comma-separated: tcp, ipc")
+    p.add_argument("--tokens", type=positive_int, default=128, help="rows per activation message")
+    p.add_argument("--hidden", type=positive_int, default=7168, help="hidden size (Step3: 7168)")
+    p.add_argument("--iters", type=positive_int, default=1000, help="measured iterations per case")
+    p.add_argument("--warmup", type=non_negative_int, default=50)
+    p.add_argument(
+        "--protocols",
+        type=choices_list(("tcp", "ipc")),
+        default=["tcp", "ipc"],
+        help="comma-separated: tcp, ipc",
+    )
     p.add_argument(
         "--no-malloc-tuning", action="store_true", help="keep glibc's malloc defaults (A/B)"
     )
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    p.add_argument(
+        "--json", metavar="PATH", type=output_file, help="also write the results as JSON here"
+    )
     return p.parse_args(argv)
 
 
@@ -203,7 +211,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     command = "afd-bench transport " + shlex.join(argv)
     rows = []
-    for protocol in args.protocols.split(","):
+    for protocol in args.protocols:
         rows += bench_protocol(protocol, args)
     shape = [args.tokens, args.hidden]
     header = (

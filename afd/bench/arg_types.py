@@ -1,0 +1,64 @@
+"""argparse types for the benchmarks' flags: a bad value is a usage error naming the flag
+(exit 2), never a traceback or a run that cannot end (`--iters 0` waited forever)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """A comma list of positive integers."""
+    return [positive_int(part) for part in text.split(",")]
+
+
+def existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
+
+
+def output_file(text: str) -> str:
+    """A file to write at the end of a run: checked first, so a long run is not lost to a
+    missing folder or a directory in its place."""
+    path = Path(text)
+    if path.is_dir() or not path.parent.is_dir():
+        why = "is a directory" if path.is_dir() else f"folder {str(path.parent)!r} does not exist"
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {why}")
+    return text
+
+
+def choices_list(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """A comma list, each one of `allowed`."""
+
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",")]
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma list of {', '.join(allowed)}, got {bad[0]!r}"
+            )
+        return values
+
+    return parse
