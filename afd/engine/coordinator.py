@@ -3,6 +3,7 @@ engine core, takes requests from the API server over zmq and streams token updat
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -182,14 +183,19 @@ class Coordinator:
 
 
 def main(argv: list[str]) -> int:
+    server = os.getppid()  # now: if the server dies while we load, getppid() is 1 later
+    # The server stops us with SIGUSR1, once it has drained: exit through `finally`, so the
+    # ranks (and the Ray launcher's actors and placement groups) are shut down too. A SIGTERM
+    # or Ctrl-C sent to the whole process group (systemd, a terminal) reaches the server as
+    # well, which drains first: while it lives, we ignore them.
+    signal.signal(signal.SIGUSR1, _exit)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, functools.partial(_exit_if_orphaned, server))
     settings = EngineSettings(**json.loads(argv[0]))
     ctx = zmq.Context()
     inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     inbox.connect(argv[1])
     outbox.connect(argv[2])
-    # the API server stops us with SIGTERM: exit through `finally` so the ranks (and the Ray
-    # launcher's actors and placement groups) are shut down too
-    signal.signal(signal.SIGTERM, _exit)
     engine = build_engine(settings)
     restart_with = settings if settings.restart_on_failure else None
     coordinator = Coordinator(engine, inbox, outbox, restart_with)
@@ -197,7 +203,7 @@ def main(argv: list[str]) -> int:
         blocks = engine.scheduler.config.num_kv_blocks
         layout = describe(settings, engine)
         outbox.send(encode(EngineReady(blocks, engine.max_model_len, layout)))
-        coordinator.run(os.getppid())
+        coordinator.run(server)
     finally:
         coordinator.engine.executor.shutdown()
         inbox.close(0)
@@ -208,6 +214,11 @@ def main(argv: list[str]) -> int:
 
 def _exit(signum: int, frame: object) -> None:
     raise SystemExit(0)
+
+
+def _exit_if_orphaned(server: int, signum: int, frame: object) -> None:
+    if os.getppid() != server:
+        raise SystemExit(0)
 
 
 def describe(settings: EngineSettings, engine: EngineCore) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -54,6 +55,9 @@ class WorkerSpec:
     @contextmanager
     def session(self) -> Iterator[tuple[WorkerChannel, Transport]]:
         torch.set_num_threads(self.num_threads)
+        if self.parent_pid:  # a local rank process (Ray's actors have their own signals)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_group_signal)
         if self.torch_device().type == "cuda":
             torch.cuda.set_device(self.torch_device())  # the nccl transport uses this device
         channel = WorkerChannel(self.coordinator, self.name, self.heartbeat_s)
@@ -71,6 +75,13 @@ class WorkerSpec:
         finally:
             transport.close()
             channel.close()
+
+    def _on_group_signal(self, signum: int, frame: object) -> None:
+        """A SIGTERM or Ctrl-C sent to the whole process group (systemd, a terminal) reaches
+        the ranks too. The coordinator stops them (Shutdown, then SIGKILL) once the server has
+        drained, so they ignore it while it lives, and exit if it is gone."""
+        if os.getppid() != self.parent_pid:
+            raise SystemExit(0)
 
 
 Handler = Callable[[object], object | None]
