@@ -298,7 +298,7 @@ def test_constraint_the_engine_cannot_mask_is_400() -> None:
     the tokenizer's, llguidance refuses it there, so the server, checking at the same width,
     refuses constrained requests with that reason instead of passing them on to fail."""
     engine = FakeEngine()
-    engine.vocab_size = 10  # a config vocabulary smaller than the tokenizer's
+    engine.vocab_size = engine.tokenizer.vocab_size - 1  # config.json's, below the tokenizer's
     with running_server(build_app(engine, ServerSettings())) as url:
         started = len(engine.started)
         r = httpx.post(url + CHAT, json=chat(guided_choice=["yes", "no"]))

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from afd.bench.arg_types import positive_int, positive_ints
+from afd.arg_types import positive_int, positive_ints
 from afd.engine.admission import TPOTAdmission
 from afd.engine.engine_core import EngineCore
 from afd.engine.executor import Executor

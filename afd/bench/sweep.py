@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from afd.bench.arg_types import existing_file, output_file
+from afd.arg_types import existing_file, output_file
 from afd.bench.layer import step3_config, versions
 from afd.bench.step_timing import scaled_step_ms
 from afd.bench.sweep_ranks import RankGroup, RankSetup

@@ -18,7 +18,7 @@ import msgpack
 import torch
 import zmq
 
-from afd.bench.arg_types import choices_list, non_negative_int, output_file, positive_int
+from afd.arg_types import choices_list, non_negative_int, output_file, positive_int
 from transport import Transport, create_transport
 
 TIMEOUT_S = 60.0

@@ -45,7 +45,7 @@ def add_launch_args(parser: argparse.ArgumentParser) -> None:
 def launch_fields(args: argparse.Namespace) -> dict[str, object]:
     """The EngineSettings fields the launch flags set."""
     launcher = args.launcher or ("ray" if args.ray_address else "local")
-    if args.shutdown_timeout < 0:
+    if not args.shutdown_timeout >= 0:  # NaN too
         raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if launcher == "ray" and args.colocated:
         raise ConfigError("--launcher ray starts attention and FFN ranks; drop --colocated")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from afd import envs
+from afd.arg_types import positive_float, positive_int
 from afd.config import ConfigError, ModelConfig
 from afd.engine.builder import EngineSettings, parse_roles
 from afd.engine.metrics import EngineMetrics
@@ -25,6 +26,7 @@ from afd.launch.launch_options import (
 from afd.models.tiny import make_tiny_model
 from afd.quantization import check_quantization
 from afd.server.api_server import add_server_args, build_app, settings_from_args
+from afd.server.chat_template import ChatTemplateError, compile_template
 from afd.server.coordinator_client import CoordinatorClient
 from afd.tokenizer import Tokenizer
 from attn_worker.kv_cache import check_kv_cache_dtype
@@ -40,11 +42,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--colocated", action="store_true", help="one process, no disaggregation")
     g.add_argument("--micro-batches", type=int, default=None, help="default 3 (1 colocated)")
     g.add_argument("--transport", default="zmq", choices=["zmq", "nccl"])
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=256, help="per attention rank")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="per rank per step")
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="per attention rank")
+    g.add_argument("--max-model-len", type=positive_int, default=None)
+    g.add_argument("--max-num-seqs", type=positive_int, default=256, help="per attention rank")
+    g.add_argument(
+        "--max-num-batched-tokens", type=positive_int, default=2048, help="per rank per step"
+    )
+    g.add_argument("--block-size", type=positive_int, default=16)
+    g.add_argument("--num-kv-blocks", type=positive_int, default=None, help="per attention rank")
     g.add_argument(
         "--kv-cache-dtype",
         default="auto",
@@ -65,7 +69,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "quantized at load with a scale per output channel): half their memory; faster up to "
         "~128 rows per micro-batch, slower from 256 on an H100 (README, fp8)",
     )
-    g.add_argument("--tpot-slo-ms", type=float, default=50.0, help="time-per-output-token target")
+    g.add_argument(
+        "--tpot-slo-ms", type=positive_float, default=50.0, help="time-per-output-token target"
+    )
     g.add_argument(
         "--cuda-graph-max-batch",
         type=int,
@@ -121,6 +127,11 @@ async def run(args: argparse.Namespace) -> None:
         return
     stop_on_sigterm()
     tokenizer = Tokenizer.from_pretrained(model, chat_template=args.chat_template)
+    try:  # a template that does not compile fails here, not as every chat request's 400
+        compile_template(tokenizer.chat_template)
+    except ChatTemplateError as e:
+        where = "--chat-template" if args.chat_template else f"{model}'s chat template"
+        raise ConfigError(f"{where}: {e}") from None
     names = args.served_model_name or ([model] if args.model else ["tiny-step3"])
     metrics = EngineMetrics()
     client = CoordinatorClient(settings, tokenizer, names[0], on_stats=metrics.update)

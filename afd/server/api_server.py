@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from afd.arg_types import non_negative_int, port
 from afd.server.engine_client import EngineClient
 from afd.server.errors import AuthenticationError, BadRequestError, error_response
 from afd.server.errors import install_error_handlers as _install_error_handlers
@@ -160,14 +161,14 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     """The HTTP layer's flags (vLLM's names), for the `afd-serve` launcher."""
     g = parser.add_argument_group("OpenAI server")
     g.add_argument("--host", default="127.0.0.1")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=port, default=8000)
     g.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use")
     g.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1")
     g.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None)
     g.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None)
     g.add_argument("--enable-auto-tool-choice", action="store_true")
     g.add_argument("--chat-template", default=None, help="Jinja file or source; overrides model")
-    g.add_argument("--max-logprobs", type=int, default=20)
+    g.add_argument("--max-logprobs", type=non_negative_int, default=20)
     g.add_argument("--enable-force-include-usage", action="store_true")
     g.add_argument("--no-reasoning-content", action="store_true", help="emit only `reasoning`")
 

@@ -17,11 +17,15 @@ class PromptBuilder:
         tokenizer: Any,
         template_override: str | None,
         max_model_len: Callable[[], int] = lambda: 0,
+        model_vocab: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len  # the engine's, once it is up (0: unknown)
         self.template = load_chat_template(None, template_override) if template_override else None
-        self.vocab_size: int | None = getattr(tokenizer, "vocab_size", None)
+        # ids the model can embed: the tokenizer's, or the model's vocabulary where a
+        # checkpoint's is smaller (an id past it crashed the rank that embedded it)
+        sizes = [v for v in (getattr(tokenizer, "vocab_size", None), model_vocab) if v]
+        self.vocab_size: int | None = min(sizes) if sizes else None
 
     def render_chat(
         self,
@@ -72,7 +76,7 @@ class PromptBuilder:
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         if not ids:
             raise BadRequestError("the prompt is empty", param="prompt")
-        return ids
+        return self.check_ids(ids)
 
     def check_size(self, text: str) -> None:
         """400s before tokenizing: a text that is not valid Unicode (a lone surrogate), and a

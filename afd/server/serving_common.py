@@ -47,7 +47,10 @@ class Serving:
         self.settings = settings
         self.model_names = settings.served_model_names or (engine.model_name,)
         self.prompts = PromptBuilder(
-            engine.tokenizer, settings.chat_template, lambda: engine.max_model_len
+            engine.tokenizer,
+            settings.chat_template,
+            lambda: engine.max_model_len,
+            getattr(engine, "vocab_size", None),
         )
         slo = settings.tpot_slo_ms / 1000 if settings.tpot_slo_ms else None
         self.metrics = ServerMetrics(self.model_names[0], slo)

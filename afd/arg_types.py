@@ -1,9 +1,11 @@
-"""argparse types for the benchmarks' flags: a bad value is a usage error naming the flag
-(exit 2), never a traceback or a run that cannot end (`--iters 0` waited forever)."""
+"""argparse types for the command lines' flags (afd-serve, afd-bench): a bad value is a usage
+error naming the flag (exit 2), never a traceback, a run that cannot end (`--iters 0` waited
+forever) or a server that starts and then hangs every request (`--max-num-seqs 0`)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +17,23 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    value = non_negative_int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in [1, 65535], got {text!r}")
     return value
 
 
