@@ -47,7 +47,9 @@ class Grammars:
         cover it; ids past the tokenizer's are never allowed). ValueError when the two
         disagree (a checkpoint whose config.json vocab is smaller than its tokenizer's)."""
         self.tokenizer = llguidance.LLTokenizer(
-            _text_tokens_only(tokenizer_json), n_vocab=vocab_size, eos_token=eos_token_ids or None
+            _special_tokens_renamed(tokenizer_json),
+            n_vocab=vocab_size,
+            eos_token=eos_token_ids or None,
         )
         self.matchers: dict[int, llguidance.LLMatcher] = {}
         # sequences whose constraint waits for a marker: seq id -> (marker, last tokens seen)
@@ -135,7 +137,7 @@ class Grammars:
         self.waiting.pop(seq_id, None)
 
 
-def _text_tokens_only(tokenizer_json: str) -> str:
+def _special_tokens_renamed(tokenizer_json: str) -> str:
     """The tokenizer with its special tokens renamed to text no prompt holds, for llguidance.
     A constraint is on text, and llguidance (1.9) tokenizes the text a grammar forces with the
     tokenizer, which matches special tokens' names in text: for a regex `<\\|EOT\\|>` it
