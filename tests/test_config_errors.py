@@ -95,6 +95,26 @@ def test_index_naming_a_missing_shard(tiny_ckpt, tmp_path):
         LLM(str(ckpt), dtype="float32", num_kv_blocks=8)
 
 
+def test_truncated_shard_names_the_file(tiny_ckpt, tmp_path):
+    ckpt = copy_ckpt(tiny_ckpt, tmp_path)
+    shard = ckpt / "model-00001-of-00002.safetensors"
+    with open(shard, "r+b") as f:  # an interrupted copy
+        f.truncate(shard.stat().st_size // 2)
+    with pytest.raises(CheckpointError) as e:
+        LLM(str(ckpt), dtype="float32", num_kv_blocks=8)
+    assert str(e.value).startswith(f"{shard}: cannot read it as safetensors")
+
+
+def test_key_missing_from_the_shard_its_index_names(tiny_ckpt, tmp_path):
+    ckpt = copy_ckpt(tiny_ckpt, tmp_path)
+    key = "model.layers.2.moe.up_proj.weight"
+    edit_tensor(ckpt, key, lambda t: t.pop(key))  # the index still maps it there
+    with pytest.raises(CheckpointError) as e:
+        LLM(str(ckpt), dtype="float32", num_kv_blocks=8)
+    assert f"has no tensor '{key}', though model.safetensors.index.json maps it" in str(e.value)
+    assert "-of-00002.safetensors" in str(e.value)
+
+
 def test_vision_tensors_are_skipped(tiny_ckpt, tmp_path):
     ckpt = copy_ckpt(tiny_ckpt, tmp_path)
     key = "model.norm.weight"

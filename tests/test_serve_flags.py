@@ -5,12 +5,17 @@ tokenizer's is a 400 (it crashed the rank that embedded it)."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+
 import httpx
 import pytest
 from fake_engine import FakeEngine, running_server
 
 from afd.launch.serve import main
 from afd.server.api_server import ServerSettings, build_app
+from tests.conftest import copy_ckpt
 
 
 @pytest.mark.parametrize(
@@ -44,6 +49,35 @@ def test_broken_chat_template_fails_at_start(
     assert main(["--model", str(tiny_ckpt), "--chat-template", str(template)]) == 2
     err = capsys.readouterr().err
     assert "--chat-template: chat template syntax error (line 1)" in err
+
+
+def test_a_port_in_use_fails_before_the_model_loads(
+    tiny_ckpt, capsys: pytest.CaptureFixture
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert main(["--model", str(tiny_ckpt), "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert f"--host 127.0.0.1 --port {port}: cannot bind: Address already in use" in err
+    assert "loading" not in out
+
+
+def test_a_bad_checkpoint_fails_the_start_in_one_line(tiny_ckpt, tmp_path) -> None:
+    """The rank that reads the shard fails; the coordinator passes its message to the server,
+    which exits with it: no tracebacks from the rank, the coordinator or the server."""
+    ckpt = copy_ckpt(tiny_ckpt, tmp_path)
+    shard = ckpt / "model-00001-of-00002.safetensors"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    with socket.create_server(("127.0.0.1", 0)) as free:
+        port = str(free.getsockname()[1])
+    serve = [sys.executable, "-m", "afd.launch.serve", "--model", str(ckpt), "--port", port]
+    done = subprocess.run(serve, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 1, done.stderr
+    reason = f"{shard}: cannot read it as safetensors"
+    assert "afd-serve: error: the engine did not start: rank " in done.stderr
+    assert reason in done.stderr.splitlines()[-1], done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
 
 
 def test_prompt_ids_past_a_smaller_model_vocabulary_are_400s() -> None:

@@ -15,14 +15,22 @@ from typing import TypeVar
 
 import zmq
 
+from afd.config import ConfigError
 from afd.engine.builder import EngineSettings, build_engine
 from afd.engine.engine_core import EngineCore
 from afd.engine.executor import ExecutorError
 from afd.engine.messages import AbortRequest, AddRequest
 from afd.engine.sequence import Sequence, request_sequences
 from afd.engine.stats import engine_stats
+from afd.models.loader import CheckpointError
 from afd.sampling_params import SamplingError
-from afd.server.messages import EngineReady, EngineRestarted, SeqUpdate, StepOutputs
+from afd.server.messages import (
+    EngineFailed,
+    EngineReady,
+    EngineRestarted,
+    SeqUpdate,
+    StepOutputs,
+)
 from transport.codec import decode, encode
 
 IDLE_POLL_MS = 20
@@ -196,7 +204,18 @@ def main(argv: list[str]) -> int:
     inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     inbox.connect(argv[1])
     outbox.connect(argv[2])
-    engine = build_engine(settings)
+    try:
+        engine = build_engine(settings)
+    except Exception as e:  # the server reports why and exits
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # its stop would cut our exit short
+        expected = isinstance(e, STARTUP_ERRORS)  # their message says it all
+        outbox.send(encode(EngineFailed(str(e) if expected else f"{type(e).__name__}: {e}")))
+        inbox.close(0)
+        outbox.close(linger=1000)
+        ctx.term()
+        if expected:
+            return 1
+        raise  # a defect: its traceback goes to the log
     restart_with = settings if settings.restart_on_failure else None
     coordinator = Coordinator(engine, inbox, outbox, restart_with)
     try:
@@ -210,6 +229,11 @@ def main(argv: list[str]) -> int:
         outbox.close(linger=1000)
         ctx.term()
     return 0
+
+
+# Start-up failures whose one-line message is the whole story: a rank that failed or died
+# while loading (ExecutorError, with the rank's own message), a bad checkpoint or setting.
+STARTUP_ERRORS = (ExecutorError, CheckpointError, ConfigError)
 
 
 def _exit(signum: int, frame: object) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import importlib.util
 import json
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 
 import uvicorn
@@ -93,20 +94,38 @@ def placement_plan(settings: EngineSettings) -> str:
     return "\n".join(lines)
 
 
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Binds the API port before the model loads, as vLLM does: a port already in use fails at
+    once, not after a load that can take many minutes. uvicorn listens on it once ready."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"--host {host} --port {port}: cannot bind: {e.strerror or e}") from e
+    return sock
+
+
 async def serve_until_sigterm(
-    app: FastAPI, host: str, port: int, shutdown_s: float, abort: Callable[[], Awaitable[None]]
+    app: FastAPI,
+    sock: socket.socket,
+    shutdown_s: float,
+    abort: Callable[[], Awaitable[None]],
 ) -> None:
     """On SIGTERM uvicorn stops accepting; in-flight requests may finish for shutdown_s, then
     abort() ends the rest with an error. uvicorn re-raises the signal once it is done: our
     handler (stop_on_sigterm) turns that into SystemExit, so the caller's `finally` still
     stops the coordinator."""
+    host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
         app, host=host, port=port, timeout_keep_alive=30, timeout_graceful_shutdown=shutdown_s + 5
     )
     server = uvicorn.Server(config)
     deadline = asyncio.create_task(_abort_after(server, shutdown_s, abort))
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         deadline.cancel()
 

@@ -20,6 +20,7 @@ from afd.launch.launch_options import (
     add_launch_args,
     launch_fields,
     placement_plan,
+    reserve_port,
     serve_until_sigterm,
     stop_on_sigterm,
 )
@@ -27,7 +28,7 @@ from afd.models.tiny import make_tiny_model
 from afd.quantization import check_quantization
 from afd.server.api_server import add_server_args, build_app, settings_from_args
 from afd.server.chat_template import ChatTemplateError, compile_template
-from afd.server.coordinator_client import CoordinatorClient
+from afd.server.coordinator_client import CoordinatorClient, EngineStartError
 from afd.tokenizer import Tokenizer
 from attn_worker.kv_cache import check_kv_cache_dtype
 
@@ -125,6 +126,7 @@ async def run(args: argparse.Namespace) -> None:
     if args.dry_run:
         print(placement_plan(settings), flush=True)
         return
+    sock = reserve_port(args.host, args.port)
     stop_on_sigterm()
     tokenizer = Tokenizer.from_pretrained(model, chat_template=args.chat_template)
     try:  # a template that does not compile fails here, not as every chat request's 400
@@ -147,8 +149,9 @@ async def run(args: argparse.Namespace) -> None:
         server = dataclasses.replace(settings_from_args(args), tpot_slo_ms=args.tpot_slo_ms)
         app = build_app(client, server)
         shutdown_s = settings.shutdown_timeout_s
-        await serve_until_sigterm(app, args.host, args.port, shutdown_s, client.abort_all)
+        await serve_until_sigterm(app, sock, shutdown_s, client.abort_all)
     finally:
+        sock.close()
         await client.shutdown()
 
 
@@ -162,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"afd-serve: error: {e}", file=sys.stderr)
         return 2
+    except EngineStartError as e:  # a rank's or the checkpoint's error, in one line
+        print(f"afd-serve: error: the engine did not start: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         pass
     return 0

@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 
+from afd.config import ConfigError
 from afd.engine.messages import WorkerError
+from afd.models.loader import CheckpointError
 from transport.base import Transport, create_transport
 from transport.control import PeerTable, Shutdown, WorkerChannel
 
@@ -67,6 +70,10 @@ class WorkerSpec:
         transport = create_transport(self.transport, self.name, **options)
         try:
             yield channel, transport
+        except (CheckpointError, ConfigError) as exc:  # its message says it all: no traceback
+            channel.send(WorkerError(self.name, f"rank {self.name}: {exc}"[:1000]))
+            print(f"afd rank {self.name}: error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
         except Exception as exc:
             # the traceback goes to this rank's stderr (the server's log) as the exception
             # leaves; requests fail with one line, which reaches clients

@@ -43,7 +43,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         raise CheckpointError(f"{path}: no *.safetensors files and no {INDEX_FILE}")
     files: dict[str, Path] = {}
     for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
+        with open_shard(shard) as f:
             files.update({k: shard for k in f.keys() if not k.startswith(SKIPPED_PREFIXES)})
     return files
 
@@ -79,7 +79,7 @@ def load_params(
 
         def open_file(file: Path) -> Any:
             if file not in opened:
-                opened[file] = stack.enter_context(safe_open(str(file), "pt", device="cpu"))
+                opened[file] = stack.enter_context(open_shard(file))
             return opened[file]
 
         reader = _Fp8Reader(files, open_file, path, fp8_block)
@@ -117,8 +117,26 @@ FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
 
 
+def open_shard(file: Path) -> Any:
+    """safe_open, with a file it cannot read (a bad header, a truncated copy, no permission)
+    reported by name, as every other checkpoint error is."""
+    try:
+        return safe_open(str(file), "pt", device="cpu")
+    except Exception as e:  # safetensors' SafetensorError, or an OSError
+        raise CheckpointError(f"{file}: cannot read it as safetensors: {e}") from e
+
+
+def _slice(f: Any, file: Path, key: str) -> Any:
+    try:
+        return f.get_slice(key)
+    except Exception as e:  # SafetensorError: the index maps a key to a shard without it
+        raise CheckpointError(
+            f"{file}: has no tensor '{key}', though {INDEX_FILE} maps it to this file"
+        ) from e
+
+
 def _checked_view(f: Any, file: Path, spec: ParamSpec) -> Any:
-    view = f.get_slice(spec.key)
+    view = _slice(f, file, spec.key)
     found = tuple(view.get_shape())
     if found != spec.full_shape:
         raise CheckpointError(
@@ -154,7 +172,7 @@ class _Fp8Reader:
                 f"('{base}{SCALE_SUFFIXES[0]}') is not in the checkpoint"
             )
         scale_file = self.files[scale_key]
-        scale_view = self.open_file(scale_file).get_slice(scale_key)
+        scale_view = _slice(self.open_file(scale_file), scale_file, scale_key)
         want = BlockScales.shape_for(spec.full_shape, self.block)
         if tuple(scale_view.get_shape()) != want:
             raise CheckpointError(

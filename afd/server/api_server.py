@@ -6,7 +6,6 @@ import argparse
 import importlib.metadata
 import secrets
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -37,7 +36,7 @@ from afd.server.serving_completion import CompletionServing
 from afd.server.settings import ServerSettings
 from afd.server.tool_parser import TOOL_PARSERS
 
-__all__ = ["ServerSettings", "add_server_args", "build_app", "serve", "settings_from_args"]
+__all__ = ["ServerSettings", "add_server_args", "build_app", "settings_from_args"]
 
 
 def _version() -> str:
@@ -185,15 +184,3 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         enable_force_include_usage=args.enable_force_include_usage,
         emit_reasoning_content=not args.no_reasoning_content,
     )
-
-
-async def serve(
-    app: FastAPI, host: str, port: int, log_level: str = "info", drain_timeout_s: float = 30.0
-) -> None:
-    """Run uvicorn inside the caller's event loop, next to the engine client. On shutdown,
-    in-flight requests get `drain_timeout_s` to finish (a dead engine must not hang exit)."""
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_keep_alive=30,
-        timeout_graceful_shutdown=drain_timeout_s,
-    )  # fmt: skip
-    await uvicorn.Server(config).serve()

@@ -26,6 +26,7 @@ from afd.outputs import RequestOutput
 from afd.sampling_params import SamplingParams
 from afd.server.engine_client import EngineError
 from afd.server.messages import (
+    EngineFailed,
     EngineReady,
     EngineRestarted,
     EngineStats,
@@ -34,6 +35,10 @@ from afd.server.messages import (
 )
 from afd.tokenizer import Tokenizer
 from transport.codec import decode, encode
+
+
+class EngineStartError(RuntimeError):
+    """The engine did not start; the message says why (a rank's error, a bad checkpoint)."""
 
 
 class CoordinatorClient:
@@ -86,12 +91,14 @@ class CoordinatorClient:
                 msg = decode(await self.inbox.recv())
                 if isinstance(msg, EngineReady):
                     return msg
+                if isinstance(msg, EngineFailed):
+                    raise EngineStartError(msg.message)
             if self.proc.poll() is not None:
-                raise RuntimeError(
+                raise EngineStartError(
                     f"the coordinator exited with code {self.proc.returncode} "
                     "while starting; see its error above"
                 )
-        raise RuntimeError(f"the coordinator did not start within {timeout_s:.0f}s")
+        raise EngineStartError(f"the coordinator did not start within {timeout_s:.0f}s")
 
     async def shutdown(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -56,6 +56,15 @@ class EngineReady:
 
 @message
 @dataclass
+class EngineFailed:
+    """The coordinator could not start the engine (a bad checkpoint, a rank that died while
+    loading): why, in one line, for the server's error message."""
+
+    message: str
+
+
+@message
+@dataclass
 class EngineRestarted:
     """After a rank failed (its requests failed with engine_error), the coordinator started new
     ranks (--restart-on-failure): the engine takes requests again."""
