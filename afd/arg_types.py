@@ -50,6 +50,14 @@ def positive_ints(text: str) -> list[int]:
     return [positive_int(part) for part in text.split(",")]
 
 
+def non_empty(text: str) -> str:
+    """A path or key that must be given if the flag is (`--api-key ''` turned authentication
+    off, `--model ''` served the tiny model)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a value, got an empty string")
+    return text
+
+
 def existing_file(text: str) -> str:
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"no such file: {text!r}")

@@ -119,6 +119,10 @@ def test_hardware_file_adds_and_overrides(tmp_path: Path, capsys: pytest.Capture
         ("\udcff: 1\n", "not valid YAML/JSON"),
         ("[1, 2]\n", "expected a mapping"),
         ("a: [unclosed\n", "not valid YAML/JSON"),
+        (
+            "H100,SXM: {price_per_hour: 2, bf16_flops: 1e15, mem_bandwidth: 3e12, memory_gb: 80}\n",
+            "hardware name 'H100,SXM' cannot be chosen: rename it (no commas)",
+        ),
     ],
 )
 def test_bad_hardware_file_exits_2(

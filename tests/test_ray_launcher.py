@@ -191,6 +191,37 @@ def test_dry_run_prints_placement(tiny_ckpt: Path, ray_address: str) -> None:
     wait_until(lambda: not live_groups(ray_address), 20, "dry-run left placement groups")
 
 
+def test_a_resource_no_node_has_is_named_when_placement_gives_up(
+    tiny_ckpt: Path, ray_address: str
+) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "afd.launch.serve", "--model", str(tiny_ckpt), "--ray-address",
+         ray_address, "--attn-resources", '{"attn_nodee": 1}', "--dry-run"],
+        env={**env(), "AFD_STARTUP_TIMEOUT_S": "2"}, cwd=ROOT, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    error = out.stderr.strip().splitlines()[-1]
+    assert error.startswith("afd-serve: error: Ray could not place attention instance 0"), error
+    assert "no node has 'attn_nodee' (--attn-resources)" in error
+    assert "_group_" not in error and "Traceback" not in out.stderr
+    wait_until(lambda: not live_groups(ray_address), 20, "placement groups left behind")
+
+
+def test_an_unreachable_ray_address_is_named(tiny_ckpt: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    out = subprocess.run(
+        [sys.executable, "-m", "afd.launch.serve", "--model", str(tiny_ckpt), "--ray-address",
+         address, "--dry-run"],
+        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert f"afd-serve: error: --ray-address {address}: " in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_ray_matches_local_launcher(local_outputs, ray_server, ray_address) -> None:
     _, url = ray_server
     assert [complete(url, p) for p in PROMPTS] == local_outputs

@@ -29,6 +29,8 @@ from tests.conftest import copy_ckpt
         (["--port", "70000"], "--port: expected a port in [1, 65535]"),
         (["--tpot-slo-ms", "nan"], "--tpot-slo-ms: expected a positive number"),
         (["--max-logprobs", "-1"], "--max-logprobs: expected an integer >= 0"),
+        (["--api-key", ""], "--api-key: expected a value"),  # was: authentication off
+        (["--model", ""], "--model: expected a value"),  # was: the tiny model
     ],
 )
 def test_sizes_that_would_hang_every_request_are_usage_errors(
@@ -39,6 +41,21 @@ def test_sizes_that_would_hang_every_request_are_usage_errors(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "dropped"),
+    [
+        (["--attn", "2x1"], "--attn 2x1"),
+        (["--ffn", "1x2", "--transport", "nccl"], "--ffn 1x2 and --transport nccl"),
+    ],
+)
+def test_colocated_with_rank_flags_is_an_error(
+    tiny_ckpt, flags: list[str], dropped: str, capsys: pytest.CaptureFixture
+) -> None:
+    """They shape disaggregated ranks; with --colocated they were silently ignored."""
+    assert main(["--model", str(tiny_ckpt), "--colocated", *flags, "--dry-run"]) == 2
+    assert f"--colocated runs one process; drop {dropped}\n" in capsys.readouterr().err
 
 
 def test_broken_chat_template_fails_at_start(

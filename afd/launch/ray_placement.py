@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 import ray
@@ -16,6 +17,7 @@ from afd.engine.builder import EngineSettings, parse_roles
 from afd.launch.local import rank_names
 
 NOTICE_AFTER_S = 10.0
+REACH_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,32 @@ def connect(address: str | None) -> None:
     """Joins the cluster at `address` once per process; with None, ray.init itself reads
     RAY_ADDRESS (see envs.ray_address) or starts a local cluster."""
     if not ray.is_initialized():
-        ray.init(address=address, namespace="afd", log_to_driver=True)
+        _check_reachable(address or envs.ray_address())
+        try:
+            ray.init(address=address, namespace="afd", log_to_driver=True)
+        except ConnectionError as e:  # something answered there, but not a Ray head
+            raise ConfigError(f"{_flag(address)}: {e}") from None
         # at exit, leave the cluster before Ray's own hook does: that one first sleeps 0.5 s
         # for late log lines, on top of every shutdown. Hooks registered later (the executor's,
         # which stops the ranks) still run before this one.
         atexit.register(ray.shutdown)
+
+
+def _check_reachable(address: str | None) -> None:
+    """ray.init retries an address where nothing listens for good (measured: still retrying
+    after 5 minutes), so a mistyped --ray-address would hang the start: try the port first."""
+    host, sep, port = (address or "").removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local" or none: Ray finds or starts the cluster itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ConfigError(f"{_flag(address)}: nothing answers there ({reason})") from None
+
+
+def _flag(address: str | None) -> str:
+    return f"--ray-address {address}" if address else "RAY_ADDRESS"
 
 
 def coordinator_host(address: str | None) -> str:
@@ -82,12 +105,33 @@ def reserve(plan: list[Instance]) -> list[PlacementGroup]:
         _, late = ray.wait(refs, num_returns=len(refs), timeout=envs.STARTUP_TIMEOUT_S)
     if late:
         release(groups)
+        inst = pending[late[0]]
         raise ConfigError(
-            f"Ray could not place {_demand(pending[late[0]])} within "
-            f"{envs.STARTUP_TIMEOUT_S:.0f}s (AFD_STARTUP_TIMEOUT_S); the cluster has "
-            f"{ray.cluster_resources()}. Check --attn/--ffn, --device and the role resources"
+            f"Ray could not place {_demand(inst)} within {envs.STARTUP_TIMEOUT_S:.0f}s "
+            f"(AFD_STARTUP_TIMEOUT_S){_unknown(inst)}; the cluster's nodes have "
+            f"{node_resources()}. Check --attn/--ffn, --device and the role resources"
         )
     return groups
+
+
+def node_resources() -> dict[str, float]:
+    """The cluster's resources, without those Ray derives from placement groups and nodes."""
+    return {
+        k: v
+        for k, v in ray.cluster_resources().items()
+        if "_group_" not in k and not k.startswith("node:")
+    }
+
+
+def _unknown(inst: Instance) -> str:
+    """Names the requested resources no node has: a typo in --attn-resources, say."""
+    missing = [k for k in inst.bundles[0] if k not in ray.cluster_resources()]
+    if not missing:
+        return ""
+    flag = "--attn-resources" if inst.role == "attention" else "--ffn-resources"
+    if missing == ["GPU"]:
+        flag = "--device cuda"
+    return f": no node has {', '.join(map(repr, missing))} ({flag})"
 
 
 def _demand(inst: Instance) -> str:

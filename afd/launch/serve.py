@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from afd import envs
-from afd.arg_types import positive_float, positive_int
+from afd.arg_types import non_empty, positive_float, positive_int
 from afd.config import ConfigError, ModelConfig
 from afd.engine.builder import EngineSettings, parse_roles
 from afd.engine.metrics import EngineMetrics
@@ -35,7 +35,9 @@ from attn_worker.kv_cache import check_kv_cache_dtype
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="HF checkpoint folder (default: tiny Step3)")
+    g.add_argument(
+        "--model", type=non_empty, default=None, help="HF checkpoint folder (default: tiny Step3)"
+    )
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--attn", default="1x1", help="attention instances x devices each")
@@ -92,6 +94,18 @@ def tiny_model_path() -> Path:
 
 
 def engine_settings(args: argparse.Namespace, model: str) -> EngineSettings:
+    if args.colocated:  # these shape disaggregated ranks: with one process they did nothing
+        given = [
+            f"{flag} {value}"
+            for flag, value, default in (
+                ("--attn", args.attn, "1x1"),
+                ("--ffn", args.ffn, "1x1"),
+                ("--transport", args.transport, "zmq"),
+            )
+            if value != default
+        ]
+        if given:
+            raise ConfigError(f"--colocated runs one process; drop {' and '.join(given)}")
     settings = EngineSettings(
         model=model,
         device=args.device,

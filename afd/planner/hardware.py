@@ -127,6 +127,8 @@ def load_hardware_file(path: str | Path) -> dict[str, Hardware]:
 def _parse_entry(name: str, entry: Any, path: Path) -> Hardware:
     if not isinstance(entry, dict):
         raise ConfigError(f"{path}: entry {name!r} must be a mapping of fields")
+    if "," in name or not name.strip():  # --hardware and --attn-hw take comma lists of names
+        raise ConfigError(f"{path}: hardware name {name!r} cannot be chosen: rename it (no commas)")
     values = {}
     for key in _FIELDS:
         values[key] = _positive(entry.get(key), f"{path}: {name}.{key}")

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from afd.arg_types import non_negative_int, port
+from afd.arg_types import non_empty, non_negative_int, port
 from afd.server.engine_client import EngineClient
 from afd.server.errors import AuthenticationError, BadRequestError, error_response
 from afd.server.errors import install_error_handlers as _install_error_handlers
@@ -162,7 +162,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=port, default=8000)
     g.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use")
-    g.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1")
+    g.add_argument(
+        "--api-key", type=non_empty, default=None, help="require `Authorization: Bearer KEY` on /v1"
+    )
     g.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None)
     g.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None)
     g.add_argument("--enable-auto-tool-choice", action="store_true")
