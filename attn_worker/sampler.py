@@ -140,9 +140,12 @@ def _pick(logits: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:
     drawn = [r for r, spec in enumerate(specs) if spec.temperature != 0.0]
     if drawn:
         idx = torch.tensor(drawn, device=logits.device)
-        probs = sampling_probs(logits[idx], [specs[r] for r in drawn])
-        tokens[idx] = _draw(probs, [states[r] for r in drawn])
+        probs, fallback = sampling_probs(logits[idx], [specs[r] for r in drawn])
+        tokens[idx] = _draw(probs, fallback, [states[r] for r in drawn])
     return tokens
+
+
+TOP_P_CANDIDATES = 1024
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -150,13 +153,17 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
 
 
-def sampling_probs(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
-    """logits [R, V] (temperature > 0) -> probs [R, V] after temperature, top-k, min-p (relative
-    to the most likely token, after temperature) and top-p. Filtered-out tokens get 0; the rest
-    are not renormalised (draws do not need it). A row with no valid distribution left (a
-    penalty or bias that made a logit infinite, or no token allowed) draws its most likely
-    token instead: a draw from it would raise and end the rank."""
-    scores = logits
+def sampling_probs(
+    logits: torch.Tensor, specs: list[SamplingSpec]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [R, V] (temperature > 0) -> (probs [R, V], fallback [R]).
+
+    probs: after temperature, top-k, min-p (relative to the most likely token, after
+    temperature) and top-p. Filtered-out tokens get 0; the rest are not renormalised (draws do
+    not need it). A row is a distribution exactly when its largest filtered logit is finite
+    (top-k, min-p and top-p keep the top token). One that is not (a penalty or bias made a
+    logit infinite, no token is allowed, a NaN) must not be drawn from: that raises and ends
+    the rank. `fallback` holds such a row's most likely token, and -1 for the others."""
     logits = logits / _column([s.temperature for s in specs], logits)
     vocab = logits.shape[-1]
     k = [s.top_k if 0 < s.top_k < vocab else 0 for s in specs]  # 0: no top-k for this row
@@ -166,57 +173,53 @@ def sampling_probs(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Ten
         kth = top.gather(1, (ks - 1).clamp(min=0))
         kth = kth.masked_fill(ks == 0, float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    best, most_likely = logits.max(dim=-1)  # NaN wins max, as +inf does
+    fallback = most_likely.masked_fill(torch.isfinite(best), -1)
     probs = torch.softmax(logits, dim=-1)
     if any(s.min_p > 0.0 for s in specs):
         floor = _column([s.min_p for s in specs], probs) * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < floor, 0.0)
-    if any(s.top_p < 1.0 for s in specs):
+    cut = [r for r, s in enumerate(specs) if s.top_p < 1.0]
+    if len(cut) == len(specs):
         probs = _top_p(probs, [s.top_p for s in specs])
-    return _valid_or_argmax(probs, scores)
-
-
-def _valid_or_argmax(probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """probs [R, V], with each row that is not a distribution (NaN or inf in it, or nothing
-    left; its sum shows either) replaced by one-hot at the row's largest logit; in three
-    passes over the rows and no host sync."""
-    total = probs.sum(-1, keepdim=True)  # [R, 1]
-    invalid = ~(torch.isfinite(total) & (total > 0))
-    top = torch.argmax(logits, dim=-1, keepdim=True)  # [R, 1]
-    probs = probs.masked_fill(invalid, 0.0)
-    return probs.scatter_add_(-1, top, invalid.to(probs.dtype))
+    elif cut:
+        idx = torch.tensor(cut, device=probs.device)
+        probs[idx] = _top_p(probs[idx], [specs[r].top_p for r in cut])
+    return probs, fallback
 
 
 def _top_p(probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
-    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+    """Keeps, in each row, the most likely tokens until their sum reaches p (every p < 1).
+
+    Sorting the whole vocabulary took 4.7 ms for 256 rows of Step3's 128,815 tokens on an
+    H100. The nucleus is nearly always among the top TOP_P_CANDIDATES tokens, where a top-k
+    finds it; the rows are sorted whole only when one row's nucleus is wider (one host sync)."""
     p = _column(top_p, probs)  # [R, 1]
-    keep = (sorted_p.cumsum(-1) - sorted_p) < p
+    sorted_p, order = torch.topk(probs, min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)
+    mass = sorted_p.cumsum(-1)
+    if sorted_p.shape[-1] < probs.shape[-1] and not bool((mass[:, -1:] >= p).all()):
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        mass = sorted_p.cumsum(-1)
+    keep = (mass - sorted_p) < p  # tokens past the candidates have more than p above them
     keep[:, 0] = True  # the most likely token, also where p rounds to 0 in float32
-    keep |= p >= 1.0  # rows without top-p keep all, whatever the rounding of the sum
     return torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
 
 
-def _draw(probs: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:
-    """probs [R, V] -> tokens [R]. Unseeded rows race exponentials together (argmax of p / E
-    with E ~ Exp(1) picks token i with probability p_i, without a host sync); seeded rows
-    draw from their own generator."""
-    tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    unseeded = [r for r, state in enumerate(states) if state.spec.seed is None]
-    if unseeded:
-        every = len(unseeded) == len(states)
-        idx = None if every else torch.tensor(unseeded, device=probs.device)
-        sub = probs if every else probs[idx]  # [U, V], one gather at most
-        exp = torch.empty_like(sub).exponential_()
-        race = sub / exp.clamp_(min=torch.finfo(exp.dtype).tiny)  # a 0 draw is no NaN
-        if every:
-            tokens = torch.argmax(race, dim=-1)
-        else:
-            tokens[idx] = torch.argmax(race, dim=-1)
+def _draw(
+    probs: torch.Tensor, fallback: torch.Tensor, states: list[SeqSamplingState]
+) -> torch.Tensor:
+    """probs [R, V] -> tokens [R]: the rows race exponentials (argmax of p / E with E ~ Exp(1)
+    picks token i with probability p_i), together and without a host sync. A seeded row's E
+    comes from its own generator, so its draw depends only on (seed, output index). Rows with
+    a fallback (sampling_probs) take it: they have no distribution to draw from."""
+    exp = torch.empty_like(probs).exponential_()
     for r, state in enumerate(states):
         if state.spec.seed is not None:
             gen = torch.Generator(device=probs.device)
             gen.manual_seed((state.spec.seed * 1_000_003 + len(state.output_token_ids)) % (2**63))
-            tokens[r] = torch.multinomial(probs[r], 1, generator=gen)[0]
-    return tokens
+            exp[r].exponential_(generator=gen)
+    race = probs / exp.clamp_(min=torch.finfo(exp.dtype).tiny)  # a 0 draw is no NaN
+    return torch.where(fallback >= 0, fallback, torch.argmax(race, dim=-1))
 
 
 def _bias(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:

@@ -42,10 +42,12 @@ def random_specs(num: int, vocab: int, rng: random.Random) -> list[SamplingSpec]
 
 def test_batched_filtering_matches_per_row_reference():
     rng, gen = random.Random(0), torch.Generator().manual_seed(0)
-    for vocab, scale in ((1000, 1.0), (1000, 4.0), (37, 0.3)):
+    # 5000 tokens: top-p looks among the top 1024 first; a wide nucleus sorts the whole rows
+    for vocab, scale in ((1000, 1.0), (1000, 4.0), (37, 0.3), (5000, 12.0), (5000, 4.0)):
         logits = torch.randn(96, vocab, generator=gen) * scale  # [R, V]
         specs = random_specs(96, vocab, rng)
-        batched = sampling_probs(logits, specs)
+        batched, fallback = sampling_probs(logits, specs)
+        assert fallback.tolist() == [-1] * 96  # every row is a distribution
         for row, spec in enumerate(specs):
             want = reference_probs(logits[row], spec)
             assert torch.equal(batched[row] > 0, want > 0), (vocab, row, spec)
@@ -53,6 +55,22 @@ def test_batched_filtering_matches_per_row_reference():
     # every knob at work somewhere, so the check above covers each
     assert {s.top_k for s in specs} & {1, 2, 7, 50}
     assert any(s.top_p < 1.0 for s in specs) and any(s.min_p > 0.0 for s in specs)
+
+
+def test_top_p_among_the_top_candidates_matches_the_sorted_reference():
+    """Narrow nuclei in a vocabulary wider than the 1024 candidates top-p looks at first (the
+    test above, with wide ones, sorts the whole rows)."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 5000, generator=gen) * 8.0
+    specs = [SamplingSpec(temperature=0.7, top_p=p) for p in (0.5, 0.9, 0.95, 0.99) * 16]
+    batched, _ = sampling_probs(logits, specs)
+    widest = 0
+    for row, spec in enumerate(specs):
+        want = reference_probs(logits[row], spec)
+        assert torch.equal(batched[row] > 0, want > 0), (row, spec)
+        torch.testing.assert_close(batched[row], want, rtol=1e-5, atol=1e-7)
+        widest = max(widest, int((want > 0).sum()))
+    assert 1 < widest < 1024
 
 
 def states(specs: list[SamplingSpec]) -> dict[int, SeqSamplingState]:
@@ -91,6 +109,18 @@ def test_seeded_rows_ignore_their_batch():
     state = SeqSamplingState(seeded)
     drawn = [sample(logits[1:2], [0], {0: state})[0].token_id for _ in range(12)]
     assert len(set(drawn)) > 1 and state.output_token_ids == drawn
+
+
+def test_seeded_draws_follow_the_distribution():
+    """Seeded rows race exponentials from their own generators: over many seeds, each token
+    comes up as often as its probability says."""
+    logits = torch.tensor([[1.0, 2.0, 0.0, 1.5]])
+    want = torch.softmax(logits[0], -1)
+    draws = 4000
+    specs = [SamplingSpec(temperature=1.0, seed=seed) for seed in range(draws)]
+    picked = sample(logits.expand(draws, 4), list(range(draws)), states(specs))
+    freq = torch.bincount(torch.tensor([t.token_id for t in picked]), minlength=4) / draws
+    torch.testing.assert_close(freq, want, atol=0.03, rtol=0)
 
 
 def greedy(logits: list[float], spec: SamplingSpec, outputs: list[int] = ()) -> int:
@@ -143,5 +173,10 @@ def test_degenerate_rows_draw_their_most_likely_token_instead_of_raising():
         # +inf logits (1.0 / 0; an infinite bias, which the server rejects) win the argmax
         assert picked[:4] == [1, 1, 2, 3]
         assert 0 <= picked[4] < 4
-    probs = sampling_probs(logits[:2], specs[:2])
+    probs, fallback = sampling_probs(logits[:2], specs[:2])  # one token left, but valid
     assert torch.equal(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0]] * 2) * probs.max())
+    assert fallback.tolist() == [-1, -1]
+    inf, nan = float("inf"), float("nan")
+    bad = torch.tensor([[0.5, inf, 1.0, -1.0], [-inf] * 4, [0.5, nan, 1.0, 3.0]])
+    _, fallback = sampling_probs(bad, [SamplingSpec(temperature=1.0)] * 3)
+    assert fallback.tolist() == [1, 0, 1]
