@@ -146,6 +146,7 @@ def _pick(logits: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:
 
 
 TOP_P_CANDIDATES = 1024
+TOP_P_ONE = 1.0 - 2.0**-25  # top_p values from here round to 1.0 in float32: no top-p
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -179,7 +180,7 @@ def sampling_probs(
     if any(s.min_p > 0.0 for s in specs):
         floor = _column([s.min_p for s in specs], probs) * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < floor, 0.0)
-    cut = [r for r, s in enumerate(specs) if s.top_p < 1.0]
+    cut = [r for r, s in enumerate(specs) if s.top_p < TOP_P_ONE]
     if len(cut) == len(specs):
         probs = _top_p(probs, [s.top_p for s in specs])
     elif cut:
@@ -191,16 +192,32 @@ def sampling_probs(
 def _top_p(probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     """Keeps, in each row, the most likely tokens until their sum reaches p (every p < 1).
 
-    Sorting the whole vocabulary took 4.7 ms for 256 rows of Step3's 128,815 tokens on an
-    H100. The nucleus is nearly always among the top TOP_P_CANDIDATES tokens, where a top-k
-    finds it; the rows are sorted whole only when one row's nucleus is wider (one host sync)."""
+    Sorting the whole vocabulary took 4.3 ms for 256 rows of Step3's 128,815 tokens on an
+    H100. A row's nucleus nearly always lies among its top TOP_P_CANDIDATES tokens, where a
+    top-k finds it; only the rows whose nucleus is wider are sorted whole. Which rows those
+    are reaches the host (one sync a call), and each row's path depends on that row alone,
+    so a seeded row keeps its tokens whatever its batch."""
     p = _column(top_p, probs)  # [R, 1]
     sorted_p, order = torch.topk(probs, min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)
-    mass = sorted_p.cumsum(-1)
-    if sorted_p.shape[-1] < probs.shape[-1] and not bool((mass[:, -1:] >= p).all()):
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        mass = sorted_p.cumsum(-1)
-    keep = (mass - sorted_p) < p  # tokens past the candidates have more than p above them
+    out = _nucleus(probs, sorted_p, order, p)
+    if sorted_p.shape[-1] < probs.shape[-1]:
+        mass = sorted_p.sum(-1, keepdim=True)
+        # covered: the candidates reach p, or nothing is left past them (min-p zeroed the
+        # rest), or the row is no distribution (sampling_probs' fallback replaces it)
+        covered = (mass >= p) | (sorted_p[:, -1:] == 0) | ~torch.isfinite(mass)
+        wide = (~covered[:, 0]).nonzero()[:, 0].tolist()
+        if wide:
+            idx = torch.tensor(wide, device=probs.device)
+            rows = probs[idx]
+            out[idx] = _nucleus(rows, *torch.sort(rows, dim=-1, descending=True), p[idx])
+    return out
+
+
+def _nucleus(
+    probs: torch.Tensor, sorted_p: torch.Tensor, order: torch.Tensor, p: torch.Tensor
+) -> torch.Tensor:
+    """probs with only the nucleus kept, from its most likely tokens in descending order."""
+    keep = (sorted_p.cumsum(-1) - sorted_p) < p  # tokens past these have more than p above
     keep[:, 0] = True  # the most likely token, also where p rounds to 0 in float32
     return torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
 

@@ -208,6 +208,28 @@ def test_a_resource_no_node_has_is_named_when_placement_gives_up(
     wait_until(lambda: not live_groups(ray_address), 20, "placement groups left behind")
 
 
+def test_a_bad_checkpoint_under_ray_fails_in_one_line(tiny_ckpt: Path, ray_address: str) -> None:
+    ckpt = Path(tempfile.mkdtemp(prefix="afdbad")) / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    shard = ckpt / "model-00001-of-00002.safetensors"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "afd.launch.serve", "--model", str(ckpt), "--ray-address",
+             ray_address, "--port", str(free_port())],
+            env=env(), cwd=ROOT, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(ckpt.parent, ignore_errors=True)
+    assert out.returncode == 1, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("afd-serve: error: the engine did not start: rank "), out.stderr
+    assert f"{shard}: cannot read it as safetensors" in last
+    assert "Traceback" not in out.stderr and "worker died" not in out.stderr, out.stderr
+    wait_until(lambda: not live_groups(ray_address), 20, "placement groups left behind")
+
+
 def test_an_unreachable_ray_address_is_named(tiny_ckpt: Path) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

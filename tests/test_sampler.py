@@ -73,6 +73,24 @@ def test_top_p_among_the_top_candidates_matches_the_sorted_reference():
     assert 1 < widest < 1024
 
 
+def test_a_rows_nucleus_does_not_depend_on_its_batch():
+    """A wide nucleus beside it (sorted whole) must not change a narrow row's kept tokens: with
+    ties at the nucleus's edge (bf16-rounded logits tie often), a top-k and a sort keep
+    different tied tokens, and a seeded row would then draw differently in another batch."""
+    gen = torch.Generator().manual_seed(2)
+    narrow = torch.full((8, 5000), -10.0)
+    narrow[:, 100] = 5.0
+    for row in narrow:  # 20 tokens tie, and the nucleus ends among them
+        row[torch.randperm(5000, generator=gen)[:20]] = 3.0
+    flat = torch.randn(1, 5000, generator=gen) * 0.1
+    specs = [SamplingSpec(temperature=1.0, top_p=0.5)] * 9
+    alone, _ = sampling_probs(narrow, specs[:8])
+    beside, _ = sampling_probs(torch.cat([narrow, flat]), specs)
+    assert torch.equal(alone, beside[:8])
+    assert {int((row > 0).sum()) for row in alone} == {8}  # the top token and 7 of the tied
+    assert int((beside[8] > 0).sum()) > 1024  # the flat row's nucleus is wider than that
+
+
 def states(specs: list[SamplingSpec]) -> dict[int, SeqSamplingState]:
     return {i: SeqSamplingState(spec) for i, spec in enumerate(specs)}
 

@@ -70,7 +70,10 @@ class RankActor:
 
     def run(self, spec_json: str) -> int:
         spec = WorkerSpec.from_json(spec_json)
-        return importlib.import_module(worker_module(spec)).main([spec_json])
+        try:
+            return importlib.import_module(worker_module(spec)).main([spec_json])
+        except SystemExit as e:  # a rank that said why in one line (WorkerSpec.session): an
+            return int(e.code or 0)  # exit code, not Ray's "worker died" report with a trace
 
 
 _RemoteRankActor = ray.remote(RankActor)
