@@ -205,6 +205,8 @@ def test_a_resource_no_node_has_is_named_when_placement_gives_up(
     assert error.startswith("afd-serve: error: Ray could not place attention instance 0"), error
     assert "no node has 'attn_nodee' (--attn-resources)" in error
     assert "_group_" not in error and "Traceback" not in out.stderr
+    assert "an instance must fit on one node, and the nodes have " in error
+    assert "'CPU': 8.0" in error  # the one node's, started with --num-cpus=8
     wait_until(lambda: not live_groups(ray_address), 20, "placement groups left behind")
 
 
@@ -240,7 +242,7 @@ def test_an_unreachable_ray_address_is_named(tiny_ckpt: Path) -> None:
         env=env(), cwd=ROOT, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert out.returncode == 2, out.stderr
-    assert f"afd-serve: error: --ray-address {address}: " in out.stderr
+    assert f"error: Ray address {address} (--ray-address, or RAY_ADDRESS): " in out.stderr
     assert "Traceback" not in out.stderr
 
 

@@ -79,6 +79,27 @@ def test_a_port_in_use_fails_before_the_model_loads(
     assert "loading" not in out
 
 
+def test_a_port_taken_while_loading_fails_with_its_flag(tiny_ckpt) -> None:
+    """Binding without listening (so that clients are refused while the model loads) lets a
+    second server bind the same port: the one that listens second fails, naming the port."""
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    other.bind(("127.0.0.1", 0))
+    port = str(other.getsockname()[1])
+    serve = [sys.executable, "-m", "afd.launch.serve", "--model", str(tiny_ckpt), "--port", port]
+    proc = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "loading" in proc.stdout.readline()  # bound: now the other one listens first
+        other.listen()
+        _, err = proc.communicate(timeout=240)
+    finally:
+        other.close()
+        proc.kill()
+    assert proc.returncode == 2, err
+    assert f"afd-serve: error: --port {port}: cannot listen: Address already in use" in err
+    assert "Traceback" not in err, err
+
+
 def test_a_bad_checkpoint_fails_the_start_in_one_line(tiny_ckpt, tmp_path) -> None:
     """The rank that reads the shard fails; the coordinator passes its message to the server,
     which exits with it: no tracebacks from the rank, the coordinator or the server."""

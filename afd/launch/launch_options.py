@@ -94,23 +94,34 @@ def placement_plan(settings: EngineSettings) -> str:
     return "\n".join(lines)
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
+def reserve_port(host: str, port: int) -> list[socket.socket]:
     """Binds the API port before the model loads, as vLLM does: a port already in use fails at
-    once, not after a load that can take many minutes. uvicorn listens on it once ready."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    once, not after a load that can take many minutes. One socket per address `host` names
+    (`localhost`: IPv4 and IPv6), as asyncio binds them; uvicorn listens once the model is
+    ready, so until then connections are refused rather than left waiting."""
     try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ConfigError(f"--host {host} --port {port}: cannot bind: {e.strerror or e}") from e
-    return sock
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: {e.strerror or e}") from None
+    socks: list[socket.socket] = []
+    for family, kind, proto, _, address in dict.fromkeys(found):
+        sock = socket.socket(family, kind, proto)
+        socks.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio binds
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            for s in socks:
+                s.close()
+            raise ConfigError(f"--host {host} --port {port}: cannot bind: {e.strerror or e}") from e
+    return socks
 
 
 async def serve_until_sigterm(
     app: FastAPI,
-    sock: socket.socket,
+    socks: list[socket.socket],
     shutdown_s: float,
     abort: Callable[[], Awaitable[None]],
 ) -> None:
@@ -118,14 +129,19 @@ async def serve_until_sigterm(
     abort() ends the rest with an error. uvicorn re-raises the signal once it is done: our
     handler (stop_on_sigterm) turns that into SystemExit, so the caller's `finally` still
     stops the coordinator."""
-    host, port = sock.getsockname()[:2]
+    host, port = socks[0].getsockname()[:2]
     config = uvicorn.Config(
         app, host=host, port=port, timeout_keep_alive=30, timeout_graceful_shutdown=shutdown_s + 5
     )
+    try:  # uvicorn would listen too, and print a traceback where this fails
+        for sock in socks:
+            sock.listen(config.backlog)
+    except OSError as e:  # another server bound the port as well while we loaded
+        raise ConfigError(f"--port {port}: cannot listen: {e.strerror or e}") from e
     server = uvicorn.Server(config)
     deadline = asyncio.create_task(_abort_after(server, shutdown_s, abort))
     try:
-        await server.serve(sockets=[sock])
+        await server.serve(sockets=socks)
     finally:
         deadline.cancel()
 

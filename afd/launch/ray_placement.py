@@ -49,7 +49,10 @@ def connect(address: str | None) -> None:
 def _check_reachable(address: str | None) -> None:
     """ray.init retries an address where nothing listens for good (measured: still retrying
     after 5 minutes), so a mistyped --ray-address would hang the start: try the port first."""
-    host, sep, port = (address or "").removeprefix("ray://").rpartition(":")
+    address = address or ""
+    if "://" in address and not address.startswith("ray://"):
+        return  # not an address ray.init takes: Ray says so itself
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit():
         return  # "auto", "local" or none: Ray finds or starts the cluster itself
     try:
@@ -60,7 +63,7 @@ def _check_reachable(address: str | None) -> None:
 
 
 def _flag(address: str | None) -> str:
-    return f"--ray-address {address}" if address else "RAY_ADDRESS"
+    return f"Ray address {address} (--ray-address, or RAY_ADDRESS)"
 
 
 def coordinator_host(address: str | None) -> str:
@@ -108,19 +111,24 @@ def reserve(plan: list[Instance]) -> list[PlacementGroup]:
         inst = pending[late[0]]
         raise ConfigError(
             f"Ray could not place {_demand(inst)} within {envs.STARTUP_TIMEOUT_S:.0f}s "
-            f"(AFD_STARTUP_TIMEOUT_S){_unknown(inst)}; the cluster's nodes have "
-            f"{node_resources()}. Check --attn/--ffn, --device and the role resources"
+            f"(AFD_STARTUP_TIMEOUT_S){_unknown(inst)}; an instance must fit on one node, "
+            f"and the nodes have {node_resources()}. Check --attn/--ffn, --device and the "
+            "role resources"
         )
     return groups
 
 
-def node_resources() -> dict[str, float]:
-    """The cluster's resources, without those Ray derives from placement groups and nodes."""
-    return {
-        k: v
-        for k, v in ray.cluster_resources().items()
-        if "_group_" not in k and not k.startswith("node:")
-    }
+def node_resources(most: int = 8) -> str:
+    """Each live node's resources (up to `most` nodes), without those Ray derives from
+    placement groups and nodes: a STRICT_PACK group must fit one node, not the sum."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    shown = [
+        f"{n.get('NodeManagerAddress')}: "
+        + str({k: v for k, v in n["Resources"].items() if "_group_" not in k and ":" not in k})
+        for n in nodes[:most]
+    ]
+    more = f" and {len(nodes) - most} more" if len(nodes) > most else ""
+    return "; ".join(shown) + more
 
 
 def _unknown(inst: Instance) -> str:

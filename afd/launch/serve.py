@@ -140,7 +140,7 @@ async def run(args: argparse.Namespace) -> None:
     if args.dry_run:
         print(placement_plan(settings), flush=True)
         return
-    sock = reserve_port(args.host, args.port)
+    socks = reserve_port(args.host, args.port)
     stop_on_sigterm()
     tokenizer = Tokenizer.from_pretrained(model, chat_template=args.chat_template)
     try:  # a template that does not compile fails here, not as every chat request's 400
@@ -163,9 +163,10 @@ async def run(args: argparse.Namespace) -> None:
         server = dataclasses.replace(settings_from_args(args), tpot_slo_ms=args.tpot_slo_ms)
         app = build_app(client, server)
         shutdown_s = settings.shutdown_timeout_s
-        await serve_until_sigterm(app, sock, shutdown_s, client.abort_all)
+        await serve_until_sigterm(app, socks, shutdown_s, client.abort_all)
     finally:
-        sock.close()
+        for sock in socks:
+            sock.close()
         await client.shutdown()
 
 
