@@ -22,7 +22,6 @@ from afd.engine.executor import ExecutorError
 from afd.engine.messages import AbortRequest, AddRequest
 from afd.engine.sequence import Sequence, request_sequences
 from afd.engine.stats import engine_stats
-from afd.models.loader import CheckpointError
 from afd.sampling_params import SamplingError
 from afd.server.messages import (
     EngineFailed,
@@ -232,8 +231,9 @@ def main(argv: list[str]) -> int:
 
 
 # Start-up failures whose one-line message is the whole story: a rank that failed or died
-# while loading (ExecutorError, with the rank's own message), a bad checkpoint or setting.
-STARTUP_ERRORS = (ExecutorError, CheckpointError, ConfigError)
+# while loading (ExecutorError, with the rank's own message), a bad checkpoint or setting
+# (ConfigError, CheckpointError among them).
+STARTUP_ERRORS = (ExecutorError, ConfigError)
 
 
 def _exit(signum: int, frame: object) -> None:

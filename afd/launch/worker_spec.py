@@ -15,7 +15,6 @@ import torch
 
 from afd.config import ConfigError
 from afd.engine.messages import WorkerError
-from afd.models.loader import CheckpointError
 from transport.base import Transport, create_transport
 from transport.control import PeerTable, Shutdown, WorkerChannel
 
@@ -70,7 +69,7 @@ class WorkerSpec:
         transport = create_transport(self.transport, self.name, **options)
         try:
             yield channel, transport
-        except (CheckpointError, ConfigError) as exc:  # its message says it all: no traceback
+        except ConfigError as exc:  # a bad checkpoint or setting: its message says it all
             channel.send(WorkerError(self.name, f"rank {self.name}: {exc}"[:1000]))
             print(f"afd rank {self.name}: error: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None

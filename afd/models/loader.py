@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from afd.config import ConfigError
 from afd.models.step3 import ParamSpec
 from afd.quantization import BlockScales
 
@@ -21,8 +22,9 @@ INDEX_FILE = "model.safetensors.index.json"
 SKIPPED_PREFIXES = ("vision_model.", "vit_downsampler", "vit_large_projector")
 
 
-class CheckpointError(ValueError):
-    """The checkpoint lacks a tensor, has a wrong shape, or its files are inconsistent."""
+class CheckpointError(ConfigError):
+    """The checkpoint lacks a tensor, has a wrong shape, or its files are inconsistent: a
+    config error like any other bad user input (one line naming the file, no traceback)."""
 
 
 def checkpoint_files(path: Path) -> dict[str, Path]:
